@@ -1,0 +1,51 @@
+"""Run the local AWS emulator: `python -m include.local_aws [--host H] [--port P] [--state-dir D]`.
+
+Prints `local-aws ready at <endpoint url>` once it serves, and stops cleanly on SIGTERM or SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from include.local_aws.faults import InstanceFaults
+from include.local_aws.server import LocalAws
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m include.local_aws", description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=5055, help="0 picks a free port")
+    parser.add_argument("--state-dir", type=Path, default=None, help="instance sandboxes; a temp dir by default")
+    defaults = InstanceFaults()
+    parser.add_argument("--pending-seconds", type=float, default=defaults.pending_seconds)
+    parser.add_argument("--stopping-seconds", type=float, default=defaults.stopping_seconds)
+    parser.add_argument("--agent-registration-seconds", type=float, default=defaults.agent_registration_seconds)
+    args = parser.parse_args(argv)
+
+    emulator = LocalAws(
+        host=args.host,
+        port=args.port,
+        state_dir=args.state_dir,
+        defaults=InstanceFaults(
+            pending_seconds=args.pending_seconds,
+            stopping_seconds=args.stopping_seconds,
+            agent_registration_seconds=args.agent_registration_seconds,
+        ),
+    )
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    signal.signal(signal.SIGINT, lambda *_: stopping.set())
+    emulator.start()
+    print(f"local-aws ready at {emulator.endpoint_url}", flush=True)
+    stopping.wait()
+    emulator.stop()
+    print("local-aws stopped", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

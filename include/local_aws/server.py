@@ -1,0 +1,254 @@
+"""The local AWS emulator: moto's server, plus an extension for what moto lacks.
+
+Requests pass through `Extension`, a WSGI layer in front of moto's own application. It records every call,
+injects throttling, answers the SSM Run Command actions with `SsmAgent` (which really runs the commands), and
+adds time to EC2 start/stop. Everything else (S3, EC2, IAM, ...) is moto, unchanged.
+
+Control endpoints, for tests and benchmarks:
+    GET  /_local_aws/calls            every AWS call served: [{"service", "action", "time"}]
+    POST /_local_aws/calls/reset      forget the recorded calls
+    POST /_local_aws/faults           change timing and faults (see faults.py)
+    GET  /_local_aws/health           {"status": "ok"}
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import re
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs
+
+from include.local_aws.ec2_lifecycle import Ec2Error, Ec2Lifecycle
+from include.local_aws.faults import FaultPlan, InstanceFaults
+from include.local_aws.ssm_agent import SsmAgent, SsmError
+
+# Not secrets: moto accepts any credentials, and botocore and the AWS CLI refuse to sign without some.
+EMULATOR_ACCESS_KEY = "local-emulator"
+EMULATOR_REGION = "us-east-1"
+SSM_ACTIONS = {
+    "SendCommand": "send_command",
+    "GetCommandInvocation": "get_command_invocation",
+    "ListCommandInvocations": "list_command_invocations",
+    "ListCommands": "list_commands",
+    "CancelCommand": "cancel_command",
+    "DescribeInstanceInformation": "describe_instance_information",
+}
+CREDENTIAL_SCOPE = re.compile(r"Credential=[^/]+/\d+/([^/]+)/([^/]+)/")
+
+StartResponse = Callable[..., Any]
+
+
+def emulator_client_env(endpoint_url: str, region: str = EMULATOR_REGION) -> dict[str, str]:
+    """Environment that points boto3 and the AWS CLI at the emulator (the role of an instance profile)."""
+    return {
+        "AWS_ENDPOINT_URL": endpoint_url,
+        "AWS_ACCESS_KEY_ID": EMULATOR_ACCESS_KEY,
+        "AWS_SECRET_ACCESS_KEY": EMULATOR_ACCESS_KEY,
+        "AWS_DEFAULT_REGION": region,
+    }
+
+
+def instance_tools_dir(root: Path) -> Path:
+    """A bin directory for the emulated instances: ffmpeg from imageio-ffmpeg, the AWS CLI from this venv."""
+    import imageio_ffmpeg
+
+    bin_dir = root / "bin"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    links = {"ffmpeg": Path(imageio_ffmpeg.get_ffmpeg_exe()), "aws": Path(sys.executable).parent / "aws"}
+    for name, target in links.items():
+        link = bin_dir / name
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(target)
+    return bin_dir
+
+
+class Extension:
+    """WSGI layer in front of moto: call log, throttling, SSM agent, EC2 timing."""
+
+    def __init__(self, moto_app: Callable[..., Iterable[bytes]], root: Path, faults: FaultPlan) -> None:
+        self.moto_app = moto_app
+        self.faults = faults
+        self.calls: list[dict[str, Any]] = []
+        self._calls_lock = threading.Lock()
+        self._random = random.Random(0)
+        self.endpoint_url = ""
+        self._root = root
+        self.agent: SsmAgent | None = None
+        self.lifecycle = Ec2Lifecycle(faults, on_stopping=lambda i: self.agent and self.agent.instance_stopping(i))
+
+    def start_agent(self, endpoint_url: str) -> None:
+        self.endpoint_url = endpoint_url
+        path = f"{instance_tools_dir(self._root)}:{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin"
+        env = {**emulator_client_env(endpoint_url), "PATH": path, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
+        self.agent = SsmAgent(self._root, self.faults, self.lifecycle, env)
+
+    # --- WSGI ----------------------------------------------------------------------------------------------
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path.startswith("/_local_aws/"):
+            return self._control(environ, start_response, path)
+        body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+        environ["wsgi.input"] = io.BytesIO(body)
+        service, action = self._identify(environ, body)
+        with self._calls_lock:
+            self.calls.append({"service": service, "action": action, "time": time.time()})
+        if service in ("ssm", "ec2") and self.faults.throttle_fraction and self._random.random() < self.faults.throttle_fraction:
+            return self._throttled(service, start_response)
+        if service == "ssm" and action in SSM_ACTIONS:
+            return self._ssm(action, body, start_response)
+        if service == "ec2" and action in ("StartInstances", "StopInstances"):
+            return self._ec2_transition(action, body, environ, start_response)
+        return self.moto_app(environ, start_response)
+
+    @staticmethod
+    def _identify(environ: dict[str, Any], body: bytes) -> tuple[str, str]:
+        target = environ.get("HTTP_X_AMZ_TARGET", "")
+        scope = CREDENTIAL_SCOPE.search(environ.get("HTTP_AUTHORIZATION", ""))
+        service = scope.group(2) if scope else "unknown"
+        if target:
+            return service, target.rsplit(".", 1)[-1]
+        if service == "s3":
+            key_part = environ.get("PATH_INFO", "/").lstrip("/").partition("/")[2]
+            return service, f"{environ['REQUEST_METHOD']} {'object' if key_part else 'bucket'}"
+        form = parse_qs(body.decode("utf-8", errors="replace")) if body else {}
+        query = parse_qs(environ.get("QUERY_STRING", ""))
+        action = (form.get("Action") or query.get("Action") or [environ["REQUEST_METHOD"]])[0]
+        return service, action
+
+    @staticmethod
+    def _json(start_response: StartResponse, status: str, payload: Any) -> list[bytes]:
+        data = json.dumps(payload, default=str).encode()
+        start_response(
+            status,
+            [("Content-Type", "application/x-amz-json-1.1"), ("Content-Length", str(len(data))),
+             ("x-amzn-RequestId", str(uuid.uuid4()))],
+        )
+        return [data]
+
+    @staticmethod
+    def _ec2_error(start_response: StartResponse, status: str, code: str, message: str) -> list[bytes]:
+        data = (
+            '<?xml version="1.0" encoding="UTF-8"?>\n<Response><Errors><Error>'
+            f"<Code>{code}</Code><Message>{message}</Message></Error></Errors>"
+            f"<RequestID>{uuid.uuid4()}</RequestID></Response>"
+        ).encode()
+        start_response(status, [("Content-Type", "text/xml"), ("Content-Length", str(len(data)))])
+        return [data]
+
+    def _throttled(self, service: str, start_response: StartResponse) -> list[bytes]:
+        if service == "ssm":
+            return self._json(start_response, "400 Bad Request", {"__type": "ThrottlingException", "message": "Rate exceeded"})
+        return self._ec2_error(start_response, "503 Service Unavailable", "RequestLimitExceeded", "Request limit exceeded.")
+
+    def _ssm(self, action: str, body: bytes, start_response: StartResponse) -> list[bytes]:
+        assert self.agent is not None
+        try:
+            payload = getattr(self.agent, SSM_ACTIONS[action])(json.loads(body or b"{}"))
+        except SsmError as error:
+            return self._json(start_response, "400 Bad Request", {"__type": error.code, "message": error.message})
+        return self._json(start_response, "200 OK", payload)
+
+    def _ec2_transition(
+        self, action: str, body: bytes, environ: dict[str, Any], start_response: StartResponse
+    ) -> Iterable[bytes]:
+        form = parse_qs(body.decode())
+        instance_ids = [values[0] for key, values in form.items() if key.startswith("InstanceId.")]
+        previous = self.lifecycle.states(instance_ids)
+        try:
+            if action == "StartInstances":
+                self.lifecycle.check_start(instance_ids)
+            else:
+                self.lifecycle.check_stop(instance_ids)
+        except Ec2Error as error:
+            return self._ec2_error(start_response, "400 Bad Request", error.code, error.message)
+        response = list(self.moto_app(environ, start_response))
+        if action == "StartInstances":
+            self.lifecycle.started(instance_ids, previous)
+        else:
+            self.lifecycle.stopped(instance_ids, previous)
+        return response
+
+    def _control(self, environ: dict[str, Any], start_response: StartResponse, path: str) -> list[bytes]:
+        method = environ["REQUEST_METHOD"]
+        if path == "/_local_aws/health":
+            return self._json(start_response, "200 OK", {"status": "ok"})
+        if path == "/_local_aws/calls" and method == "GET":
+            with self._calls_lock:
+                return self._json(start_response, "200 OK", list(self.calls))
+        if path == "/_local_aws/calls/reset" and method == "POST":
+            with self._calls_lock:
+                self.calls.clear()
+            return self._json(start_response, "200 OK", {})
+        if path == "/_local_aws/faults" and method == "POST":
+            raw = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+            try:
+                self.faults.update(json.loads(raw or b"{}"))
+            except (ValueError, TypeError) as error:
+                return self._json(start_response, "400 Bad Request", {"error": str(error)})
+            return self._json(start_response, "200 OK", {})
+        return self._json(start_response, "404 Not Found", {"error": f"no control endpoint {method} {path}"})
+
+
+class LocalAws:
+    """moto server plus the extension, in a background thread. Use as a context manager or start()/stop()."""
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        state_dir: Path | None = None,
+        defaults: InstanceFaults | None = None,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self._own_state_dir = state_dir is None
+        self.state_dir = Path(state_dir or tempfile.mkdtemp(prefix="local-aws-"))
+        self.faults = FaultPlan(defaults=defaults or InstanceFaults(), instances={})
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+        self.extension: Extension | None = None
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> LocalAws:
+        from moto.moto_server.threaded_moto_server import MotoRequestHandler
+        from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
+        from werkzeug.serving import make_server
+
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.extension = Extension(DomainDispatcherApplication(create_backend_app), self.state_dir, self.faults)
+        self._server = make_server(self.host, self.port, self.extension, threaded=True, request_handler=MotoRequestHandler)
+        self.port = self._server.server_address[1]
+        self.extension.start_agent(self.endpoint_url)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="local-aws", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self.extension is not None and self.extension.agent is not None:
+            self.extension.agent.shutdown()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+        if self._own_state_dir:
+            shutil.rmtree(self.state_dir, ignore_errors=True)
+
+    def __enter__(self) -> LocalAws:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,350 @@
+"""An SSM Run Command service whose agent really runs the commands.
+
+moto marks every command "Success" at once without running it. Here `AWS-RunShellScript` commands run with
+`/bin/sh` (as the real agent does) in a per-instance sandbox directory, in the background, with the real exit
+code, stdout and stderr, `executionTimeout` enforced, cancellation, and delivery only while the instance's agent
+is Online. The `aws` CLI inside the scripts reaches the emulator through the environment the agent sets, the way
+an instance profile gives the real CLI its credentials: nothing is put into the script.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from include.local_aws.ec2_lifecycle import Ec2Lifecycle, find_instance
+from include.local_aws.faults import FaultPlan
+
+STDOUT_LIMIT = 24_000  # GetCommandInvocation's limits
+STDERR_LIMIT = 8_000
+DEFAULT_EXECUTION_TIMEOUT = 3600
+LIVE = ("Pending", "InProgress", "Delayed", "Cancelling")
+
+
+class SsmError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class Invocation:
+    command_id: str
+    instance_id: str
+    commands: str
+    execution_timeout: int
+    delivery_deadline: float
+    visible_after: float
+    requested: datetime
+    status: str = "Pending"
+    status_details: str = "Pending"
+    response_code: int = -1
+    started: datetime | None = None
+    ended: datetime | None = None
+    process: subprocess.Popen[bytes] | None = None
+    workdir: Path | None = None
+    outcome_override: tuple[str, str] | None = None
+
+    def output(self, name: str, limit: int) -> str:
+        if self.workdir is None or not (self.workdir / name).exists():
+            return ""
+        return (self.workdir / name).read_bytes()[:limit].decode("utf-8", errors="replace")
+
+    def as_invocation(self, comment: str) -> dict[str, Any]:
+        return {
+            "CommandId": self.command_id,
+            "InstanceId": self.instance_id,
+            "Comment": comment,
+            "DocumentName": "AWS-RunShellScript",
+            "PluginName": "aws:runShellScript",
+            "ResponseCode": self.response_code,
+            "ExecutionStartDateTime": self.started.isoformat() if self.started else "",
+            "ExecutionEndDateTime": self.ended.isoformat() if self.ended else "",
+            "Status": self.status,
+            "StatusDetails": self.status_details,
+            "StandardOutputContent": self.output("stdout", STDOUT_LIMIT),
+            "StandardErrorContent": self.output("stderr", STDERR_LIMIT),
+            "StandardOutputUrl": "",
+            "StandardErrorUrl": "",
+            "CloudWatchOutputConfig": {"CloudWatchLogGroupName": "", "CloudWatchOutputEnabled": False},
+        }
+
+
+@dataclass
+class Command:
+    command_id: str
+    comment: str
+    parameters: dict[str, list[str]]
+    requested: datetime
+    timeout_seconds: int
+    invocations: dict[str, Invocation] = field(default_factory=dict)
+
+    @property
+    def status(self) -> str:
+        states = [i.status for i in self.invocations.values()]
+        for live in ("InProgress", "Pending", "Delayed", "Cancelling"):
+            if live in states:
+                return live
+        for final in ("Failed", "TimedOut", "Cancelled"):
+            if final in states:
+                return final
+        return "Success"
+
+    def as_command(self) -> dict[str, Any]:
+        counts = {s: sum(1 for i in self.invocations.values() if i.status == s) for s in ("Success", "Failed")}
+        return {
+            "CommandId": self.command_id,
+            "DocumentName": "AWS-RunShellScript",
+            "Comment": self.comment,
+            "Parameters": self.parameters,
+            "InstanceIds": list(self.invocations),
+            "RequestedDateTime": self.requested.timestamp(),
+            "Status": self.status,
+            "StatusDetails": self.status,
+            "TimeoutSeconds": self.timeout_seconds,
+            "TargetCount": len(self.invocations),
+            "CompletedCount": sum(1 for i in self.invocations.values() if i.status not in LIVE),
+            "ErrorCount": counts["Failed"],
+            "DeliveryTimedOutCount": 0,
+        }
+
+
+class SsmAgent:
+    def __init__(self, root: Path, faults: FaultPlan, lifecycle: Ec2Lifecycle, agent_env: dict[str, str]) -> None:
+        self._root = root
+        self._faults = faults
+        self._lifecycle = lifecycle
+        self._agent_env = agent_env
+        self._lock = threading.RLock()
+        self._commands: dict[str, Command] = {}
+        self._stop = threading.Event()
+        self._dispatcher = threading.Thread(target=self._dispatch_loop, name="ssm-agent", daemon=True)
+        self._dispatcher.start()
+
+    # --- API ---------------------------------------------------------------------------------------------
+
+    def send_command(self, body: dict[str, Any]) -> dict[str, Any]:
+        if body.get("DocumentName") != "AWS-RunShellScript":
+            raise SsmError("InvalidDocument", f"document {body.get('DocumentName')!r} is not emulated")
+        instance_ids = body.get("InstanceIds") or []
+        if not instance_ids or len(instance_ids) > 50:
+            raise SsmError("ValidationException", "InstanceIds must list 1 to 50 instances")
+        if len(body.get("Comment", "")) > 100:
+            raise SsmError("ValidationException", "Comment must be at most 100 characters")
+        unknown = [i for i in instance_ids if find_instance(i) is None or not self._lifecycle.registered(i)]
+        if unknown:
+            raise SsmError("InvalidInstanceId", f"Instances {unknown} not in a valid state for account")
+        parameters = body.get("Parameters", {})
+        script = "\n".join(parameters.get("commands", []))
+        execution_timeout = int((parameters.get("executionTimeout") or [DEFAULT_EXECUTION_TIMEOUT])[0])
+        delivery_timeout = int(body.get("TimeoutSeconds", 3600))
+        now, requested = time.monotonic(), datetime.now(UTC)
+        command = Command(str(uuid.uuid4()), body.get("Comment", ""), parameters, requested, delivery_timeout)
+        for instance_id in instance_ids:
+            command.invocations[instance_id] = Invocation(
+                command_id=command.command_id,
+                instance_id=instance_id,
+                commands=script,
+                execution_timeout=execution_timeout,
+                delivery_deadline=now + delivery_timeout,
+                visible_after=now + self._faults.for_instance(instance_id).invocation_visibility_seconds,
+                requested=requested,
+            )
+        with self._lock:
+            self._commands[command.command_id] = command
+        return {"Command": command.as_command()}
+
+    def _visible(self, command_id: str) -> list[Invocation]:
+        with self._lock:
+            command = self._commands.get(command_id)
+            if command is None:
+                return []
+            now = time.monotonic()
+            return [i for i in command.invocations.values() if now >= i.visible_after]
+
+    def get_command_invocation(self, body: dict[str, Any]) -> dict[str, Any]:
+        command_id, instance_id = body.get("CommandId"), body.get("InstanceId")
+        for invocation in self._visible(command_id):
+            if invocation.instance_id == instance_id:
+                return invocation.as_invocation(self._commands[command_id].comment)
+        raise SsmError("InvocationDoesNotExist", "An error occurred (InvocationDoesNotExist)")
+
+    def list_command_invocations(self, body: dict[str, Any]) -> dict[str, Any]:
+        with self._lock:
+            commands = [self._commands[body["CommandId"]]] if body.get("CommandId") in self._commands else (
+                [] if body.get("CommandId") else list(self._commands.values())
+            )
+        items = []
+        for command in commands:
+            for invocation in self._visible(command.command_id):
+                if body.get("InstanceId") in (None, invocation.instance_id):
+                    items.append(invocation.as_invocation(command.comment))
+        return {"CommandInvocations": items}
+
+    def list_commands(self, body: dict[str, Any]) -> dict[str, Any]:
+        invoked_after = None
+        statuses = set()
+        for item in body.get("Filters", []):
+            if item["key"] == "InvokedAfter":
+                invoked_after = datetime.fromisoformat(item["value"].replace("Z", "+00:00"))
+            elif item["key"] == "Status":
+                statuses.add(item["value"])
+        with self._lock:
+            commands = list(self._commands.values())
+        selected = [
+            c.as_command()
+            for c in commands
+            if body.get("CommandId") in (None, c.command_id)
+            and body.get("InstanceId") in (None, *c.invocations)
+            and (invoked_after is None or c.requested >= invoked_after)
+            and (not statuses or c.status in statuses)
+        ]
+        return {"Commands": selected}
+
+    def cancel_command(self, body: dict[str, Any]) -> dict[str, Any]:
+        with self._lock:
+            command = self._commands.get(body.get("CommandId"))
+            if command is None:
+                raise SsmError("InvalidCommandId", f"command {body.get('CommandId')} does not exist")
+            targets = body.get("InstanceIds") or list(command.invocations)
+            for instance_id in targets:
+                invocation = command.invocations.get(instance_id)
+                if invocation is not None:
+                    self._end(invocation, "Cancelled", "Cancelled")
+        return {}
+
+    def describe_instance_information(self, body: dict[str, Any]) -> dict[str, Any]:
+        wanted: set[str] = set()
+        for item in body.get("Filters", []) + body.get("InstanceInformationFilterList", []):
+            if item.get("Key", item.get("key")) in ("InstanceIds", "InstanceId"):
+                wanted.update(item.get("Values", item.get("valueSet", [])))
+        from moto.ec2.models import ec2_backends
+
+        items = []
+        for account_backends in ec2_backends.values():
+            for backend in account_backends.values():
+                for instance in backend.all_instances():
+                    if wanted and instance.id not in wanted or not self._lifecycle.registered(instance.id):
+                        continue
+                    online = self._lifecycle.agent_online(instance.id)
+                    items.append(
+                        {
+                            "InstanceId": instance.id,
+                            "PingStatus": "Online" if online else "ConnectionLost",
+                            "PlatformType": "Linux",
+                            "PlatformName": "Ubuntu",
+                            "AgentVersion": "3.3.0.0-local",
+                            "ResourceType": "EC2Instance",
+                            "IsLatestVersion": True,
+                        }
+                    )
+        return {"InstanceInformationList": items}
+
+    # --- the agent -----------------------------------------------------------------------------------------
+
+    def instance_stopping(self, instance_id: str) -> None:
+        """The instance is going down: its running commands die with it."""
+        with self._lock:
+            for command in self._commands.values():
+                invocation = command.invocations.get(instance_id)
+                if invocation is not None and invocation.status == "InProgress":
+                    self._end(invocation, "Failed", "Terminated")
+
+    def _end(self, invocation: Invocation, status: str, details: str) -> None:
+        if invocation.status not in ("Pending", "InProgress", "Delayed"):
+            return
+        if invocation.process is not None and invocation.process.poll() is None:
+            invocation.outcome_override = (status, details)
+            try:
+                os.killpg(invocation.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            return  # the runner thread records the outcome when the process has gone
+        invocation.status, invocation.status_details = status, details
+        invocation.ended = datetime.now(UTC)
+
+    def _dispatch_loop(self) -> None:
+        while not self._stop.wait(0.2):
+            now = time.monotonic()
+            with self._lock:
+                pending = [
+                    i for c in self._commands.values() for i in c.invocations.values() if i.status == "Pending"
+                ]
+            for invocation in pending:
+                if now > invocation.delivery_deadline:
+                    with self._lock:
+                        self._end(invocation, "TimedOut", "DeliveryTimedOut")
+                elif self._lifecycle.agent_online(invocation.instance_id):
+                    self._start(invocation)
+
+    def _sandbox(self, instance_id: str) -> Path:
+        home = self._root / "instances" / instance_id
+        for sub in ("home", "tmp"):
+            (home / sub).mkdir(parents=True, exist_ok=True)
+        return home
+
+    def _start(self, invocation: Invocation) -> None:
+        sandbox = self._sandbox(invocation.instance_id)
+        workdir = sandbox / "commands" / invocation.command_id
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "_script.sh").write_text(invocation.commands + "\n")
+        instance = find_instance(invocation.instance_id)
+        env = {
+            **self._agent_env,
+            "HOME": str(sandbox / "home"),
+            "TMPDIR": str(sandbox / "tmp"),
+            "AWS_DEFAULT_REGION": instance.region_name if instance is not None else "us-east-1",
+        }
+        with self._lock:
+            if invocation.status != "Pending":
+                return
+            invocation.workdir = workdir
+            invocation.status = invocation.status_details = "InProgress"
+            invocation.started = datetime.now(UTC)
+            with open(workdir / "stdout", "wb") as out, open(workdir / "stderr", "wb") as err:
+                invocation.process = subprocess.Popen(
+                    ["/bin/sh", str(workdir / "_script.sh")],
+                    cwd=sandbox / "home",
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=err,
+                    start_new_session=True,  # one process group, killed whole on timeout or cancel
+                )
+        threading.Thread(target=self._run, args=(invocation,), daemon=True).start()
+
+    def _run(self, invocation: Invocation) -> None:
+        process = invocation.process
+        assert process is not None
+        try:
+            code = process.wait(timeout=invocation.execution_timeout)
+        except subprocess.TimeoutExpired:
+            with self._lock:
+                invocation.outcome_override = ("TimedOut", "ExecutionTimedOut")
+            os.killpg(process.pid, signal.SIGKILL)
+            code = process.wait()
+        with self._lock:
+            invocation.response_code = code
+            if invocation.outcome_override is not None:
+                invocation.status, invocation.status_details = invocation.outcome_override
+            elif code == 0:
+                invocation.status = invocation.status_details = "Success"
+            else:
+                invocation.status = invocation.status_details = "Failed"
+            invocation.ended = datetime.now(UTC)
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        with self._lock:
+            for command in self._commands.values():
+                for invocation in command.invocations.values():
+                    self._end(invocation, "Cancelled", "Cancelled")

@@ -1,0 +1,60 @@
+"""Deployment defaults, read from the environment so a deployment never edits code.
+
+Everything here is read at DAG parse time, so it must stay cheap: environment variables only, no Airflow
+Variables, no network. Each value can still be overridden per run through the trigger form.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a whole number of seconds") from None
+    if value <= 0:
+        raise ValueError(f"{name}={raw!r} must be greater than zero")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Deployment-wide defaults for `vod_sr_batch`; see the README's Configuration table."""
+
+    aws_conn_id: str = "aws_default"
+    instance_id: str = ""
+    source_bucket: str = ""
+    output_bucket: str = ""
+    default_model: str = "A"
+    models_variable: str = "vod_sr_models"
+    # Bounds of every wait, in seconds. GPU cold starts and SSM registration can each take minutes.
+    instance_state_timeout: int = 600
+    agent_online_timeout: int = 600
+    install_cli_timeout: int = 900
+    poll_interval: int = 15
+    command_delivery_timeout: int = 300
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        defaults = cls()
+        return cls(
+            aws_conn_id=os.environ.get("VOD_SR_AWS_CONN_ID", defaults.aws_conn_id),
+            instance_id=os.environ.get("VOD_SR_INSTANCE_ID", defaults.instance_id),
+            source_bucket=os.environ.get("VOD_SR_SOURCE_BUCKET", defaults.source_bucket),
+            output_bucket=os.environ.get("VOD_SR_OUTPUT_BUCKET", defaults.output_bucket),
+            default_model=os.environ.get("VOD_SR_DEFAULT_MODEL", defaults.default_model),
+            models_variable=os.environ.get("VOD_SR_MODELS_VARIABLE", defaults.models_variable),
+            instance_state_timeout=_env_int("VOD_SR_INSTANCE_STATE_TIMEOUT", defaults.instance_state_timeout),
+            agent_online_timeout=_env_int("VOD_SR_AGENT_ONLINE_TIMEOUT", defaults.agent_online_timeout),
+            install_cli_timeout=_env_int("VOD_SR_INSTALL_CLI_TIMEOUT", defaults.install_cli_timeout),
+            poll_interval=_env_int("VOD_SR_POLL_INTERVAL", defaults.poll_interval),
+            command_delivery_timeout=_env_int(
+                "VOD_SR_COMMAND_DELIVERY_TIMEOUT", defaults.command_delivery_timeout
+            ),
+        )

@@ -1,0 +1,109 @@
+"""Source references (keys and s3:// URIs), bucket and key validation, and output naming.
+
+Keys are taken literally: S3 accepts almost any UTF-8 string as a key, including leading or trailing spaces,
+quotes and shell metacharacters, so nothing here strips, decodes or normalises a key.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import posixpath
+import re
+import string
+from dataclasses import dataclass
+
+
+class SourceError(ValueError):
+    """A source, bucket or output name is unusable; the message names the bad value."""
+
+
+BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+MAX_KEY_BYTES = 1024
+# Containers ffmpeg can write H.264 with copied audio into; ffmpeg picks the muxer from the extension.
+VIDEO_EXTENSIONS = frozenset({".mp4", ".m4v", ".mov", ".mkv", ".ts"})
+TEMPLATE_FIELDS = frozenset({"dir", "stem", "ext", "name", "model"})
+DEFAULT_OUTPUT_TEMPLATE = "{dir}{stem}_sr_{model}{ext}"
+
+
+@dataclass(frozen=True, order=True)
+class S3Object:
+    bucket: str
+    key: str
+
+    @property
+    def uri(self) -> str:
+        return f"s3://{self.bucket}/{self.key}"
+
+
+def validate_bucket_name(name: str, *, what: str = "bucket") -> str:
+    """`name` if it is a valid S3 bucket name, else a SourceError naming it."""
+    if not isinstance(name, str) or not name:
+        raise SourceError(f"{what} name is empty")
+    if not BUCKET_NAME.match(name) or ".." in name:
+        raise SourceError(
+            f"{what} name {name!r} is not a valid S3 bucket name "
+            "(3-63 characters: lowercase letters, digits, dots and hyphens; starting and ending with a letter or digit)"
+        )
+    try:
+        ipaddress.IPv4Address(name)
+    except ValueError:
+        return name
+    raise SourceError(f"{what} name {name!r} is formatted like an IP address, which S3 does not allow")
+
+
+def validate_key(key: str, *, what: str = "key") -> str:
+    if not isinstance(key, str) or key == "":
+        raise SourceError(f"{what} is empty")
+    if len(key.encode("utf-8")) > MAX_KEY_BYTES:
+        raise SourceError(f"{what} {key[:60]!r}... is longer than S3's {MAX_KEY_BYTES} bytes")
+    if key.endswith("/"):
+        raise SourceError(f"{what} {key!r} ends with '/', which names a folder, not a video file")
+    return key
+
+
+def parse_source(text: str, default_bucket: str) -> S3Object:
+    """A source reference as given by a user: a key in `default_bucket` or an `s3://bucket/key` URI."""
+    if not isinstance(text, str) or text == "":
+        raise SourceError("a source entry is empty")
+    if text.startswith("s3://"):
+        bucket, slash, key = text[len("s3://") :].partition("/")
+        if not slash or not key:
+            raise SourceError(f"malformed S3 URI {text!r}: expected s3://bucket/key")
+        return S3Object(validate_bucket_name(bucket, what=f"bucket in {text!r}"), validate_key(key, what="key"))
+    if URI_SCHEME.match(text):
+        raise SourceError(f"malformed source {text!r}: only s3:// URIs or plain keys are accepted")
+    if not default_bucket:
+        raise SourceError(f"source {text!r} is a plain key but no source bucket is set")
+    return S3Object(validate_bucket_name(default_bucket, what="source bucket"), validate_key(text, what="key"))
+
+
+def validate_output_template(template: str) -> str:
+    """`template` if every `{field}` in it is known, else a SourceError listing the allowed fields."""
+    try:
+        fields = {field for _, field, _, _ in string.Formatter().parse(template) if field is not None}
+    except ValueError as error:
+        raise SourceError(f"output naming template {template!r} is malformed: {error}") from None
+    unknown = fields - TEMPLATE_FIELDS
+    if unknown:
+        raise SourceError(
+            f"output naming template {template!r} uses unknown fields {sorted(unknown)}; "
+            f"allowed: {', '.join('{' + f + '}' for f in sorted(TEMPLATE_FIELDS))}"
+        )
+    return template
+
+
+def output_key(source_key: str, template: str, model: str) -> str:
+    """The output key for `source_key`: `{dir}` keeps the source's folder (with its trailing slash)."""
+    folder, name = posixpath.split(source_key)
+    stem, ext = posixpath.splitext(name)
+    key = validate_output_template(template).format(
+        dir=f"{folder}/" if folder else "", stem=stem, ext=ext, name=name, model=model
+    )
+    validate_key(key, what=f"output key for {source_key!r}")
+    if posixpath.splitext(key)[1].lower() not in VIDEO_EXTENSIONS:
+        raise SourceError(
+            f"output key {key!r} (for {source_key!r}) must end with one of {', '.join(sorted(VIDEO_EXTENSIONS))} "
+            "so ffmpeg knows which container to write"
+        )
+    return key
