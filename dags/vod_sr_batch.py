@@ -161,7 +161,7 @@ def vod_sr_batch() -> None:
         )
 
         @task(trigger_rule="all_done")
-        def verify(work: dict[str, Any]) -> list[dict[str, Any]]:
+        def verify(work: dict[str, Any]) -> dict[str, Any]:
             """Check each output: exists, non-empty, written by this run, the size the instance reported."""
             from include.vod_sr.aws import aws_client
             from include.vod_sr.plan import Chunk
@@ -170,13 +170,14 @@ def vod_sr_batch() -> None:
             ti = get_current_context()["ti"]
             waited_result = ti.xcom_pull(task_ids=waited.task_id, map_indexes=ti.map_index)
             results = waited_result["results"] if waited_result else None
-            s3 = aws_client("s3", SETTINGS.aws_conn_id)
-            return verify_chunk(s3, Chunk.from_xcom(work["chunk"]), work["run_token"], results)
+            planned = Chunk.from_xcom(work["chunk"])
+            files = verify_chunk(aws_client("s3", SETTINGS.aws_conn_id), planned, work["run_token"], results)
+            return {"chunk": planned.index, "files": files}
 
         return sent >> waited >> verify(work)
 
     @task(trigger_rule="all_done", retries=0)
-    def report(summary: dict[str, Any], verified: list[list[dict[str, Any]]]) -> dict[str, Any]:
+    def report(summary: dict[str, Any], verified: list[dict[str, Any]] | dict[str, Any]) -> dict[str, Any]:
         """Log a row per file, store the JSON report in S3, fail the run if any file failed."""
         from airflow.sdk.exceptions import AirflowFailException
 
@@ -189,7 +190,8 @@ def vod_sr_batch() -> None:
             run_id=context["run_id"],
             run_token=summary["run_token"],
             params=context["params"],
-            verified=verified or [],
+            # Airflow 3.3 hands over a mapped task's only result unwrapped when it has a single map index.
+            verified=[chunk["files"] for chunk in ([verified] if isinstance(verified, dict) else verified or [])],
             skipped=[FileJob.from_xcom(f) for f in summary["skipped"]],
             planned_count=summary["file_count"],
         )
@@ -225,8 +227,10 @@ def vod_sr_batch() -> None:
     verified = chunk.expand(work=planned)
     # The group returns its verify task's output; the CLI must be ready before the group's first task.
     install_cli(wait_for_agent(acquired)) >> verified.operator.task_group
-    reported = report(summary, verified)
-    reported >> release(acquired).as_teardown(setups=acquired, on_failure_fail_dagrun=True)
+    report(summary, verified)
+    # The teardown must not be downstream of report: with on_failure_fail_dagrun it would then be the only
+    # task that decides the run's state, and a failed report would end in a successful run.
+    verified >> release(acquired).as_teardown(setups=acquired, on_failure_fail_dagrun=True)
 
 vod_sr_batch()
 

@@ -42,7 +42,8 @@ def as_run_shell_command(body: str) -> str:
 
 def _export_line(name: str, value: str) -> str:
     # `${NAME:-}` keeps `set -u` from failing when the instance's environment lacks a referenced variable.
-    return f'export {name}="{_VAR_REFERENCE.sub(r"${\1:-}", value)}"'
+    expanded = _VAR_REFERENCE.sub(r"${\1:-}", value)
+    return f'export {name}="{expanded}"'
 
 
 def _bash_array(name: str, values: list[str]) -> str:
