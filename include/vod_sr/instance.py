@@ -179,6 +179,9 @@ def release(
     state = instance_state(ec2, instance_id)
     if state in ("stopped", "terminated"):
         return f"already {state}"
+    config = waiter_config(timeout, poll_interval)
+    if state == "pending":  # EC2 refuses to stop a pending instance
+        ec2.get_waiter("instance_running").wait(InstanceIds=[instance_id], WaiterConfig=config)
     ec2.stop_instances(InstanceIds=[instance_id])
-    ec2.get_waiter("instance_stopped").wait(InstanceIds=[instance_id], WaiterConfig=waiter_config(timeout, poll_interval))
+    ec2.get_waiter("instance_stopped").wait(InstanceIds=[instance_id], WaiterConfig=config)
     return "stopped"

@@ -88,7 +88,7 @@ class BatchRequest:
         if self.chunk_size < 1:
             raise PlanError(f"chunk_size {self.chunk_size} must be at least 1")
         try:
-            validate_bucket_name(self.output_bucket, what="output bucket")
+            validate_bucket_name(self.output_bucket, what="output bucket name")
             validate_output_template(self.output_template)
         except SourceError as error:
             raise PlanError(str(error)) from None

@@ -36,20 +36,20 @@ class S3Object:
         return f"s3://{self.bucket}/{self.key}"
 
 
-def validate_bucket_name(name: str, *, what: str = "bucket") -> str:
+def validate_bucket_name(name: str, *, what: str = "bucket name") -> str:
     """`name` if it is a valid S3 bucket name, else a SourceError naming it."""
     if not isinstance(name, str) or not name:
-        raise SourceError(f"{what} name is empty")
+        raise SourceError(f"{what} is empty")
     if not BUCKET_NAME.match(name) or ".." in name:
         raise SourceError(
-            f"{what} name {name!r} is not a valid S3 bucket name "
+            f"{name!r} ({what}) is not a valid S3 bucket name "
             "(3-63 characters: lowercase letters, digits, dots and hyphens; starting and ending with a letter or digit)"
         )
     try:
         ipaddress.IPv4Address(name)
     except ValueError:
         return name
-    raise SourceError(f"{what} name {name!r} is formatted like an IP address, which S3 does not allow")
+    raise SourceError(f"{name!r} ({what}) is formatted like an IP address, which S3 does not allow")
 
 
 def validate_key(key: str, *, what: str = "key") -> str:
@@ -70,12 +70,12 @@ def parse_source(text: str, default_bucket: str) -> S3Object:
         bucket, slash, key = text[len("s3://") :].partition("/")
         if not slash or not key:
             raise SourceError(f"malformed S3 URI {text!r}: expected s3://bucket/key")
-        return S3Object(validate_bucket_name(bucket, what=f"bucket in {text!r}"), validate_key(key, what="key"))
+        return S3Object(validate_bucket_name(bucket, what=f"bucket name in {text!r}"), validate_key(key, what="key"))
     if URI_SCHEME.match(text):
         raise SourceError(f"malformed source {text!r}: only s3:// URIs or plain keys are accepted")
     if not default_bucket:
         raise SourceError(f"source {text!r} is a plain key but no source bucket is set")
-    return S3Object(validate_bucket_name(default_bucket, what="source bucket"), validate_key(text, what="key"))
+    return S3Object(validate_bucket_name(default_bucket, what="source bucket name"), validate_key(text, what="key"))
 
 
 def validate_output_template(template: str) -> str:

@@ -1,0 +1,212 @@
+"""Instance handling against moto's EC2. moto 5.2.5 has no DescribeInstanceInformation and no live SSM commands,
+so those come from `StubSsm`, a small explicit stub; tests/local_aws and tests/e2e cover them on the emulator."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import boto3
+import pytest
+from botocore.exceptions import ClientError
+from moto import mock_aws
+
+from include.vod_sr.instance import (
+    LEASE_TTL,
+    Action,
+    InstanceCapacityError,
+    InstanceUnusable,
+    agent_online,
+    drop_lease,
+    ensure_started,
+    instance_action,
+    instance_state,
+    is_ready,
+    live_leases,
+    release,
+    take_lease,
+)
+
+
+class StubSsm:
+    """Stub for the SSM calls moto lacks: DescribeInstanceInformation, and ListCommands with live commands."""
+
+    def __init__(self, ping: dict[str, str] | None = None, commands: list[dict] | None = None) -> None:
+        self.ping = ping or {}
+        self.commands = commands or []
+
+    def describe_instance_information(self, Filters):  # noqa: N803 - boto3's parameter name
+        wanted = Filters[0]["Values"]
+        return {"InstanceInformationList": [{"InstanceId": i, "PingStatus": s} for i, s in self.ping.items() if i in wanted]}
+
+    def get_paginator(self, name):
+        assert name == "list_commands"
+        return self
+
+    def paginate(self, InstanceId, Filters):  # noqa: N803
+        return [{"Commands": [c for c in self.commands if InstanceId in c["InstanceIds"]]}]
+
+
+@pytest.fixture
+def ec2():
+    with mock_aws():
+        yield boto3.client("ec2", region_name="us-east-1")
+
+
+def new_instance(ec2, state: str = "running") -> str:
+    instance_id = ec2.run_instances(ImageId="ami-12345678", MinCount=1, MaxCount=1)["Instances"][0]["InstanceId"]
+    if state == "stopped":
+        ec2.stop_instances(InstanceIds=[instance_id])
+    elif state == "terminated":
+        ec2.terminate_instances(InstanceIds=[instance_id])
+    return instance_id
+
+
+class TestInstanceAction:
+    @pytest.mark.parametrize(
+        ("state", "action"),
+        [
+            ("running", Action.USE),
+            ("stopped", Action.START),
+            ("pending", Action.WAIT_RUNNING),
+            ("stopping", Action.WAIT_STOPPED_THEN_START),
+        ],
+    )
+    def test_usable_states(self, state, action):
+        assert instance_action(state) is action
+
+    @pytest.mark.parametrize("state", ["terminated", "shutting-down", "rebooting-into-the-void"])
+    def test_unusable_states_are_clear_errors(self, state):
+        with pytest.raises(InstanceUnusable, match=f"instance is {state}; it cannot be started"):
+            instance_action(state)
+
+
+class TestEnsureStarted:
+    def test_stopped_instance_is_started(self, ec2):
+        instance_id = new_instance(ec2, "stopped")
+
+        assert ensure_started(ec2, instance_id, timeout=10, poll_interval=1) == "stopped"
+        assert instance_state(ec2, instance_id) in ("pending", "running")
+
+    def test_running_instance_is_used_as_is(self, ec2):
+        instance_id = new_instance(ec2)
+
+        assert ensure_started(ec2, instance_id, timeout=10, poll_interval=1) == "running"
+
+    def test_terminated_instance_is_a_clear_error(self, ec2):
+        instance_id = new_instance(ec2, "terminated")
+
+        with pytest.raises(InstanceUnusable, match="instance is terminated"):
+            ensure_started(ec2, instance_id, timeout=10, poll_interval=1)
+
+    def test_unknown_instance_is_a_clear_error(self, ec2):
+        with pytest.raises(InstanceUnusable, match="i-0000000000000dead does not exist"):
+            ensure_started(ec2, "i-0000000000000dead", timeout=10, poll_interval=1)
+
+    def test_stopping_instance_is_waited_for_then_started(self, ec2):
+        instance_id = new_instance(ec2, "stopped")
+        calls = []
+        ec2.meta.events.register("before-call.ec2", lambda model, **_: calls.append(model.name))
+        states = iter(["stopping", "stopping", "stopped"])
+        # moto stops instantly; make DescribeInstances report `stopping` twice, as AWS does for a while.
+        ec2.meta.events.register(
+            "after-call.ec2.DescribeInstances",
+            lambda parsed, **_: parsed["Reservations"][0]["Instances"][0]["State"].update(Name=next(states, "stopped")),
+        )
+
+        ensure_started(ec2, instance_id, timeout=10, poll_interval=1)
+
+        assert calls == ["DescribeInstances", "DescribeInstances", "DescribeInstances", "StartInstances"]
+
+    def test_insufficient_capacity_is_its_own_error(self, ec2):
+        instance_id = new_instance(ec2, "stopped")
+
+        def no_capacity(**_):
+            raise ClientError(
+                {"Error": {"Code": "InsufficientInstanceCapacity", "Message": "no g6e.xlarge capacity"}}, "StartInstances"
+            )
+
+        ec2.meta.events.register("before-call.ec2.StartInstances", no_capacity)
+
+        with pytest.raises(InstanceCapacityError, match="no g6e.xlarge capacity"):
+            ensure_started(ec2, instance_id, timeout=10, poll_interval=1)
+
+
+class TestReadiness:
+    def test_running_is_not_ready_until_the_agent_is_online(self, ec2):
+        instance_id = new_instance(ec2)
+
+        assert not is_ready(ec2, StubSsm({}), instance_id)
+        assert not is_ready(ec2, StubSsm({instance_id: "ConnectionLost"}), instance_id)
+        assert is_ready(ec2, StubSsm({instance_id: "Online"}), instance_id)
+
+    def test_instance_stopped_while_waiting_is_an_error(self, ec2):
+        instance_id = new_instance(ec2, "stopped")
+
+        with pytest.raises(InstanceUnusable, match="went stopped while waiting"):
+            is_ready(ec2, StubSsm({instance_id: "Online"}), instance_id)
+
+    def test_other_instances_being_online_does_not_count(self):
+        assert not agent_online(StubSsm({"i-other": "Online"}), "i-mine")
+
+
+class TestLeasesAndRelease:
+    def test_release_stops_an_instance_nobody_else_uses(self, ec2):
+        instance_id = new_instance(ec2)
+        take_lease(ec2, instance_id, "run-a", "manual__a")
+
+        outcome = release(ec2, StubSsm(), instance_id, "run-a", stop=True, timeout=10, poll_interval=1)
+
+        assert outcome == "stopped"
+        assert instance_state(ec2, instance_id) == "stopped"
+        assert live_leases(ec2, instance_id) == {}
+
+    def test_release_leaves_the_instance_to_another_runs_lease(self, ec2):
+        instance_id = new_instance(ec2)
+        take_lease(ec2, instance_id, "run-a", "manual__a")
+        take_lease(ec2, instance_id, "run-b", "manual__b")
+
+        outcome = release(ec2, StubSsm(), instance_id, "run-a", stop=True, timeout=10, poll_interval=1)
+
+        assert outcome == "left running: leased by manual__b"
+        assert instance_state(ec2, instance_id) == "running"
+        assert set(live_leases(ec2, instance_id)) == {"run-b"}
+
+    def test_release_leaves_the_instance_while_a_command_is_live(self, ec2):
+        instance_id = new_instance(ec2)
+        take_lease(ec2, instance_id, "run-a", "manual__a")
+        ssm = StubSsm(commands=[{"CommandId": "c-1", "InstanceIds": [instance_id], "Status": "InProgress"}])
+
+        outcome = release(ec2, ssm, instance_id, "run-a", stop=True, timeout=10, poll_interval=1)
+
+        assert outcome == "left running: SSM commands still live: c-1"
+        assert instance_state(ec2, instance_id) == "running"
+
+    def test_finished_commands_do_not_keep_the_instance_up(self, ec2):
+        instance_id = new_instance(ec2)
+        ssm = StubSsm(commands=[{"CommandId": "c-1", "InstanceIds": [instance_id], "Status": "Success"}])
+
+        assert release(ec2, ssm, instance_id, "run-a", stop=True, timeout=10, poll_interval=1) == "stopped"
+
+    def test_expired_lease_of_a_crashed_run_is_ignored(self, ec2):
+        instance_id = new_instance(ec2)
+        take_lease(ec2, instance_id, "crashed", "manual__old", now=datetime.now(UTC) - LEASE_TTL - timedelta(minutes=1))
+
+        assert live_leases(ec2, instance_id) == {}
+        assert release(ec2, StubSsm(), instance_id, "run-a", stop=True, timeout=10, poll_interval=1) == "stopped"
+
+    def test_stop_when_done_off_leaves_it_running(self, ec2):
+        instance_id = new_instance(ec2)
+        take_lease(ec2, instance_id, "run-a", "manual__a")
+
+        outcome = release(ec2, StubSsm(), instance_id, "run-a", stop=False, timeout=10, poll_interval=1)
+
+        assert outcome.startswith("left running")
+        assert instance_state(ec2, instance_id) == "running"
+        assert live_leases(ec2, instance_id) == {}
+
+    def test_drop_lease_is_idempotent(self, ec2):
+        instance_id = new_instance(ec2)
+
+        drop_lease(ec2, instance_id, "never-taken")
+
+        assert live_leases(ec2, instance_id) == {}

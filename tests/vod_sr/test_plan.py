@@ -1,0 +1,184 @@
+from __future__ import annotations
+
+import boto3
+import pytest
+from moto import mock_aws
+
+from include.vod_sr.plan import MAX_MAPPED_CHUNKS, BatchRequest, FileJob, PlanError, chunk_files, plan_batch, run_token
+from include.vod_sr.sources import S3Object
+from tests.vod_sr.test_sources import HOSTILE_KEYS
+
+SOURCE, OUTPUT = "src-bucket", "out-bucket"
+INSTANCE_ID = "i-0123456789abcdef0"
+TOKEN = "feedfacecafebeef"
+
+
+def request(*sources: str, **overrides) -> BatchRequest:
+    params = {
+        "sources": list(sources),
+        "model": "A",
+        "source_bucket": SOURCE,
+        "output_bucket": OUTPUT,
+        "instance_id": INSTANCE_ID,
+        **overrides,
+    }
+    return BatchRequest.from_params(params)
+
+
+@pytest.fixture
+def s3():
+    with mock_aws():
+        client = boto3.client("s3", region_name="us-east-1")
+        client.create_bucket(Bucket=SOURCE)
+        client.create_bucket(Bucket=OUTPUT)
+        yield client
+
+
+def put(s3, key: str, bucket: str = SOURCE, body: bytes = b"video") -> None:
+    s3.put_object(Bucket=bucket, Key=key, Body=body)
+
+
+class TestRequestValidation:
+    @pytest.mark.parametrize(
+        ("overrides", "message"),
+        [
+            pytest.param({"sources": []}, "source list is empty", id="empty-sources"),
+            pytest.param({"sources": [1, 2]}, "list of keys", id="non-string-sources"),
+            pytest.param({"instance_id": "web-01"}, "'web-01' is not an EC2 instance id", id="instance-id"),
+            pytest.param({"output_bucket": "Bad_Bucket"}, "'Bad_Bucket' (output bucket name)", id="output-bucket"),
+            pytest.param({"execution_timeout": 10}, "outside 60..172800", id="timeout-too-small"),
+            pytest.param({"output_template": "{nope}"}, "unknown fields", id="template"),
+            pytest.param({"model": ""}, "no model chosen", id="no-model"),
+        ],
+    )
+    def test_bad_params_are_named(self, overrides, message):
+        params = {"sources": ["a.mp4"], "model": "A", "source_bucket": SOURCE, "output_bucket": OUTPUT,
+                  "instance_id": INSTANCE_ID, **overrides}
+
+        with pytest.raises(PlanError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            BatchRequest.from_params(params)
+
+
+class TestPlanBatch:
+    def test_keys_and_uris_resolve_with_named_outputs(self, s3):
+        put(s3, "in/a.mp4")
+        s3.create_bucket(Bucket="elsewhere")
+        put(s3, "b.mov", bucket="elsewhere")
+
+        plan = plan_batch(request("in/a.mp4", "s3://elsewhere/b.mov"), s3, run_token=TOKEN)
+
+        (chunk,) = plan.chunks
+        assert [(f.source.uri, f.output.uri) for f in chunk.files] == [
+            ("s3://src-bucket/in/a.mp4", "s3://out-bucket/in/a_sr_A.mp4"),
+            ("s3://elsewhere/b.mov", "s3://out-bucket/b_sr_A.mov"),
+        ]
+
+    @pytest.mark.parametrize("key", HOSTILE_KEYS, ids=repr)
+    def test_any_key_s3_accepts_is_planned(self, s3, key):
+        put(s3, key)
+
+        plan = plan_batch(request(key), s3, run_token=TOKEN)
+
+        assert plan.chunks[0].files[0].source.key == key
+
+    def test_missing_source_is_named_before_anything_starts(self, s3):
+        put(s3, "here.mp4")
+
+        with pytest.raises(PlanError, match=r"missing source objects: 's3://src-bucket/not-here.mp4'"):
+            plan_batch(request("here.mp4", "not-here.mp4"), s3, run_token=TOKEN)
+
+    def test_prefix_of_a_real_key_is_not_mistaken_for_it(self, s3):
+        put(s3, "clip.mp4.bak")
+
+        with pytest.raises(PlanError, match="missing source objects: 's3://src-bucket/clip.mp4'"):
+            plan_batch(request("clip.mp4"), s3, run_token=TOKEN)
+
+    def test_missing_source_bucket(self, s3):
+        with pytest.raises(PlanError, match="bucket 'no-such-bucket' does not exist"):
+            plan_batch(request("s3://no-such-bucket/a.mp4"), s3, run_token=TOKEN)
+
+    def test_missing_output_bucket(self, s3):
+        put(s3, "a.mp4")
+
+        with pytest.raises(PlanError, match="output bucket 'gone-bucket' is not accessible"):
+            plan_batch(request("a.mp4", output_bucket="gone-bucket"), s3, run_token=TOKEN)
+
+    def test_empty_source_object(self, s3):
+        put(s3, "zero.mp4", body=b"")
+
+        with pytest.raises(PlanError, match="empty \\(0 bytes\\): 's3://src-bucket/zero.mp4'"):
+            plan_batch(request("zero.mp4"), s3, run_token=TOKEN)
+
+    def test_output_equal_to_source_is_refused(self, s3):
+        put(s3, "a.mp4")
+
+        with pytest.raises(PlanError, match="output 's3://src-bucket/a.mp4' is the source itself"):
+            plan_batch(request("a.mp4", output_bucket=SOURCE, output_template="{dir}{name}"), s3, run_token=TOKEN)
+
+    def test_two_sources_mapping_to_one_output_are_refused(self, s3):
+        put(s3, "x/a.mp4")
+        put(s3, "y/a.mp4")
+
+        with pytest.raises(PlanError, match="both map to output 's3://out-bucket/a.mp4'"):
+            plan_batch(request("x/a.mp4", "y/a.mp4", output_template="{name}"), s3, run_token=TOKEN)
+
+    def test_duplicates_are_planned_once(self, s3):
+        put(s3, "a.mp4")
+
+        plan = plan_batch(request("a.mp4", "s3://src-bucket/a.mp4", "a.mp4"), s3, run_token=TOKEN)
+
+        assert sum(len(c.files) for c in plan.chunks) == 1
+
+    def test_existing_outputs_are_skipped_unless_overwrite(self, s3):
+        put(s3, "a.mp4")
+        put(s3, "b.mp4")
+        put(s3, "a_sr_A.mp4", bucket=OUTPUT)
+
+        plan = plan_batch(request("a.mp4", "b.mp4"), s3, run_token=TOKEN)
+        forced = plan_batch(request("a.mp4", "b.mp4", overwrite=True), s3, run_token=TOKEN)
+
+        assert [f.source.key for f in plan.skipped] == ["a.mp4"]
+        assert [f.source.key for c in plan.chunks for f in c.files] == ["b.mp4"]
+        assert forced.skipped == ()
+        assert [f.source.key for c in forced.chunks for f in c.files] == ["a.mp4", "b.mp4"]
+
+    def test_existence_is_checked_with_one_listing_per_folder_not_per_file(self, s3):
+        keys = [f"batch/clip-{n:03}.mp4" for n in range(250)]
+        for key in keys:
+            put(s3, key)
+        calls: list[str] = []
+        s3.meta.events.register("before-call.s3", lambda model, **_: calls.append(model.name))
+
+        plan_batch(request(*keys), s3, run_token=TOKEN)
+
+        # sources and outputs: one paginated listing each (250 keys fit a page), plus HeadBucket on the output.
+        assert sorted(calls) == ["HeadBucket", "ListObjectsV2", "ListObjectsV2"]
+
+
+class TestChunking:
+    JOBS = [FileJob(n, S3Object("b", f"{n}.mp4"), S3Object("o", f"{n}.mp4")) for n in range(25)]
+
+    def test_chunks_hold_chunk_size_files_in_order(self):
+        chunks = chunk_files(self.JOBS, INSTANCE_ID, 10)
+
+        assert [len(c.files) for c in chunks] == [10, 10, 5]
+        assert [f.index for c in chunks for f in c.files] == list(range(25))
+
+    def test_ten_thousand_files_stay_within_airflows_mapping_limit(self):
+        jobs = [FileJob(n, S3Object("b", f"{n}.mp4"), S3Object("o", f"{n}.mp4")) for n in range(10_000)]
+
+        chunks = chunk_files(jobs, INSTANCE_ID, 1)
+
+        assert len(chunks) <= MAX_MAPPED_CHUNKS
+        assert sum(len(c.files) for c in chunks) == 10_000
+
+    def test_chunk_round_trips_through_xcom(self):
+        (chunk, *_) = chunk_files(self.JOBS, INSTANCE_ID, 10)
+
+        assert type(chunk).from_xcom(chunk.to_xcom()) == chunk
+
+
+def test_run_token_is_stable_and_ascii():
+    assert run_token("vod_sr_batch", "manual__2026") == run_token("vod_sr_batch", "manual__2026")
+    assert run_token("vod_sr_batch", "manual__2026") != run_token("vod_sr_batch", "manual__2027")
+    assert run_token("d", "r").isascii() and len(run_token("d", "r")) == 16
