@@ -14,10 +14,10 @@ from botocore.config import Config
 from botocore.exceptions import ClientError, WaiterError
 
 from include.vod_sr.instance import waiter_config
+from include.vod_sr.limits import MAX_COMMENT_LENGTH
 from include.vod_sr.script import as_run_shell_command
 
 DOCUMENT_NAME = "AWS-RunShellScript"
-MAX_COMMENT_LENGTH = 100
 TAIL_LINES = 20
 # SendCommand is throttled ("Rate exceeded"); adaptive retries back off client-side instead of failing a task.
 BOTO_CONFIG = Config(retries={"mode": "adaptive", "max_attempts": 10})

@@ -5,7 +5,7 @@ from __future__ import annotations
 from airflow.sdk import Param
 
 from include.vod_sr.catalog import BUILTIN_MODELS
-from include.vod_sr.plan import MAX_EXECUTION_TIMEOUT
+from include.vod_sr.limits import MAX_EXECUTION_TIMEOUT
 from include.vod_sr.settings import Settings
 from include.vod_sr.sources import DEFAULT_OUTPUT_TEMPLATE
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
+from include.vod_sr.limits import MAX_EXECUTION_TIMEOUT, MAX_MAPPED_CHUNKS
 from include.vod_sr.sources import (
     DEFAULT_OUTPUT_TEMPLATE,
     S3Object,
@@ -27,9 +28,6 @@ from include.vod_sr.sources import (
     validate_output_template,
 )
 
-# Airflow's [core] max_map_length default: more mapped task instances than this fail the run.
-MAX_MAPPED_CHUNKS = 1024
-MAX_EXECUTION_TIMEOUT = 172_800  # AWS-RunShellScript's executionTimeout ceiling (48 h)
 INSTANCE_ID_PREFIX = ("i-", "mi-")
 
 

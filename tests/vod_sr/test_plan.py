@@ -4,7 +4,8 @@ import boto3
 import pytest
 from moto import mock_aws
 
-from include.vod_sr.plan import MAX_MAPPED_CHUNKS, BatchRequest, FileJob, PlanError, chunk_files, plan_batch, run_token
+from include.vod_sr.limits import MAX_MAPPED_CHUNKS
+from include.vod_sr.plan import BatchRequest, FileJob, PlanError, chunk_files, plan_batch, run_token
 from include.vod_sr.sources import S3Object
 from tests.vod_sr.test_sources import HOSTILE_KEYS
 

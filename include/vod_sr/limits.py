@@ -1,0 +1,10 @@
+"""Limits of AWS and Airflow that vod-sr must respect (see AWS_NOTES in the design docs)."""
+
+from __future__ import annotations
+
+# AWS-RunShellScript's executionTimeout ceiling: 48 h.
+MAX_EXECUTION_TIMEOUT = 172_800
+# Airflow's [core] max_map_length default: a longer upstream list fails the mapped task.
+MAX_MAPPED_CHUNKS = 1024
+# SendCommand's Comment limit.
+MAX_COMMENT_LENGTH = 100
