@@ -6,6 +6,7 @@ Prints `local-aws ready at <endpoint url>` once it serves, and stops cleanly on 
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import sys
 import threading
@@ -24,7 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pending-seconds", type=float, default=defaults.pending_seconds)
     parser.add_argument("--stopping-seconds", type=float, default=defaults.stopping_seconds)
     parser.add_argument("--agent-registration-seconds", type=float, default=defaults.agent_registration_seconds)
+    parser.add_argument("--verbose", action="store_true", help="log every HTTP request")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    logging.getLogger("werkzeug").setLevel(logging.INFO if args.verbose else logging.WARNING)
 
     emulator = LocalAws(
         host=args.host,

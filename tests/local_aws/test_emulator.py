@@ -1,0 +1,228 @@
+"""The local AWS emulator over real HTTP: its SSM agent really runs commands, EC2 takes time, faults inject."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+from include.local_aws.world import boto_client
+
+
+def wait_for_invocation(ssm, command_id: str, instance_id: str, timeout: float = 30) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        invocation = ssm.get_command_invocation(CommandId=command_id, InstanceId=instance_id)
+        if invocation["Status"] not in ("Pending", "InProgress", "Delayed"):
+            return invocation
+        assert time.monotonic() < deadline, invocation["Status"]
+        time.sleep(0.2)
+
+
+def send(ssm, instance_id: str, script: str, **extra) -> str:
+    parameters = {"commands": [script], **extra.pop("parameters", {})}
+    return ssm.send_command(
+        InstanceIds=[instance_id], DocumentName="AWS-RunShellScript", Parameters=parameters, **extra
+    )["Command"]["CommandId"]
+
+
+def state(ec2, instance_id: str) -> str:
+    return ec2.describe_instances(InstanceIds=[instance_id])["Reservations"][0]["Instances"][0]["State"]["Name"]
+
+
+@pytest.fixture
+def clients(emulator_env):
+    url = emulator_env.endpoint_url
+    return boto_client("ec2", url), boto_client("ssm", url), boto_client("s3", url)
+
+
+class TestSsmAgent:
+    def test_command_really_runs_with_exit_code_and_output(self, clients, running_instance):
+        _, ssm, _ = clients
+
+        invocation = wait_for_invocation(ssm, send(ssm, running_instance, "echo out; echo err >&2; exit 3"), running_instance)
+
+        assert (invocation["Status"], invocation["StatusDetails"], invocation["ResponseCode"]) == ("Failed", "Failed", 3)
+        assert (invocation["StandardOutputContent"], invocation["StandardErrorContent"]) == ("out\n", "err\n")
+
+    def test_output_is_truncated_like_aws(self, clients, running_instance):
+        _, ssm, _ = clients
+
+        invocation = wait_for_invocation(
+            ssm, send(ssm, running_instance, "head -c 30000 /dev/zero | tr '\\0' o; head -c 9000 /dev/zero | tr '\\0' e >&2"),
+            running_instance,
+        )
+
+        assert len(invocation["StandardOutputContent"]) == 24_000
+        assert len(invocation["StandardErrorContent"]) == 8_000
+
+    def test_commands_run_with_sh_like_the_real_agent(self, clients, running_instance):
+        _, ssm, _ = clients
+
+        # `[[` is bash-only: under sh it fails, which is why vod-sr wraps its scripts in `bash -c`.
+        invocation = wait_for_invocation(ssm, send(ssm, running_instance, "[[ 1 == 1 ]]"), running_instance)
+
+        assert invocation["Status"] == "Failed"
+
+    def test_aws_cli_inside_the_script_reaches_the_emulator_without_credentials_in_the_script(
+        self, clients, running_instance
+    ):
+        _, ssm, s3 = clients
+        s3.create_bucket(Bucket="agent-bucket")
+        s3.put_object(Bucket="agent-bucket", Key="it's $(id).txt", Body=b"hello")
+
+        invocation = wait_for_invocation(
+            ssm, send(ssm, running_instance, "aws s3 cp \"s3://agent-bucket/it's \\$(id).txt\" - "), running_instance
+        )
+
+        assert invocation["StandardOutputContent"] == "hello", invocation["StandardErrorContent"]
+
+    def test_execution_timeout_is_enforced(self, clients, running_instance):
+        _, ssm, _ = clients
+
+        command_id = send(ssm, running_instance, "sleep 30", parameters={"executionTimeout": ["1"]})
+        invocation = wait_for_invocation(ssm, command_id, running_instance, timeout=10)
+
+        assert (invocation["Status"], invocation["StatusDetails"]) == ("TimedOut", "ExecutionTimedOut")
+
+    def test_cancel_kills_the_script(self, clients, running_instance):
+        _, ssm, _ = clients
+        command_id = send(ssm, running_instance, "sleep 30")
+        time.sleep(1)
+
+        ssm.cancel_command(CommandId=command_id, InstanceIds=[running_instance])
+        invocation = wait_for_invocation(ssm, command_id, running_instance, timeout=10)
+
+        assert invocation["Status"] == "Cancelled"
+
+    def test_list_commands_and_invocations(self, clients, running_instance):
+        _, ssm, _ = clients
+        command_id = send(ssm, running_instance, "sleep 2")
+
+        listed = ssm.list_commands(InstanceId=running_instance)["Commands"]
+        invocations = ssm.list_command_invocations(CommandId=command_id)["CommandInvocations"]
+
+        assert [c["Status"] for c in listed if c["CommandId"] == command_id] in (["Pending"], ["InProgress"])
+        assert [i["InstanceId"] for i in invocations] == [running_instance]
+
+    def test_unknown_instance_is_rejected(self, clients):
+        _, ssm, _ = clients
+
+        with pytest.raises(ClientError, match="InvalidInstanceId"):
+            send(ssm, "i-00000000000000000", "true")
+
+
+class TestEc2Lifecycle:
+    def test_start_and_stop_take_time_and_the_agent_follows(self, clients, running_instance, emulator_env):
+        ec2, ssm, _ = clients
+        emulator_env.set_faults({"instances": {running_instance: {"pending_seconds": 1, "stopping_seconds": 1}}})
+
+        ec2.stop_instances(InstanceIds=[running_instance])
+        assert state(ec2, running_instance) == "stopping"
+        ec2.get_waiter("instance_stopped").wait(InstanceIds=[running_instance], WaiterConfig={"Delay": 1})
+        info = ssm.describe_instance_information(Filters=[{"Key": "InstanceIds", "Values": [running_instance]}])
+        assert info["InstanceInformationList"][0]["PingStatus"] == "ConnectionLost"
+
+        ec2.start_instances(InstanceIds=[running_instance])
+        assert state(ec2, running_instance) == "pending"
+        ec2.get_waiter("instance_running").wait(InstanceIds=[running_instance], WaiterConfig={"Delay": 1})
+
+    def test_commands_to_a_stopped_instance_are_not_delivered(self, clients, running_instance):
+        ec2, ssm, _ = clients
+        ec2.stop_instances(InstanceIds=[running_instance])
+        ec2.get_waiter("instance_stopped").wait(InstanceIds=[running_instance], WaiterConfig={"Delay": 1})
+
+        command_id = send(ssm, running_instance, "echo never", TimeoutSeconds=30)
+        time.sleep(1)
+        assert ssm.get_command_invocation(CommandId=command_id, InstanceId=running_instance)["Status"] == "Pending"
+
+    def test_start_while_stopping_is_refused_like_aws(self, clients, running_instance, emulator_env):
+        ec2, _, _ = clients
+        emulator_env.set_faults({"instances": {running_instance: {"stopping_seconds": 5}}})
+        ec2.stop_instances(InstanceIds=[running_instance])
+
+        with pytest.raises(ClientError, match="IncorrectInstanceState"):
+            ec2.start_instances(InstanceIds=[running_instance])
+
+    def test_stopping_kills_running_commands(self, clients, running_instance):
+        ec2, ssm, _ = clients
+        command_id = send(ssm, running_instance, "sleep 30")
+        time.sleep(1)
+
+        ec2.stop_instances(InstanceIds=[running_instance])
+        invocation = wait_for_invocation(ssm, command_id, running_instance, timeout=10)
+
+        assert (invocation["Status"], invocation["StatusDetails"]) == ("Failed", "Terminated")
+
+
+class TestFaults:
+    def test_insufficient_capacity_on_the_first_starts(self, clients, running_instance, emulator_env):
+        ec2, _, _ = clients
+        ec2.stop_instances(InstanceIds=[running_instance])
+        ec2.get_waiter("instance_stopped").wait(InstanceIds=[running_instance], WaiterConfig={"Delay": 1})
+        emulator_env.set_faults({"instances": {running_instance: {"insufficient_capacity_starts": 2}}})
+
+        for _ in range(2):
+            with pytest.raises(ClientError, match="InsufficientInstanceCapacity"):
+                ec2.start_instances(InstanceIds=[running_instance])
+        ec2.start_instances(InstanceIds=[running_instance])
+
+        assert state(ec2, running_instance) == "pending"
+
+    def test_agent_never_online(self, clients, running_instance, emulator_env):
+        _, ssm, _ = clients
+        emulator_env.set_faults({"instances": {running_instance: {"agent_never_online": True}}})
+
+        info = ssm.describe_instance_information(Filters=[{"Key": "InstanceIds", "Values": [running_instance]}])
+
+        assert [i for i in info["InstanceInformationList"] if i["PingStatus"] == "Online"] == []
+
+    def test_invocation_invisible_for_a_while_after_send(self, clients, running_instance, emulator_env):
+        _, ssm, _ = clients
+        emulator_env.set_faults({"instances": {running_instance: {"invocation_visibility_seconds": 1.5}}})
+        command_id = send(ssm, running_instance, "true")
+
+        assert ssm.list_command_invocations(CommandId=command_id)["CommandInvocations"] == []
+        with pytest.raises(ClientError, match="InvocationDoesNotExist"):
+            ssm.get_command_invocation(CommandId=command_id, InstanceId=running_instance)
+        time.sleep(2)
+        assert wait_for_invocation(ssm, command_id, running_instance)["Status"] == "Success"
+
+    def test_throttling_is_absorbed_by_botocore_adaptive_retries(self, emulator_env):
+        emulator_env.set_faults({"throttle_fraction": 1.0})
+        with pytest.raises(ClientError, match="ThrottlingException"):
+            boto_client_with(emulator_env.endpoint_url, Config(retries={"max_attempts": 1})).describe_instance_information()
+
+        emulator_env.set_faults({"throttle_fraction": 0.3})
+        emulator_env.reset_calls()
+        adaptive = boto_client_with(emulator_env.endpoint_url, Config(retries={"mode": "adaptive", "max_attempts": 10}))
+        for _ in range(10):
+            adaptive.describe_instance_information()
+
+        assert len(emulator_env.calls()) > 10  # the throttled attempts were retried, and the log saw them
+
+
+def boto_client_with(endpoint_url: str, config: Config):
+    import boto3
+
+    from include.local_aws.server import emulator_client_env
+
+    env = emulator_client_env(endpoint_url)
+    return boto3.client("ssm", endpoint_url=endpoint_url, region_name=env["AWS_DEFAULT_REGION"],
+                        aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+                        config=config)
+
+
+def test_call_log_counts_every_call(emulator_env):
+    emulator_env.reset_calls()
+    ssm, s3 = boto_client("ssm", emulator_env.endpoint_url), boto_client("s3", emulator_env.endpoint_url)
+
+    ssm.describe_instance_information()
+    s3.list_buckets()
+
+    assert [(c["service"], c["action"]) for c in emulator_env.calls()] == [
+        ("ssm", "DescribeInstanceInformation"),
+        ("s3", "GET bucket"),
+    ]
