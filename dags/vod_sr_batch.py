@@ -71,7 +71,7 @@ def vod_sr_batch() -> None:
         context["ti"].xcom_push(key="summary", value={k: v for k, v in summary.items() if k != "chunks"})
         return [{"chunk": chunk, "run_token": planned.run_token, "model": asdict(model)} for chunk in summary["chunks"]]
 
-    @task(retries=4, retry_exponential_backoff=True, retry_delay=timedelta(seconds=30))
+    @task(retries=4, retry_exponential_backoff=True, retry_delay=timedelta(seconds=SETTINGS.start_retry_delay))
     def acquire(summary: dict[str, Any]) -> dict[str, str]:
         """Take a lease on the instance and start it if stopped (retried with backoff on capacity errors)."""
         from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException

@@ -39,6 +39,8 @@ class Settings:
     install_cli_timeout: int = 900
     poll_interval: int = 15
     command_delivery_timeout: int = 300
+    # Retry delay for starting the instance (doubles each retry): EC2 capacity often returns within minutes.
+    start_retry_delay: int = 60
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -57,4 +59,5 @@ class Settings:
             command_delivery_timeout=_env_int(
                 "VOD_SR_COMMAND_DELIVERY_TIMEOUT", defaults.command_delivery_timeout
             ),
+            start_retry_delay=_env_int("VOD_SR_START_RETRY_DELAY", defaults.start_retry_delay),
         )

@@ -1,0 +1,100 @@
+"""End-to-end fixtures: the real DAG through `dag.test()` against the emulator, with real ffmpeg and AWS CLI.
+
+Only the vendor's GPU filters are replaced, by the `cpu` model (libx264 lanczos 2x), because they cannot run here.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from include.local_aws.world import (
+    OUTPUT_BUCKET,
+    SOURCE_BUCKET,
+    airflow_env,
+    boto_client,
+    create_world,
+    make_sample_clip,
+)
+from tests.conftest import REPO_ROOT
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="session")
+def airflow_db():
+    """Migrate the session's fresh Airflow metadata DB (SQLite)."""
+    subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True, capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def sample_clip(tmp_path_factory) -> Path:
+    return make_sample_clip(tmp_path_factory.mktemp("media") / "original_640x480_10s.mp4")
+
+
+@dataclass
+class BatchRun:
+    state: str
+    task_states: dict[str, list[str]]
+    run_id: str
+
+
+@dataclass
+class World:
+    emulator: Any
+    instance_id: str
+    s3: Any
+    ec2: Any
+    sample_clip: Path
+
+    def upload(self, key: str, path: Path | None = None, body: bytes | None = None) -> None:
+        if body is not None:
+            self.s3.put_object(Bucket=SOURCE_BUCKET, Key=key, Body=body)
+        else:
+            self.s3.upload_file(str(path or self.sample_clip), SOURCE_BUCKET, key)
+
+    def instance_state(self) -> str:
+        reservations = self.ec2.describe_instances(InstanceIds=[self.instance_id])["Reservations"]
+        return reservations[0]["Instances"][0]["State"]["Name"]
+
+    def download(self, key: str, to: Path) -> Path:
+        self.s3.download_file(OUTPUT_BUCKET, key, str(to))
+        return to
+
+    def actions(self) -> list[str]:
+        return [c["action"] for c in self.emulator.calls()]
+
+    def run(self, **conf: Any) -> BatchRun:
+        """Trigger vod_sr_batch with `conf` through `dag.test()` and wait for it to end."""
+        from airflow.dag_processing.dagbag import DagBag
+        from airflow.models.taskinstance import TaskInstance
+        from airflow.utils.session import create_session
+
+        dag = DagBag(dag_folder=str(REPO_ROOT / "dags")).dags["vod_sr_batch"]
+        dag_run = dag.test(run_conf={"model": "cpu", **conf})
+        with create_session() as session:
+            tis = session.query(TaskInstance).filter_by(dag_id=dag.dag_id, run_id=dag_run.run_id).all()
+            task_states: dict[str, list[str]] = {}
+            for ti in sorted(tis, key=lambda t: (t.task_id, t.map_index)):
+                task_states.setdefault(ti.task_id, []).append(str(ti.state))
+        return BatchRun(str(dag_run.state), task_states, dag_run.run_id)
+
+
+@pytest.fixture
+def world(emulator_env, airflow_db, sample_clip, monkeypatch) -> World:
+    """A fresh stopped instance and empty output bucket; Airflow settings pointing at them."""
+    instance_id = create_world(emulator_env.endpoint_url)
+    s3 = boto_client("s3", emulator_env.endpoint_url)
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=OUTPUT_BUCKET):
+        for item in page.get("Contents", []):
+            s3.delete_object(Bucket=OUTPUT_BUCKET, Key=item["Key"])
+    for name, value in airflow_env(emulator_env.endpoint_url, instance_id).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("VOD_SR_START_RETRY_DELAY", "1")
+    emulator_env.reset_calls()
+    return World(emulator_env, instance_id, s3, boto_client("ec2", emulator_env.endpoint_url), sample_clip)

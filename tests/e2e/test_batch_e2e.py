@@ -1,0 +1,107 @@
+"""vod_sr_batch end to end: dag.test() + emulator + real AWS CLI on the "instance" + real ffmpeg."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from include.local_aws.world import OUTPUT_BUCKET, SAMPLE_KEY, probe_video
+from include.vod_sr.report import REPORT_PREFIX
+
+pytestmark = pytest.mark.e2e
+
+NASTY_KEY = "nasty dir/it's a \"test\" $(id); rm -rf ~ 한글 `uname`.mp4"
+
+
+def output_key(source_key: str) -> str:
+    return source_key[: -len(".mp4")] + "_sr_cpu.mp4"
+
+
+def stored_report(world, run) -> dict:
+    reports = [o["Key"] for o in world.s3.list_objects_v2(Bucket=OUTPUT_BUCKET, Prefix=REPORT_PREFIX)["Contents"]]
+    assert len(reports) == 1
+    return json.loads(world.s3.get_object(Bucket=OUTPUT_BUCKET, Key=reports[0])["Body"].read())
+
+
+def test_two_files_become_verified_2x_outputs_and_the_instance_stops(world, tmp_path):
+    world.upload(SAMPLE_KEY)
+    world.upload(NASTY_KEY)
+
+    run = world.run(sources=[SAMPLE_KEY, NASTY_KEY])
+
+    assert run.state == "success", run.task_states
+    for n, key in enumerate((SAMPLE_KEY, NASTY_KEY)):
+        video = probe_video(world.download(output_key(key), tmp_path / f"out-{n}.mp4"))
+        assert (video.width, video.height) == (1280, 960)
+        assert video.seconds == pytest.approx(10, abs=0.2)
+        assert video.has_audio
+    assert world.instance_state() == "stopped"
+    assert stored_report(world, run)["counts"] == {"ok": 2}
+
+
+def test_corrupt_file_fails_the_run_keeps_the_other_output_and_stops_the_instance(world, tmp_path, capfd):
+    world.upload("good.mp4")
+    world.upload("corrupt.mp4", body=b"this is not a video" * 100)
+
+    run = world.run(sources=["good.mp4", "corrupt.mp4"])
+
+    assert run.state == "failed"
+    assert run.task_states["chunk.wait"] == ["failed"]
+    assert run.task_states["report"] == ["failed"]
+    assert run.task_states["release"] == ["success"]
+    logs = capfd.readouterr()
+    assert "Invalid data found when processing input" in logs.out + logs.err  # ffmpeg's words, from the instance
+    assert probe_video(world.download("good_sr_cpu.mp4", tmp_path / "good.mp4")).width == 1280
+    files = {f["source"].rsplit("/", 1)[-1]: f for f in stored_report(world, run)["files"]}
+    assert files["good.mp4"]["status"] == "ok"
+    assert files["corrupt.mp4"]["status"] == "failed"
+    assert world.instance_state() == "stopped"
+
+
+def test_bad_input_fails_in_plan_before_any_instance_starts(world):
+    world.upload("present.mp4")
+
+    run = world.run(sources=["present.mp4", "absent.mp4"])
+
+    assert run.state == "failed"
+    assert run.task_states["plan"] == ["failed"]
+    assert run.task_states["acquire"] == ["upstream_failed"]
+    assert "StartInstances" not in world.actions()
+    assert world.instance_state() == "stopped"
+
+
+def test_rerun_skips_finished_outputs_without_starting_the_instance(world):
+    world.upload(SAMPLE_KEY)
+    assert world.run(sources=[SAMPLE_KEY]).state == "success"
+    world.emulator.reset_calls()
+
+    rerun = world.run(sources=[SAMPLE_KEY])
+
+    assert rerun.state == "success"
+    assert rerun.task_states["acquire"] == ["skipped"]
+    assert "StartInstances" not in world.actions()
+
+
+def test_capacity_error_is_retried_then_the_batch_runs(world):
+    world.upload(SAMPLE_KEY)
+    world.emulator.set_faults({"instances": {world.instance_id: {"insufficient_capacity_starts": 1}}})
+
+    run = world.run(sources=[SAMPLE_KEY])
+
+    assert run.state == "success", run.task_states
+    assert world.actions().count("StartInstances") == 2
+    assert world.instance_state() == "stopped"
+
+
+def test_agent_that_never_comes_online_fails_the_run_and_the_instance_is_stopped(world, monkeypatch):
+    monkeypatch.setenv("VOD_SR_AGENT_ONLINE_TIMEOUT", "4")
+    world.upload(SAMPLE_KEY)
+    world.emulator.set_faults({"instances": {world.instance_id: {"agent_never_online": True}}})
+
+    run = world.run(sources=[SAMPLE_KEY])
+
+    assert run.state == "failed"
+    assert run.task_states["wait_for_agent"] == ["failed"]
+    assert "SendCommand" not in world.actions()
+    assert world.instance_state() == "stopped"
