@@ -102,20 +102,22 @@ def vod_sr_batch() -> None:
 
         instance_id = acquired["instance_id"]
         ready = is_ready(aws_client("ec2", SETTINGS.aws_conn_id), aws_client("ssm", SETTINGS.aws_conn_id), instance_id)
-        return PokeReturnValue(is_done=ready, xcom_value=instance_id)
+        return PokeReturnValue(is_done=ready, xcom_value=acquired)
 
     @task
-    def install_cli(instance_id: str) -> str:
+    def install_cli(acquired: dict[str, str]) -> str:
         """Install the AWS CLI on the instance unless `aws --version` already works there."""
         from include.vod_sr.aws import aws_client
         from include.vod_sr.commands import run_and_wait
+        from include.vod_sr.instance import command_comment
         from include.vod_sr.script import INSTALL_CLI_SCRIPT
 
+        instance_id = acquired["instance_id"]
         invocation = run_and_wait(
             aws_client("ssm", SETTINGS.aws_conn_id),
             instance_id,
             INSTALL_CLI_SCRIPT,
-            comment="vod-sr: install AWS CLI",
+            comment=command_comment(acquired["lease_id"], "install AWS CLI"),
             timeout=SETTINGS.install_cli_timeout,
             poll_interval=SETTINGS.poll_interval,
             delivery_timeout=SETTINGS.command_delivery_timeout,
@@ -131,6 +133,7 @@ def vod_sr_batch() -> None:
             from include.vod_sr.aws import aws_client
             from include.vod_sr.catalog import SrModel
             from include.vod_sr.commands import send_command
+            from include.vod_sr.instance import command_comment
             from include.vod_sr.plan import Chunk
             from include.vod_sr.script import render_sr_script
 
@@ -143,7 +146,7 @@ def vod_sr_batch() -> None:
                 aws_client("ssm", SETTINGS.aws_conn_id),
                 planned.instance_id,
                 render_sr_script(planned, sr_model, run_token),
-                comment=f"vod-sr {run_token} chunk {planned.index} ({len(planned.files)} files)",
+                comment=command_comment(run_token, f"chunk {planned.index} ({len(planned.files)} files)"),
                 execution_timeout=timeout,
                 delivery_timeout=SETTINGS.command_delivery_timeout,
             )

@@ -144,16 +144,21 @@ def drop_lease(ec2: Any, instance_id: str, lease_id: str) -> None:
     ec2.delete_tags(Resources=[instance_id], Tags=[{"Key": lease_tag_key(lease_id)}])
 
 
-def live_commands(ssm: Any, instance_id: str, *, now: datetime | None = None) -> list[str]:
-    """Ids of SSM commands still pending or running on the instance (looking back over SSM's 48 h ceiling)."""
+def live_commands(ssm: Any, instance_id: str, *, now: datetime | None = None) -> list[dict[str, Any]]:
+    """SSM commands still pending or running on the instance (looking back over SSM's 48 h ceiling)."""
     since = (now or datetime.now(UTC)) - LEASE_TTL
     paginator = ssm.get_paginator("list_commands")
     live = []
     for page in paginator.paginate(
         InstanceId=instance_id, Filters=[{"key": "InvokedAfter", "value": since.strftime("%Y-%m-%dT%H:%M:%SZ")}]
     ):
-        live.extend(c["CommandId"] for c in page.get("Commands", []) if c.get("Status") in LIVE_COMMAND_STATES)
+        live.extend(c for c in page.get("Commands", []) if c.get("Status") in LIVE_COMMAND_STATES)
     return live
+
+
+def command_comment(lease_id: str, what: str) -> str:
+    """The SendCommand comment for this run's commands: it names the run so its teardown can find them."""
+    return f"vod-sr {lease_id} {what}"
 
 
 def release(
@@ -174,8 +179,15 @@ def release(
     if others:
         return f"left running: leased by {', '.join(sorted(others.values()))}"
     commands = live_commands(ssm, instance_id)
-    if commands:
-        return f"left running: SSM commands still live: {', '.join(commands)}"
+    # The teardown runs once every task of this run has ended: a command of ours still live is orphaned (its wait
+    # was killed or the run marked failed), so cancel it rather than keep a GPU busy for nobody.
+    ours = [c for c in commands if c.get("Comment", "").startswith(command_comment(lease_id, ""))]
+    for command in ours:
+        log.warning("Cancelling orphaned command %s (%s)", command["CommandId"], command.get("Comment"))
+        ssm.cancel_command(CommandId=command["CommandId"], InstanceIds=[instance_id])
+    others = [c["CommandId"] for c in commands if c not in ours]
+    if others:
+        return f"left running: SSM commands still live: {', '.join(others)}"
     state = instance_state(ec2, instance_id)
     if state in ("stopped", "terminated"):
         return f"already {state}"

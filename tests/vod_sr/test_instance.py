@@ -16,6 +16,7 @@ from include.vod_sr.instance import (
     InstanceCapacityError,
     InstanceUnusable,
     agent_online,
+    command_comment,
     drop_lease,
     ensure_started,
     instance_action,
@@ -33,6 +34,10 @@ class StubSsm:
     def __init__(self, ping: dict[str, str] | None = None, commands: list[dict] | None = None) -> None:
         self.ping = ping or {}
         self.commands = commands or []
+        self.cancelled: list[str] = []
+
+    def cancel_command(self, CommandId, InstanceIds):  # noqa: N803
+        self.cancelled.append(CommandId)
 
     def describe_instance_information(self, Filters):  # noqa: N803 - boto3's parameter name
         wanted = Filters[0]["Values"]
@@ -174,12 +179,24 @@ class TestLeasesAndRelease:
     def test_release_leaves_the_instance_while_a_command_is_live(self, ec2):
         instance_id = new_instance(ec2)
         take_lease(ec2, instance_id, "run-a", "manual__a")
-        ssm = StubSsm(commands=[{"CommandId": "c-1", "InstanceIds": [instance_id], "Status": "InProgress"}])
+        ssm = StubSsm(commands=[{"CommandId": "c-1", "InstanceIds": [instance_id], "Status": "InProgress",
+                                 "Comment": command_comment("run-b", "chunk 0 (1 files)")}])
 
         outcome = release(ec2, ssm, instance_id, "run-a", stop=True, timeout=10, poll_interval=1)
 
         assert outcome == "left running: SSM commands still live: c-1"
         assert instance_state(ec2, instance_id) == "running"
+        assert ssm.cancelled == []  # another run's command is not ours to cancel
+
+    def test_release_cancels_this_runs_orphaned_commands_and_stops(self, ec2):
+        instance_id = new_instance(ec2)
+        ssm = StubSsm(commands=[{"CommandId": "c-mine", "InstanceIds": [instance_id], "Status": "InProgress",
+                                 "Comment": command_comment("run-a", "chunk 0 (3 files)")}])
+
+        outcome = release(ec2, ssm, instance_id, "run-a", stop=True, timeout=10, poll_interval=1)
+
+        assert ssm.cancelled == ["c-mine"]
+        assert outcome == "stopped"
 
     def test_finished_commands_do_not_keep_the_instance_up(self, ec2):
         instance_id = new_instance(ec2)
