@@ -66,8 +66,10 @@ def vod_sr_batch() -> None:
         except (PlanError, ModelError) as error:
             raise AirflowFailException(f"bad input, nothing was started: {error}") from None
         summary = planned.to_xcom()
-        print(f"Planned {summary['file_count']} file(s) in {len(planned.chunks)} chunk(s); "
-              f"{len(planned.skipped)} skipped because their output exists")
+        print(
+            f"Planned {summary['file_count']} file(s) in {len(planned.chunks)} chunk(s); "
+            f"{len(planned.skipped)} skipped because their output exists"
+        )
         context["ti"].xcom_push(key="summary", value={k: v for k, v in summary.items() if k != "chunks"})
         return [{"chunk": chunk, "run_token": planned.run_token, "model": asdict(model)} for chunk in summary["chunks"]]
 
@@ -85,7 +87,9 @@ def vod_sr_batch() -> None:
         ec2 = aws_client("ec2", SETTINGS.aws_conn_id)
         take_lease(ec2, instance_id, run_token, get_current_context()["run_id"])
         try:
-            ensure_started(ec2, instance_id, timeout=SETTINGS.instance_state_timeout, poll_interval=SETTINGS.poll_interval)
+            ensure_started(
+                ec2, instance_id, timeout=SETTINGS.instance_state_timeout, poll_interval=SETTINGS.poll_interval
+            )
         except InstanceUnusable as error:
             drop_lease(ec2, instance_id, run_token)
             raise AirflowFailException(str(error)) from None
@@ -139,8 +143,13 @@ def vod_sr_batch() -> None:
 
             planned = Chunk.from_xcom(work["chunk"])
             run_token, model = work["run_token"], work["model"]
-            sr_model = SrModel(**{**model, "output_args": tuple(model["output_args"]),
-                                  "env": tuple(tuple(pair) for pair in model["env"])})
+            sr_model = SrModel(
+                **{
+                    **model,
+                    "output_args": tuple(model["output_args"]),
+                    "env": tuple(tuple(pair) for pair in model["env"]),
+                }
+            )
             timeout = get_current_context()["params"]["execution_timeout"]
             command_id = send_command(
                 aws_client("ssm", SETTINGS.aws_conn_id),
@@ -199,7 +208,10 @@ def vod_sr_batch() -> None:
             planned_count=summary["file_count"],
         )
         print(format_table(result))
-        print("Report: " + write_report(aws_client("s3", SETTINGS.aws_conn_id), context["params"]["output_bucket"], result))
+        print(
+            "Report: "
+            + write_report(aws_client("s3", SETTINGS.aws_conn_id), context["params"]["output_bucket"], result)
+        )
         try:
             raise_if_failed(result)
         except BatchFailed as error:
@@ -234,6 +246,7 @@ def vod_sr_batch() -> None:
     # The teardown must not be downstream of report: with on_failure_fail_dagrun it would then be the only
     # task that decides the run's state, and a failed report would end in a successful run.
     verified >> release(acquired).as_teardown(setups=acquired, on_failure_fail_dagrun=True)
+
 
 vod_sr_batch()
 

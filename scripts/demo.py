@@ -67,8 +67,10 @@ def main() -> int:
             make_sample_clip(clip)
         s3 = boto_client("s3", emulator.endpoint_url)
         s3.upload_file(str(clip), SOURCE_BUCKET, SAMPLE_KEY)
-        print(f"    emulator {emulator.endpoint_url}, instance {instance_id} (stopped), "
-              f"source s3://{SOURCE_BUCKET}/{SAMPLE_KEY}")
+        print(
+            f"    emulator {emulator.endpoint_url}, instance {instance_id} (stopped), "
+            f"source s3://{SOURCE_BUCKET}/{SAMPLE_KEY}"
+        )
 
         os.environ.update(airflow_env(emulator.endpoint_url, instance_id))
         from airflow.dag_processing.dagbag import DagBag
@@ -101,11 +103,14 @@ def main() -> int:
         local = DEMO_DIR / output_key
         s3.download_file(OUTPUT_BUCKET, output_key, str(local))
         video = probe_video(local)
-        state = boto_client("ec2", emulator.endpoint_url).describe_instances(InstanceIds=[instance_id])[
-            "Reservations"][0]["Instances"][0]["State"]["Name"]
+        state = boto_client("ec2", emulator.endpoint_url).describe_instances(InstanceIds=[instance_id])["Reservations"][
+            0
+        ]["Instances"][0]["State"]["Name"]
         print(f"\n    output    s3://{OUTPUT_BUCKET}/{output_key} (copied to {local.relative_to(REPO_ROOT)})")
-        print(f"    video     {video.width}x{video.height}, {video.seconds:.2f} s, "
-              f"{'with' if video.has_audio else 'without'} audio, {local.stat().st_size / 1e6:.2f} MB")
+        print(
+            f"    video     {video.width}x{video.height}, {video.seconds:.2f} s, "
+            f"{'with' if video.has_audio else 'without'} audio, {local.stat().st_size / 1e6:.2f} MB"
+        )
         print(f"    instance  {instance_id} is {state}")
         print(f"    run       {run_seconds:.1f} s in Airflow, {time.monotonic() - started:.1f} s in all")
     return 0

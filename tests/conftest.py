@@ -24,8 +24,15 @@ def emulator(tmp_path_factory):
     """The local AWS emulator (`python -m include.local_aws`) in a child process, shared by the session."""
     from include.local_aws.world import EmulatorProcess
 
-    with EmulatorProcess(tmp_path_factory.mktemp("emulator"), "--pending-seconds", "0.5", "--stopping-seconds", "0.5",
-                         "--agent-registration-seconds", "0.5") as process:
+    with EmulatorProcess(
+        tmp_path_factory.mktemp("emulator"),
+        "--pending-seconds",
+        "0.5",
+        "--stopping-seconds",
+        "0.5",
+        "--agent-registration-seconds",
+        "0.5",
+    ) as process:
         yield process
 
 
@@ -50,8 +57,12 @@ def running_instance(emulator_env):
     ec2, ssm = boto_client("ec2", emulator_env.endpoint_url), boto_client("ssm", emulator_env.endpoint_url)
     instance_id = ec2.run_instances(ImageId="ami-12345678", MinCount=1, MaxCount=1)["Instances"][0]["InstanceId"]
     deadline = time.monotonic() + 30
-    while not any(i["PingStatus"] == "Online" for i in ssm.describe_instance_information(
-            Filters=[{"Key": "InstanceIds", "Values": [instance_id]}])["InstanceInformationList"]):
+    while not any(
+        i["PingStatus"] == "Online"
+        for i in ssm.describe_instance_information(Filters=[{"Key": "InstanceIds", "Values": [instance_id]}])[
+            "InstanceInformationList"
+        ]
+    ):
         assert time.monotonic() < deadline, "the emulated agent never came Online"
         time.sleep(0.2)
     return instance_id

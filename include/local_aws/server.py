@@ -104,7 +104,11 @@ class Extension:
         service, action = self._identify(environ, body)
         with self._calls_lock:
             self.calls.append({"service": service, "action": action, "time": time.time()})
-        if service in ("ssm", "ec2") and self.faults.throttle_fraction and self._random.random() < self.faults.throttle_fraction:
+        if (
+            service in ("ssm", "ec2")
+            and self.faults.throttle_fraction
+            and self._random.random() < self.faults.throttle_fraction
+        ):
             return self._throttled(service, start_response)
         if service == "ssm" and action in SSM_ACTIONS:
             return self._ssm(action, body, start_response)
@@ -132,8 +136,11 @@ class Extension:
         data = json.dumps(payload, default=str).encode()
         start_response(
             status,
-            [("Content-Type", "application/x-amz-json-1.1"), ("Content-Length", str(len(data))),
-             ("x-amzn-RequestId", str(uuid.uuid4()))],
+            [
+                ("Content-Type", "application/x-amz-json-1.1"),
+                ("Content-Length", str(len(data))),
+                ("x-amzn-RequestId", str(uuid.uuid4())),
+            ],
         )
         return [data]
 
@@ -149,8 +156,12 @@ class Extension:
 
     def _throttled(self, service: str, start_response: StartResponse) -> list[bytes]:
         if service == "ssm":
-            return self._json(start_response, "400 Bad Request", {"__type": "ThrottlingException", "message": "Rate exceeded"})
-        return self._ec2_error(start_response, "503 Service Unavailable", "RequestLimitExceeded", "Request limit exceeded.")
+            return self._json(
+                start_response, "400 Bad Request", {"__type": "ThrottlingException", "message": "Rate exceeded"}
+            )
+        return self._ec2_error(
+            start_response, "503 Service Unavailable", "RequestLimitExceeded", "Request limit exceeded."
+        )
 
     def _ssm(self, action: str, body: bytes, start_response: StartResponse) -> list[bytes]:
         assert self.agent is not None
@@ -231,7 +242,9 @@ class LocalAws:
 
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.extension = Extension(DomainDispatcherApplication(create_backend_app), self.state_dir, self.faults)
-        self._server = make_server(self.host, self.port, self.extension, threaded=True, request_handler=MotoRequestHandler)
+        self._server = make_server(
+            self.host, self.port, self.extension, threaded=True, request_handler=MotoRequestHandler
+        )
         self.port = self._server.server_address[1]
         self.extension.start_agent(self.endpoint_url)
         self._thread = threading.Thread(target=self._server.serve_forever, name="local-aws", daemon=True)

@@ -180,8 +180,10 @@ class SsmAgent:
 
     def list_command_invocations(self, body: dict[str, Any]) -> dict[str, Any]:
         with self._lock:
-            commands = [self._commands[body["CommandId"]]] if body.get("CommandId") in self._commands else (
-                [] if body.get("CommandId") else list(self._commands.values())
+            commands = (
+                [self._commands[body["CommandId"]]]
+                if body.get("CommandId") in self._commands
+                else ([] if body.get("CommandId") else list(self._commands.values()))
             )
         items = []
         for command in commands:
@@ -233,7 +235,7 @@ class SsmAgent:
         for account_backends in ec2_backends.values():
             for backend in account_backends.values():
                 for instance in backend.all_instances():
-                    if wanted and instance.id not in wanted or not self._lifecycle.registered(instance.id):
+                    if (wanted and instance.id not in wanted) or not self._lifecycle.registered(instance.id):
                         continue
                     online = self._lifecycle.agent_online(instance.id)
                     items.append(
@@ -276,9 +278,7 @@ class SsmAgent:
         while not self._stop.wait(0.2):
             now = time.monotonic()
             with self._lock:
-                pending = [
-                    i for c in self._commands.values() for i in c.invocations.values() if i.status == "Pending"
-                ]
+                pending = [i for c in self._commands.values() for i in c.invocations.values() if i.status == "Pending"]
             for invocation in pending:
                 if now > invocation.delivery_deadline:
                     with self._lock:

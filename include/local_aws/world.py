@@ -33,8 +33,16 @@ class EmulatorProcess:
 
     def start(self) -> EmulatorProcess:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "include.local_aws", "--port", "0", "--state-dir", str(self.state_dir),
-             *self.extra_args],
+            [
+                sys.executable,
+                "-m",
+                "include.local_aws",
+                "--port",
+                "0",
+                "--state-dir",
+                str(self.state_dir),
+                *self.extra_args,
+            ],
             cwd=REPO_ROOT,
             stdout=subprocess.PIPE,
             text=True,
@@ -57,7 +65,9 @@ class EmulatorProcess:
 
     def _control(self, path: str, payload: Any | None = None) -> Any:
         data = None if payload is None else json.dumps(payload).encode()
-        request = urllib.request.Request(f"{self.endpoint_url}/_local_aws/{path}", data=data, method="POST" if data is not None else "GET")
+        request = urllib.request.Request(
+            f"{self.endpoint_url}/_local_aws/{path}", data=data, method="POST" if data is not None else "GET"
+        )
         with urllib.request.urlopen(request, timeout=30) as response:
             return json.load(response)
 
@@ -126,10 +136,30 @@ def make_sample_clip(path: Path, seconds: int = 10, size: str = "640x480") -> Pa
 
     path.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run(
-        [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-loglevel", "error",
-         "-f", "lavfi", "-i", f"testsrc2=size={size}:rate=25:duration={seconds}",
-         "-f", "lavfi", "-i", f"sine=frequency=440:duration={seconds}",
-         "-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p", "-c:a", "aac", "-shortest", str(path)],
+        [
+            imageio_ffmpeg.get_ffmpeg_exe(),
+            "-y",
+            "-loglevel",
+            "error",
+            "-f",
+            "lavfi",
+            "-i",
+            f"testsrc2=size={size}:rate=25:duration={seconds}",
+            "-f",
+            "lavfi",
+            "-i",
+            f"sine=frequency=440:duration={seconds}",
+            "-c:v",
+            "libx264",
+            "-preset",
+            "veryfast",
+            "-pix_fmt",
+            "yuv420p",
+            "-c:a",
+            "aac",
+            "-shortest",
+            str(path),
+        ],
         check=True,
     )
     return path

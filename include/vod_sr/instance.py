@@ -119,7 +119,9 @@ def lease_tag_key(lease_id: str) -> str:
 def take_lease(ec2: Any, instance_id: str, lease_id: str, holder: str, *, now: datetime | None = None) -> None:
     """Record that a run uses the instance until it releases it (or the lease expires)."""
     taken = (now or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
-    ec2.create_tags(Resources=[instance_id], Tags=[{"Key": lease_tag_key(lease_id), "Value": f"{taken} {holder}"[:256]}])
+    ec2.create_tags(
+        Resources=[instance_id], Tags=[{"Key": lease_tag_key(lease_id), "Value": f"{taken} {holder}"[:256]}]
+    )
 
 
 def live_leases(ec2: Any, instance_id: str, *, now: datetime | None = None) -> dict[str, str]:

@@ -153,7 +153,7 @@ def existing_objects(s3_client: Any, objects: Iterable[S3Object]) -> dict[S3Obje
     paginator = s3_client.get_paginator("list_objects_v2")
     for (bucket, _), keys in by_folder.items():
         wanted = set(keys)
-        prefix = os.path.commonprefix(keys)
+        prefix = os.path.commonprefix(keys)  # noqa: RUF071 - S3 prefixes are plain string prefixes
         try:
             for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
                 for item in page.get("Contents", []):
@@ -178,7 +178,9 @@ def plan_batch(request: BatchRequest, s3_client: Any, *, run_token: str) -> Batc
     try:
         sources = list(dict.fromkeys(parse_source(s, request.source_bucket) for s in request.sources))
         jobs = [
-            FileJob(n, src, S3Object(request.output_bucket, output_key(src.key, request.output_template, request.model)))
+            FileJob(
+                n, src, S3Object(request.output_bucket, output_key(src.key, request.output_template, request.model))
+            )
             for n, src in enumerate(sources)
         ]
     except SourceError as error:

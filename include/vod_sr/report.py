@@ -73,5 +73,7 @@ def raise_if_failed(report: Mapping[str, Any]) -> None:
         lines = [f"{r.get('source') or '?'}: {r['reason']}" for r in failed[:20]]
         retry = json.dumps(report["retry_conf"], ensure_ascii=False) if report["retry_conf"] else "n/a"
         raise BatchFailed(
-            f"{len(failed)} file(s) failed:\n" + "\n".join(lines) + f"\nTo re-run only the failed files, trigger with: {retry}"
+            f"{len(failed)} file(s) failed:\n"
+            + "\n".join(lines)
+            + f"\nTo re-run only the failed files, trigger with: {retry}"
         )

@@ -101,7 +101,8 @@ for n in "${!sources[@]}"; do
         failed=$((failed + 1))
         continue
     fi
-    if ! ffmpeg -y -i "$input" -vf "$video_filter" "${output_args[@]}" "$output" </dev/null >"$workdir/ffmpeg.log" 2>&1; then
+    if ! ffmpeg -y -i "$input" -vf "$video_filter" "${output_args[@]}" "$output" \
+            </dev/null >"$workdir/ffmpeg.log" 2>&1; then
         echo "vod-sr: ffmpeg failed for ${sources[n]}:" >&2
         tail -n 20 "$workdir/ffmpeg.log" >&2
         printf '%s\t%s\tfailed\t0\t%s\tffmpeg\n' "VODSR-RESULT" "$index" "$((SECONDS - started))"
@@ -110,7 +111,8 @@ for n in "${!sources[@]}"; do
         continue
     fi
     bytes=$(stat -c %s "$output")
-    if ! aws s3 cp --only-show-errors --metadata "vod-sr-run=$run_token" "$output" "${outputs[n]}" 2>"$workdir/upload.log"; then
+    if ! aws s3 cp --only-show-errors --metadata "vod-sr-run=$run_token" "$output" "${outputs[n]}" \
+            2>"$workdir/upload.log"; then
         echo "vod-sr: upload to ${outputs[n]} failed:" >&2
         tail -n 5 "$workdir/upload.log" >&2
         printf '%s\t%s\tfailed\t%s\t%s\tupload\n' "VODSR-RESULT" "$index" "$bytes" "$((SECONDS - started))"

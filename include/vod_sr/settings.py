@@ -56,8 +56,6 @@ class Settings:
             agent_online_timeout=_env_int("VOD_SR_AGENT_ONLINE_TIMEOUT", defaults.agent_online_timeout),
             install_cli_timeout=_env_int("VOD_SR_INSTALL_CLI_TIMEOUT", defaults.install_cli_timeout),
             poll_interval=_env_int("VOD_SR_POLL_INTERVAL", defaults.poll_interval),
-            command_delivery_timeout=_env_int(
-                "VOD_SR_COMMAND_DELIVERY_TIMEOUT", defaults.command_delivery_timeout
-            ),
+            command_delivery_timeout=_env_int("VOD_SR_COMMAND_DELIVERY_TIMEOUT", defaults.command_delivery_timeout),
             start_retry_delay=_env_int("VOD_SR_START_RETRY_DELAY", defaults.start_retry_delay),
         )

@@ -27,7 +27,9 @@ def file_record(job: FileJob, status: str, reason: str = "", bytes_written: int 
 def verify_file(s3: Any, job: FileJob, run_token: str, reported: Mapping[str, Any] | None) -> dict[str, Any]:
     """One output: it exists, is non-empty, carries this run's token and the size the script reported."""
     if reported is not None and reported.get("status") != "ok":
-        return file_record(job, "failed", f"{reported.get('stage') or 'processing'} failed on the instance; see the wait task's log")
+        return file_record(
+            job, "failed", f"{reported.get('stage') or 'processing'} failed on the instance; see the wait task's log"
+        )
     try:
         head = s3.head_object(Bucket=job.output.bucket, Key=job.output.key)
     except ClientError as error:

@@ -11,7 +11,7 @@ from include.vod_sr.report import REPORT_PREFIX
 
 pytestmark = pytest.mark.e2e
 
-NASTY_KEY = "nasty dir/it's a \"test\" $(id); rm -rf ~ 한글 `uname`.mp4"
+NASTY_KEY = 'nasty dir/it\'s a "test" $(id); rm -rf ~ 한글 `uname`.mp4'
 
 
 def output_key(source_key: str) -> str:

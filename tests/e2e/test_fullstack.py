@@ -59,10 +59,13 @@ class Airflow:
 
     def start(self, timeout: float = 240) -> Airflow:
         self.home.mkdir(parents=True, exist_ok=True)
-        self.log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.log = open(self.log_path, "wb")
         self.process = subprocess.Popen(
             [str(Path(sys.executable).parent / "airflow"), "standalone"],
-            env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+            env=self.env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         deadline = time.monotonic() + timeout
         while True:
@@ -147,12 +150,14 @@ def test_marking_a_run_failed_still_stops_the_instance_and_cancels_its_command(a
     # A 90 s clip keeps the SR command busy for half a minute: long enough to give up on it while it runs.
     world.upload("long.mp4", make_sample_clip(tmp_path / "long.mp4", seconds=90))
     run_id = airflow.trigger({"sources": ["long.mp4"], "model": "cpu"})
-    airflow.wait_until(lambda: airflow.task_states(run_id).get("chunk.wait") == "deferred", 240,
-                       "the wait never deferred")
+    airflow.wait_until(
+        lambda: airflow.task_states(run_id).get("chunk.wait") == "deferred", 240, "the wait never deferred"
+    )
 
     airflow.api("PATCH", f"/dags/{DAG_ID}/dagRuns/{run_id}", {"state": "failed"})
-    airflow.wait_until(lambda: airflow.task_states(run_id).get("release") in ("success", "failed"), 240,
-                       "the teardown never ran")
+    airflow.wait_until(
+        lambda: airflow.task_states(run_id).get("release") in ("success", "failed"), 240, "the teardown never ran"
+    )
 
     assert airflow.task_states(run_id)["release"] == "success"
     assert world.instance_state() == "stopped"

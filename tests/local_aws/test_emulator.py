@@ -42,16 +42,25 @@ class TestSsmAgent:
     def test_command_really_runs_with_exit_code_and_output(self, clients, running_instance):
         _, ssm, _ = clients
 
-        invocation = wait_for_invocation(ssm, send(ssm, running_instance, "echo out; echo err >&2; exit 3"), running_instance)
+        invocation = wait_for_invocation(
+            ssm, send(ssm, running_instance, "echo out; echo err >&2; exit 3"), running_instance
+        )
 
-        assert (invocation["Status"], invocation["StatusDetails"], invocation["ResponseCode"]) == ("Failed", "Failed", 3)
+        assert (invocation["Status"], invocation["StatusDetails"], invocation["ResponseCode"]) == (
+            "Failed",
+            "Failed",
+            3,
+        )
         assert (invocation["StandardOutputContent"], invocation["StandardErrorContent"]) == ("out\n", "err\n")
 
     def test_output_is_truncated_like_aws(self, clients, running_instance):
         _, ssm, _ = clients
 
         invocation = wait_for_invocation(
-            ssm, send(ssm, running_instance, "head -c 30000 /dev/zero | tr '\\0' o; head -c 9000 /dev/zero | tr '\\0' e >&2"),
+            ssm,
+            send(
+                ssm, running_instance, "head -c 30000 /dev/zero | tr '\\0' o; head -c 9000 /dev/zero | tr '\\0' e >&2"
+            ),
             running_instance,
         )
 
@@ -74,7 +83,7 @@ class TestSsmAgent:
         s3.put_object(Bucket="agent-bucket", Key="it's $(id).txt", Body=b"hello")
 
         invocation = wait_for_invocation(
-            ssm, send(ssm, running_instance, "aws s3 cp \"s3://agent-bucket/it's \\$(id).txt\" - "), running_instance
+            ssm, send(ssm, running_instance, 'aws s3 cp "s3://agent-bucket/it\'s \\$(id).txt" - '), running_instance
         )
 
         assert invocation["StandardOutputContent"] == "hello", invocation["StandardErrorContent"]
@@ -193,7 +202,9 @@ class TestFaults:
     def test_throttling_is_absorbed_by_botocore_adaptive_retries(self, emulator_env):
         emulator_env.set_faults({"throttle_fraction": 1.0})
         with pytest.raises(ClientError, match="ThrottlingException"):
-            boto_client_with(emulator_env.endpoint_url, Config(retries={"max_attempts": 1})).describe_instance_information()
+            boto_client_with(
+                emulator_env.endpoint_url, Config(retries={"max_attempts": 1})
+            ).describe_instance_information()
 
         emulator_env.set_faults({"throttle_fraction": 0.3})
         emulator_env.reset_calls()
@@ -210,9 +221,14 @@ def boto_client_with(endpoint_url: str, config: Config):
     from include.local_aws.server import emulator_client_env
 
     env = emulator_client_env(endpoint_url)
-    return boto3.client("ssm", endpoint_url=endpoint_url, region_name=env["AWS_DEFAULT_REGION"],
-                        aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-                        config=config)
+    return boto3.client(
+        "ssm",
+        endpoint_url=endpoint_url,
+        region_name=env["AWS_DEFAULT_REGION"],
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        config=config,
+    )
 
 
 def test_call_log_counts_every_call(emulator_env):

@@ -20,7 +20,15 @@ export VSPREFIX=/etc/neura-vortex
 export PATH=$PATH:/etc/neura-vortex/bin
 export VAPOURSYNTH_CONF_PATH=/etc/neura-vortex/vapoursynth.conf
 """
-SEED_ENV_NAMES = ["ONNX_DIR", "LD_LIBRARY_PATH", "PYTHONPATH", "VSSCRIPT_PATH", "VSPREFIX", "VAPOURSYNTH_CONF_PATH", "PATH"]
+SEED_ENV_NAMES = [
+    "ONNX_DIR",
+    "LD_LIBRARY_PATH",
+    "PYTHONPATH",
+    "VSSCRIPT_PATH",
+    "VSPREFIX",
+    "VAPOURSYNTH_CONF_PATH",
+    "PATH",
+]
 
 
 def _environment_after(exports: str) -> dict[str, str]:
@@ -102,7 +110,9 @@ class TestCustomModels:
             pytest.param(
                 '{"C": {"title": "x", "video_filter": "y", "env": {"P": "$(id)"}}}', "quotes", id="env-substitution"
             ),
-            pytest.param('{"C": {"title": "x", "video_filter": "y", "env": {"1P": "a"}}}', "not a valid", id="env-name"),
+            pytest.param(
+                '{"C": {"title": "x", "video_filter": "y", "env": {"1P": "a"}}}', "not a valid", id="env-name"
+            ),
             pytest.param('{"C": {"title": "x", "video_filter": "y", "output_args": "-c:v"}}', "list", id="args-str"),
         ],
     )

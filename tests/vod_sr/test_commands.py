@@ -43,7 +43,7 @@ class StubAsyncSsm:
     async def __aexit__(self, *exc):
         return False
 
-    async def get_command_invocation(self, CommandId, InstanceId):  # noqa: N803 - boto3's parameter names
+    async def get_command_invocation(self, CommandId, InstanceId):
         self.polls += 1
         status = self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0]
         if status is None:
@@ -96,8 +96,15 @@ class TestSsmCommandTrigger:
     def test_failure_is_reported_with_the_invocation_status(self, monkeypatch):
         events = collect_events(stub_trigger(monkeypatch, StubAsyncSsm(["InProgress", "Failed"])))
 
-        assert events == [{"status": "failed", "command_id": COMMAND_ID, "instance_id": INSTANCE_ID,
-                           "invocation_status": "Failed", "message": f"command {COMMAND_ID} ended Failed"}]
+        assert events == [
+            {
+                "status": "failed",
+                "command_id": COMMAND_ID,
+                "instance_id": INSTANCE_ID,
+                "invocation_status": "Failed",
+                "message": f"command {COMMAND_ID} ended Failed",
+            }
+        ]
 
     def test_never_listed_invocation_ends_at_the_delivery_bound(self, monkeypatch):
         trigger = stub_trigger(monkeypatch, StubAsyncSsm([None]), delivery_deadline=time.time() + 0.05)
@@ -112,8 +119,15 @@ class TestSsmCommandTrigger:
         assert (event["status"], event["invocation_status"]) == ("timeout", "InProgress")
 
     def test_serializes_to_its_own_arguments(self):
-        trigger = SsmCommandTrigger(command_id="c", instance_id="i", deadline=2.0, delivery_deadline=1.0,
-                                    poll_interval=5, aws_conn_id="aws_x", region_name="eu-west-1")
+        trigger = SsmCommandTrigger(
+            command_id="c",
+            instance_id="i",
+            deadline=2.0,
+            delivery_deadline=1.0,
+            poll_interval=5,
+            aws_conn_id="aws_x",
+            region_name="eu-west-1",
+        )
 
         path, kwargs = trigger.serialize()
 
@@ -124,7 +138,10 @@ class TestSsmCommandTrigger:
 class TestDescribeInvocation:
     def test_failure_detail_has_status_details_exit_code_and_tails(self):
         invocation = {
-            "CommandId": COMMAND_ID, "InstanceId": INSTANCE_ID, "Status": "Failed", "StatusDetails": "Failed",
+            "CommandId": COMMAND_ID,
+            "InstanceId": INSTANCE_ID,
+            "Status": "Failed",
+            "StatusDetails": "Failed",
             "ResponseCode": 1,
             "StandardErrorContent": "\n".join(f"err line {n}" for n in range(100)),
             "StandardOutputContent": "VODSR-RESULT\t0\tfailed\t0\t3\tffmpeg\n",
@@ -144,11 +161,17 @@ class TestAgainstTheEmulator:
         # SSM's eventual consistency: the invocation is unknown for 2 s after SendCommand.
         emulator_env.set_faults({"instances": {running_instance: {"invocation_visibility_seconds": 2}}})
         ssm = boto_client("ssm", emulator_env.endpoint_url)
-        command_id = send_command(ssm, running_instance, "sleep 3; echo done", comment="t", execution_timeout=60,
-                                  delivery_timeout=30)
+        command_id = send_command(
+            ssm, running_instance, "sleep 3; echo done", comment="t", execution_timeout=60, delivery_timeout=30
+        )
         assert get_invocation(ssm, command_id, running_instance) is None
-        trigger = SsmCommandTrigger(command_id=command_id, instance_id=running_instance, deadline=time.time() + 60,
-                                    delivery_deadline=time.time() + 30, poll_interval=0.5)
+        trigger = SsmCommandTrigger(
+            command_id=command_id,
+            instance_id=running_instance,
+            deadline=time.time() + 60,
+            delivery_deadline=time.time() + 30,
+            poll_interval=0.5,
+        )
 
         events = collect_events(trigger)
 
@@ -161,8 +184,9 @@ class TestAgainstTheEmulator:
 
         emulator_env.set_faults({"instances": {running_instance: {"invocation_visibility_seconds": 5}}})
         ssm = boto_client("ssm", emulator_env.endpoint_url)
-        command_id = send_command(ssm, running_instance, "sleep 2; exit 7", comment="t", execution_timeout=60,
-                                  delivery_timeout=30)
+        command_id = send_command(
+            ssm, running_instance, "sleep 2; exit 7", comment="t", execution_timeout=60, delivery_timeout=30
+        )
 
         events = collect_events(SsmRunCommandTrigger(command_id=command_id, waiter_delay=1, aws_conn_id="aws_default"))
 
@@ -172,8 +196,15 @@ class TestAgainstTheEmulator:
         ssm = boto_client("ssm", emulator_env.endpoint_url)
 
         with pytest.raises(CommandFailed) as failure:
-            run_and_wait(ssm, running_instance, "echo starting; echo 'E: Unable to locate package' >&2; exit 100",
-                         comment="t", timeout=30, poll_interval=1, delivery_timeout=30)
+            run_and_wait(
+                ssm,
+                running_instance,
+                "echo starting; echo 'E: Unable to locate package' >&2; exit 100",
+                comment="t",
+                timeout=30,
+                poll_interval=1,
+                delivery_timeout=30,
+            )
 
         assert "Status=Failed" in str(failure.value) and "exit code=100" in str(failure.value)
         assert "E: Unable to locate package" in str(failure.value)
@@ -181,7 +212,8 @@ class TestAgainstTheEmulator:
     def test_run_and_wait_returns_the_invocation(self, running_instance, emulator_env):
         ssm = boto_client("ssm", emulator_env.endpoint_url)
 
-        invocation = run_and_wait(ssm, running_instance, "echo ok", comment="t", timeout=30, poll_interval=1,
-                                  delivery_timeout=30)
+        invocation = run_and_wait(
+            ssm, running_instance, "echo ok", comment="t", timeout=30, poll_interval=1, delivery_timeout=30
+        )
 
         assert (invocation["Status"], invocation["StandardOutputContent"]) == ("Success", "ok\n")

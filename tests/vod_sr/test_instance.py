@@ -36,18 +36,20 @@ class StubSsm:
         self.commands = commands or []
         self.cancelled: list[str] = []
 
-    def cancel_command(self, CommandId, InstanceIds):  # noqa: N803
+    def cancel_command(self, CommandId, InstanceIds):
         self.cancelled.append(CommandId)
 
-    def describe_instance_information(self, Filters):  # noqa: N803 - boto3's parameter name
+    def describe_instance_information(self, Filters):
         wanted = Filters[0]["Values"]
-        return {"InstanceInformationList": [{"InstanceId": i, "PingStatus": s} for i, s in self.ping.items() if i in wanted]}
+        return {
+            "InstanceInformationList": [{"InstanceId": i, "PingStatus": s} for i, s in self.ping.items() if i in wanted]
+        }
 
     def get_paginator(self, name):
         assert name == "list_commands"
         return self
 
-    def paginate(self, InstanceId, Filters):  # noqa: N803
+    def paginate(self, InstanceId, Filters):
         return [{"Commands": [c for c in self.commands if InstanceId in c["InstanceIds"]]}]
 
 
@@ -127,7 +129,8 @@ class TestEnsureStarted:
 
         def no_capacity(**_):
             raise ClientError(
-                {"Error": {"Code": "InsufficientInstanceCapacity", "Message": "no g6e.xlarge capacity"}}, "StartInstances"
+                {"Error": {"Code": "InsufficientInstanceCapacity", "Message": "no g6e.xlarge capacity"}},
+                "StartInstances",
             )
 
         ec2.meta.events.register("before-call.ec2.StartInstances", no_capacity)
@@ -179,8 +182,16 @@ class TestLeasesAndRelease:
     def test_release_leaves_the_instance_while_a_command_is_live(self, ec2):
         instance_id = new_instance(ec2)
         take_lease(ec2, instance_id, "run-a", "manual__a")
-        ssm = StubSsm(commands=[{"CommandId": "c-1", "InstanceIds": [instance_id], "Status": "InProgress",
-                                 "Comment": command_comment("run-b", "chunk 0 (1 files)")}])
+        ssm = StubSsm(
+            commands=[
+                {
+                    "CommandId": "c-1",
+                    "InstanceIds": [instance_id],
+                    "Status": "InProgress",
+                    "Comment": command_comment("run-b", "chunk 0 (1 files)"),
+                }
+            ]
+        )
 
         outcome = release(ec2, ssm, instance_id, "run-a", stop=True, timeout=10, poll_interval=1)
 
@@ -190,8 +201,16 @@ class TestLeasesAndRelease:
 
     def test_release_cancels_this_runs_orphaned_commands_and_stops(self, ec2):
         instance_id = new_instance(ec2)
-        ssm = StubSsm(commands=[{"CommandId": "c-mine", "InstanceIds": [instance_id], "Status": "InProgress",
-                                 "Comment": command_comment("run-a", "chunk 0 (3 files)")}])
+        ssm = StubSsm(
+            commands=[
+                {
+                    "CommandId": "c-mine",
+                    "InstanceIds": [instance_id],
+                    "Status": "InProgress",
+                    "Comment": command_comment("run-a", "chunk 0 (3 files)"),
+                }
+            ]
+        )
 
         outcome = release(ec2, ssm, instance_id, "run-a", stop=True, timeout=10, poll_interval=1)
 

@@ -53,8 +53,14 @@ class TestRequestValidation:
         ],
     )
     def test_bad_params_are_named(self, overrides, message):
-        params = {"sources": ["a.mp4"], "model": "A", "source_bucket": SOURCE, "output_bucket": OUTPUT,
-                  "instance_id": INSTANCE_ID, **overrides}
+        params = {
+            "sources": ["a.mp4"],
+            "model": "A",
+            "source_bucket": SOURCE,
+            "output_bucket": OUTPUT,
+            "instance_id": INSTANCE_ID,
+            **overrides,
+        }
 
         with pytest.raises(PlanError, match=message.replace("(", r"\(").replace(")", r"\)")):
             BatchRequest.from_params(params)

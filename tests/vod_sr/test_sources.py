@@ -12,7 +12,7 @@ from include.vod_sr.sources import (
 )
 
 HOSTILE_KEYS = [
-    "it's a \"test\" $(id); rm -rf ~.mp4",
+    'it\'s a "test" $(id); rm -rf ~.mp4',
     "  leading  spaces and  doubled  spaces.mp4",
     "folder/`reboot` & echo $HOME | cat > x.mp4",
     "유니코드/비디오 파일.mp4",
@@ -68,7 +68,9 @@ class TestBucketNames:
     def test_valid(self, name):
         assert validate_bucket_name(name) == name
 
-    @pytest.mark.parametrize("name", ["ab", "a" * 64, "UPPER", "has_underscore", "-dash", "dot.", "a..b", "192.168.1.1"])
+    @pytest.mark.parametrize(
+        "name", ["ab", "a" * 64, "UPPER", "has_underscore", "-dash", "dot.", "a..b", "192.168.1.1"]
+    )
     def test_invalid(self, name):
         with pytest.raises(SourceError, match=repr(name).replace(".", r"\.")):
             validate_bucket_name(name)

@@ -79,14 +79,26 @@ class TestVerifyFile:
 
 class TestReport:
     OK = {"index": 0, "source": "s3://src/a.mp4", "output": "s3://o/a.mp4", "status": "ok", "reason": "", "bytes": 5}
-    BAD = {"index": 1, "source": "s3://src/b.mp4", "output": "s3://o/b.mp4", "status": "failed",
-           "reason": "ffmpeg failed", "bytes": 0}
+    BAD = {
+        "index": 1,
+        "source": "s3://src/b.mp4",
+        "output": "s3://o/b.mp4",
+        "status": "failed",
+        "reason": "ffmpeg failed",
+        "bytes": 0,
+    }
     SKIPPED = FileJob(2, S3Object("src", "c.mp4"), S3Object("o", "c.mp4"))
     PARAMS = {"sources": ["a.mp4", "b.mp4", "c.mp4"], "model": "A", "overwrite": False}
 
     def build(self, verified, planned_count=2):
-        return build_report(run_id="r1", run_token=TOKEN, params=self.PARAMS, verified=verified,
-                            skipped=[self.SKIPPED], planned_count=planned_count)
+        return build_report(
+            run_id="r1",
+            run_token=TOKEN,
+            params=self.PARAMS,
+            verified=verified,
+            skipped=[self.SKIPPED],
+            planned_count=planned_count,
+        )
 
     def test_counts_and_retry_conf_with_only_the_failures(self):
         report = self.build([[self.OK, self.BAD]])
