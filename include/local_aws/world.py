@@ -93,7 +93,7 @@ def airflow_env(endpoint_url: str, instance_id: str, poll_interval: int = 1) -> 
     return {
         **emulator_client_env(endpoint_url),
         "AIRFLOW_CONN_AWS_DEFAULT": json.dumps(connection),
-        "VOD_SR_INSTANCE_ID": instance_id,
+        "VOD_SR_INSTANCE_IDS": instance_id,
         "VOD_SR_SOURCE_BUCKET": SOURCE_BUCKET,
         "VOD_SR_OUTPUT_BUCKET": OUTPUT_BUCKET,
         "VOD_SR_DEFAULT_MODEL": "cpu",

@@ -8,3 +8,7 @@ MAX_EXECUTION_TIMEOUT = 172_800
 MAX_MAPPED_CHUNKS = 1024
 # SendCommand's Comment limit.
 MAX_COMMENT_LENGTH = 100
+# SendCommand's InstanceIds limit; vod-sr also caps the instances of one run at it.
+MAX_SSM_TARGETS = 50
+# Files per SSM command: each prints a result line, and GetCommandInvocation shows only 24,000 characters.
+MAX_CHUNK_SIZE = 200

@@ -1,4 +1,4 @@
-"""Operators for vod-sr: the deferrable wait on an SSM command.
+"""Operators for vod-sr.
 
 Imported by the DAG file, so botocore and the provider are imported only where they are used.
 """
@@ -13,26 +13,31 @@ from typing import Any
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
-EVENT_STATUSES = ("success", "failed", "timeout", "undelivered")
 
+class RunChunksOperator(BaseOperator):
+    """Run one instance's chunks, one SSM command per chunk, waiting deferred (no worker slot held).
 
-class WaitForSsmCommandOperator(BaseOperator):
-    """Wait, deferred, for an SSM command sent by an upstream task; fail with its detail if it did not succeed.
+    At most `in_flight` commands are out at a time: with two, one runs and the next waits behind it on the
+    instance's lock, so the GPU goes straight from one chunk to the next while Airflow resumes this task to send
+    the one after. A failed chunk does not stop the others; the task fails at the end, with each failed command's
+    Status, StatusDetails, exit code and output tails in its log.
 
-    :param command: the sending task's result: `command_id`, `instance_id` and `timeout` (seconds the command
-        may run, SSM's executionTimeout). The wait allows `delivery_timeout` on top of it.
+    :param lane: the plan's work for one instance: `instance_id`, `run_token`, `model`, `output_bucket`,
+        `execution_timeout` (SSM executionTimeout of each command) and `chunks`.
+    :param in_flight: commands out at once on the instance.
     :param poll_interval: seconds between status polls in the triggerer.
-    :param delivery_timeout: seconds SSM may take to list the invocation after SendCommand.
+    :param delivery_timeout: seconds SSM may take to list an invocation after SendCommand.
     :param aws_conn_id: Airflow connection for AWS.
     :param region_name: AWS region; the connection's when None.
     """
 
-    template_fields: Sequence[str] = ("command",)
+    template_fields: Sequence[str] = ("lane",)
 
     def __init__(
         self,
         *,
-        command: Mapping[str, Any],
+        lane: Mapping[str, Any],
+        in_flight: int = 2,
         poll_interval: float = 15,
         delivery_timeout: int = 300,
         aws_conn_id: str | None = "aws_default",
@@ -40,60 +45,118 @@ class WaitForSsmCommandOperator(BaseOperator):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.command = command
+        self.lane = lane
+        self.in_flight = in_flight
         self.poll_interval = poll_interval
         self.delivery_timeout = delivery_timeout
         self.aws_conn_id = aws_conn_id
         self.region_name = region_name
 
     @cached_property
-    def hook(self) -> Any:
-        from airflow.providers.amazon.aws.hooks.ssm import SsmHook
+    def ssm(self) -> Any:
+        from include.vod_sr.aws import aws_client
 
-        from include.vod_sr.commands import BOTO_CONFIG
+        return aws_client("ssm", self.aws_conn_id)
 
-        return SsmHook(aws_conn_id=self.aws_conn_id, region_name=self.region_name, config=BOTO_CONFIG)
+    @cached_property
+    def s3(self) -> Any:
+        from include.vod_sr.aws import aws_client
 
-    def execute(self, context: Any) -> None:
-        from include.vod_sr.triggers import SsmCommandTrigger
+        return aws_client("s3", self.aws_conn_id)
 
-        now = time.time()
-        self.defer(
-            trigger=SsmCommandTrigger(
-                command_id=self.command["command_id"],
-                instance_id=self.command["instance_id"],
-                deadline=now + int(self.command["timeout"]) + self.delivery_timeout,
-                delivery_deadline=now + self.delivery_timeout,
-                poll_interval=self.poll_interval,
-                aws_conn_id=self.aws_conn_id,
-                region_name=self.region_name,
-            ),
-            method_name="execute_complete",
-        )
+    def execute(self, context: Any) -> list[dict[str, Any]]:
+        return self._advance([])
 
-    def execute_complete(self, context: Any, event: dict[str, Any] | None = None) -> dict[str, Any]:
-        from include.vod_sr.commands import describe_invocation, get_invocation
-        from include.vod_sr.script import parse_result_lines
-
-        if not event or event.get("status") not in EVENT_STATUSES:
+    def resume(self, context: Any, event: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        if not event or event.get("status") != "ended" or not isinstance(event.get("resume_state"), list):
             raise AirflowException(f"unexpected trigger event: {event!r}")
-        command_id, instance_id = event["command_id"], event["instance_id"]
-        invocation = get_invocation(self.hook.conn, command_id, instance_id)
-        if invocation is None:
-            raise AirflowFailException(f"{event['message']}; it was never delivered to {instance_id}")
-        if event["status"] == "timeout":
-            self.log.error("Cancelling command %s: the wait reached its deadline", command_id)
-            self.hook.conn.cancel_command(CommandId=command_id, InstanceIds=[instance_id])
-        if invocation["Status"] != "Success":
-            self.log.error("%s", describe_invocation(invocation))
-            raise AirflowFailException(
-                f"SSM command {command_id} on {instance_id} ended {invocation['Status']} "
-                f"({invocation.get('StatusDetails')}, exit code {invocation.get('ResponseCode')}); "
-                "stderr and stdout tails are in the log above"
-            )
-        self.log.info("%s", describe_invocation(invocation))
+        sent: list[dict[str, Any]] = event["resume_state"]
+        ended = {command["command_id"]: command for command in event["commands"]}
+        for entry in sent:
+            if entry["command_id"] in ended and entry["outcome"] is None:
+                entry["outcome"] = ended[entry["command_id"]]["outcome"]
+                self._report_end(entry)
+        return self._advance(sent)
+
+    def _send(self, chunk_data: Mapping[str, Any]) -> dict[str, Any]:
+        from include.vod_sr.catalog import SrModel
+        from include.vod_sr.commands import send_command
+        from include.vod_sr.instance import command_comment
+        from include.vod_sr.plan import Chunk
+        from include.vod_sr.script import chunk_keys, chunk_list, render_sr_script
+
+        lane = self.lane
+        chunk = Chunk.from_xcom(chunk_data)
+        bucket, token = lane["output_bucket"], lane["run_token"]
+        files_key, results_key = chunk_keys(token, chunk.index)
+        self.s3.put_object(Bucket=bucket, Key=files_key, Body=chunk_list(chunk))
+        model = lane["model"]
+        sr_model = SrModel(
+            **{**model, "output_args": tuple(model["output_args"]), "env": tuple(tuple(kv) for kv in model["env"])}
+        )
+        script = render_sr_script(
+            sr_model, token, chunk.index, f"s3://{bucket}/{files_key}", f"s3://{bucket}/{results_key}"
+        )
+        now = time.time()
+        command_id = send_command(
+            self.ssm,
+            chunk.instance_id,
+            script,
+            comment=command_comment(token, f"chunk {chunk.index} ({len(chunk.files)} files)"),
+            execution_timeout=lane["execution_timeout"],
+            delivery_timeout=self.delivery_timeout,
+        )
+        self.log.info(
+            "Sent chunk %s (%s files) to %s: command %s", chunk.index, len(chunk.files), chunk.instance_id, command_id
+        )
         return {
+            "chunk": chunk.index,
             "command_id": command_id,
-            "instance_id": instance_id,
-            "results": {str(k): v for k, v in parse_result_lines(invocation.get("StandardOutputContent", "")).items()},
+            "instance_id": chunk.instance_id,
+            "deadline": now + lane["execution_timeout"] + self.delivery_timeout,
+            "delivery_deadline": now + self.delivery_timeout,
+            "outcome": None,
         }
+
+    def _report_end(self, entry: dict[str, Any]) -> None:
+        from include.vod_sr.commands import describe_invocation, get_invocation
+
+        if entry["outcome"] == "timeout":
+            self.log.error("Cancelling command %s: it outlived its execution timeout", entry["command_id"])
+            self.ssm.cancel_command(CommandId=entry["command_id"], InstanceIds=[entry["instance_id"]])
+        invocation = get_invocation(self.ssm, entry["command_id"], entry["instance_id"])
+        if invocation is None:
+            self.log.error("Chunk %s: SSM never listed command %s", entry["chunk"], entry["command_id"])
+        elif entry["outcome"] == "success":
+            self.log.info("Chunk %s: %s", entry["chunk"], describe_invocation(invocation))
+        else:
+            self.log.error("Chunk %s: %s", entry["chunk"], describe_invocation(invocation))
+
+    def _advance(self, sent: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        from include.vod_sr.triggers import SsmCommandsTrigger
+
+        chunks = self.lane["chunks"]
+        while sum(entry["outcome"] is None for entry in sent) < self.in_flight and len(sent) < len(chunks):
+            sent.append(self._send(chunks[len(sent)]))
+        live = [entry for entry in sent if entry["outcome"] is None]
+        if live:
+            self.defer(
+                trigger=SsmCommandsTrigger(
+                    commands=[
+                        {k: e[k] for k in ("command_id", "instance_id", "deadline", "delivery_deadline")} for e in live
+                    ],
+                    poll_interval=self.poll_interval,
+                    resume_state=sent,
+                    aws_conn_id=self.aws_conn_id,
+                    region_name=self.region_name,
+                ),
+                method_name="resume",
+            )
+        failed = [entry for entry in sent if entry["outcome"] != "success"]
+        if failed:
+            raise AirflowFailException(
+                f"{len(failed)} of {len(sent)} chunk command(s) on {self.lane['instance_id']} did not succeed: "
+                + ", ".join(f"chunk {e['chunk']} {e['outcome']}" for e in failed)
+                + "; their detail is in the log above, and the per-file results in the report"
+            )
+        return sent

@@ -5,12 +5,12 @@ from __future__ import annotations
 from airflow.sdk import Param
 
 from include.vod_sr.catalog import BUILTIN_MODELS
-from include.vod_sr.limits import MAX_EXECUTION_TIMEOUT
+from include.vod_sr.limits import MAX_CHUNK_SIZE, MAX_EXECUTION_TIMEOUT, MAX_SSM_TARGETS
 from include.vod_sr.settings import Settings
-from include.vod_sr.sources import DEFAULT_OUTPUT_TEMPLATE
+from include.vod_sr.sources import DEFAULT_OUTPUT_TEMPLATE, DEFAULT_SOURCE_EXTENSIONS
 
 BUCKET_PATTERN = r"^([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])?$"
-INSTANCE_PATTERN = r"^(m?i-[0-9a-f]{8,17})?$"
+INSTANCE_PATTERN = r"^m?i-[0-9a-f]{8,17}$"
 
 
 def trigger_form(settings: Settings) -> dict[str, Param]:
@@ -21,6 +21,28 @@ def trigger_form(settings: Settings) -> dict[str, Param]:
             items={"type": "string"},
             title="Source videos",
             description="One per line: keys in the source bucket, or s3://bucket/key URIs. Keys are taken literally.",
+        ),
+        "prefixes": Param(
+            [],
+            type="array",
+            items={"type": "string"},
+            title="Source folders",
+            description="Prefixes in the source bucket, or s3://bucket/prefix URIs: every video under them is "
+            "processed (see Extensions).",
+        ),
+        "manifest": Param(
+            "",
+            type="string",
+            title="Manifest",
+            description='Key or s3:// URI of a manifest: .json (a list, or {"sources": [...]}), .csv (a '
+            "'source' or 'key' column, else the first), or text with one key or URI per line.",
+        ),
+        "extensions": Param(
+            list(DEFAULT_SOURCE_EXTENSIONS),
+            type="array",
+            items={"type": "string", "pattern": r"^\.[A-Za-z0-9]+$"},
+            title="Extensions",
+            description="Which files under the source folders count as videos (case-insensitive).",
         ),
         "model": Param(
             settings.default_model,
@@ -54,12 +76,14 @@ def trigger_form(settings: Settings) -> dict[str, Param]:
             description="Output key for each source. Fields: {dir} (source folder with trailing /), {stem}, "
             "{ext} (with dot), {name}, {model}. Must end in .mp4, .m4v, .mov, .mkv or .ts.",
         ),
-        "instance_id": Param(
-            settings.instance_id,
-            type="string",
-            pattern=INSTANCE_PATTERN,
-            title="GPU instance",
-            description="EC2 instance id (i-...) of the Bluewhale AMI instance, with an SSM instance profile.",
+        "instance_ids": Param(
+            list(settings.instance_ids),
+            type="array",
+            items={"type": "string", "pattern": INSTANCE_PATTERN},
+            maxItems=MAX_SSM_TARGETS,
+            title="GPU instances",
+            description="EC2 instance ids (i-...) of Bluewhale AMI instances with an SSM instance profile. Chunks "
+            "are dealt out to them in turn; each is started, used and stopped on its own.",
         ),
         "overwrite": Param(
             False,
@@ -79,16 +103,16 @@ def trigger_form(settings: Settings) -> dict[str, Param]:
             minimum=60,
             maximum=MAX_EXECUTION_TIMEOUT,
             title="Execution timeout (seconds)",
-            description="How long one SSM command (one chunk of files) may run, including waiting for earlier "
-            "chunks on the same instance. SSM stops the script when it is reached.",
+            description="How long one SSM command (one chunk of files) may run, including waiting for the chunk "
+            "ahead of it on the same instance. SSM stops the script when it is reached.",
         ),
         "chunk_size": Param(
             10,
             type="integer",
             minimum=1,
-            maximum=1000,
+            maximum=MAX_CHUNK_SIZE,
             title="Files per command",
             description="Files one SSM command processes one after another. Grown automatically so a run "
-            "never maps more than 1024 chunks.",
+            "never has more than 1024 chunks.",
         ),
     }

@@ -1,7 +1,7 @@
-"""Batch planning: turn a run's params into validated file jobs, split into chunks.
+"""Batch planning: turn a run's params into validated file jobs, chunked and spread over the instances.
 
 Everything that can be wrong with the input is found here, before any instance is started, and each error names
-the bad value. S3 is asked with one listing per source folder, not one call per file.
+the bad value. S3 is asked with one paginated listing per source folder or prefix, never one call per file.
 """
 
 from __future__ import annotations
@@ -17,12 +17,15 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from include.vod_sr.limits import MAX_EXECUTION_TIMEOUT, MAX_MAPPED_CHUNKS
+from include.vod_sr.limits import MAX_CHUNK_SIZE, MAX_EXECUTION_TIMEOUT, MAX_MAPPED_CHUNKS, MAX_SSM_TARGETS
 from include.vod_sr.sources import (
     DEFAULT_OUTPUT_TEMPLATE,
+    DEFAULT_SOURCE_EXTENSIONS,
     S3Object,
     SourceError,
     output_key,
+    parse_manifest,
+    parse_prefix,
     parse_source,
     validate_bucket_name,
     validate_output_template,
@@ -35,15 +38,27 @@ class PlanError(ValueError):
     """The run's input is unusable; nothing was started."""
 
 
+def _strings(params: Mapping[str, Any], name: str) -> tuple[str, ...]:
+    value = params.get(name) or []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise PlanError(f"{name} must be a list of strings, got {value!r}")
+    return tuple(value)
+
+
 @dataclass(frozen=True)
 class BatchRequest:
     """A run's params, type-checked. Built with `BatchRequest.from_params`."""
 
-    sources: tuple[str, ...]
     model: str
     source_bucket: str
     output_bucket: str
-    instance_id: str
+    instance_ids: tuple[str, ...]
+    sources: tuple[str, ...] = ()
+    prefixes: tuple[str, ...] = ()
+    manifest: str = ""
+    extensions: tuple[str, ...] = DEFAULT_SOURCE_EXTENSIONS
     output_template: str = DEFAULT_OUTPUT_TEMPLATE
     overwrite: bool = False
     stop_when_done: bool = True
@@ -52,17 +67,15 @@ class BatchRequest:
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> BatchRequest:
-        sources = params.get("sources") or []
-        if isinstance(sources, str):
-            sources = [sources]
-        if not isinstance(sources, list | tuple) or not all(isinstance(s, str) for s in sources):
-            raise PlanError(f"sources must be a list of keys or s3:// URIs, got {sources!r}")
         request = cls(
-            sources=tuple(sources),
             model=str(params.get("model") or ""),
             source_bucket=str(params.get("source_bucket") or ""),
             output_bucket=str(params.get("output_bucket") or ""),
-            instance_id=str(params.get("instance_id") or ""),
+            instance_ids=tuple(dict.fromkeys(_strings(params, "instance_ids"))),
+            sources=_strings(params, "sources"),
+            prefixes=_strings(params, "prefixes"),
+            manifest=str(params.get("manifest") or ""),
+            extensions=tuple(e.lower() for e in _strings(params, "extensions")) or DEFAULT_SOURCE_EXTENSIONS,
             output_template=str(params.get("output_template") or DEFAULT_OUTPUT_TEMPLATE),
             overwrite=bool(params.get("overwrite", False)),
             stop_when_done=bool(params.get("stop_when_done", True)),
@@ -73,18 +86,26 @@ class BatchRequest:
         return request
 
     def validate(self) -> None:
-        if not self.sources:
-            raise PlanError("the source list is empty: give at least one key or s3:// URI in 'sources'")
+        if not (self.sources or self.prefixes or self.manifest):
+            raise PlanError("no sources: give keys or s3:// URIs in 'sources', folders in 'prefixes', or a 'manifest'")
         if not self.model:
             raise PlanError("no model chosen")
-        if not self.instance_id.startswith(INSTANCE_ID_PREFIX):
-            raise PlanError(f"instance id {self.instance_id!r} is not an EC2 instance id (i-...)")
+        if not self.instance_ids:
+            raise PlanError("no instance: give at least one EC2 instance id in 'instance_ids'")
+        if len(self.instance_ids) > MAX_SSM_TARGETS:
+            raise PlanError(f"{len(self.instance_ids)} instances given; at most {MAX_SSM_TARGETS} are supported")
+        for instance_id in self.instance_ids:
+            if not instance_id.startswith(INSTANCE_ID_PREFIX):
+                raise PlanError(f"instance id {instance_id!r} is not an EC2 instance id (i-...)")
         if not 60 <= self.execution_timeout <= MAX_EXECUTION_TIMEOUT:
             raise PlanError(
                 f"execution_timeout {self.execution_timeout} s is outside 60..{MAX_EXECUTION_TIMEOUT} s (SSM's limits)"
             )
-        if self.chunk_size < 1:
-            raise PlanError(f"chunk_size {self.chunk_size} must be at least 1")
+        if not 1 <= self.chunk_size <= MAX_CHUNK_SIZE:
+            raise PlanError(f"chunk_size {self.chunk_size} is outside 1..{MAX_CHUNK_SIZE}")
+        bad_extensions = [e for e in self.extensions if not e.startswith(".")]
+        if bad_extensions:
+            raise PlanError(f"extensions must start with a dot: {bad_extensions}")
         try:
             validate_bucket_name(self.output_bucket, what="output bucket name")
             validate_output_template(self.output_template)
@@ -108,7 +129,7 @@ class FileJob:
 
 @dataclass(frozen=True)
 class Chunk:
-    """The files one SSM command processes, one after another, on one instance."""
+    """The files one SSM command processes on one instance."""
 
     index: int
     instance_id: str
@@ -129,54 +150,121 @@ class BatchPlan:
     chunks: tuple[Chunk, ...]
     skipped: tuple[FileJob, ...] = field(default=())
 
-    def to_xcom(self) -> dict[str, Any]:
+    @property
+    def file_count(self) -> int:
+        return sum(len(c.files) for c in self.chunks)
+
+    def lanes(self) -> list[dict[str, Any]]:
+        """One work list per instance that has chunks: the unit that is started, run and stopped together."""
+        by_instance: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for chunk in self.chunks:
+            by_instance[chunk.instance_id].append(chunk.to_xcom())
+        return [{"instance_id": i, "chunks": chunks} for i, chunks in by_instance.items()]
+
+    def summary(self) -> dict[str, Any]:
         return {
             "run_token": self.run_token,
-            "instance_id": self.request.instance_id,
-            "chunks": [c.to_xcom() for c in self.chunks],
+            "file_count": self.file_count,
+            "chunk_count": len(self.chunks),
+            "instance_ids": sorted({c.instance_id for c in self.chunks}),
             "skipped": [f.to_xcom() for f in self.skipped],
-            "file_count": sum(len(c.files) for c in self.chunks),
         }
 
 
 def run_token(dag_id: str, run_id: str) -> str:
-    """A short ASCII id for a run, stored as S3 object metadata on every output the run writes."""
+    """A short ASCII id for a run: names its leases, commands, chunk lists and report."""
     return hashlib.sha256(f"{dag_id}/{run_id}".encode()).hexdigest()[:16]
 
 
-def existing_objects(s3_client: Any, objects: Iterable[S3Object]) -> dict[S3Object, int]:
-    """Which of `objects` exist, with their sizes: one paginated listing per folder, not one call per key."""
+def _list(s3_client: Any, bucket: str, prefix: str) -> Iterable[dict[str, Any]]:
+    try:
+        for page in s3_client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            yield from page.get("Contents", [])
+    except s3_client.exceptions.NoSuchBucket:
+        raise PlanError(f"bucket {bucket!r} does not exist") from None
+
+
+def existing_objects(s3_client: Any, objects: Iterable[S3Object]) -> dict[S3Object, dict[str, Any]]:
+    """Which of `objects` exist, with their listing entries: one paginated listing per folder, not per key."""
     by_folder: dict[tuple[str, str], list[str]] = defaultdict(list)
     for obj in objects:
         by_folder[(obj.bucket, posixpath.dirname(obj.key))].append(obj.key)
-    found: dict[S3Object, int] = {}
-    paginator = s3_client.get_paginator("list_objects_v2")
+    found: dict[S3Object, dict[str, Any]] = {}
     for (bucket, _), keys in by_folder.items():
         wanted = set(keys)
         prefix = os.path.commonprefix(keys)  # noqa: RUF071 - S3 prefixes are plain string prefixes
-        try:
-            for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
-                for item in page.get("Contents", []):
-                    if item["Key"] in wanted:
-                        found[S3Object(bucket, item["Key"])] = item["Size"]
-        except s3_client.exceptions.NoSuchBucket:
-            raise PlanError(f"bucket {bucket!r} does not exist") from None
+        for item in _list(s3_client, bucket, prefix):
+            if item["Key"] in wanted:
+                found[S3Object(bucket, item["Key"])] = item
     return found
 
 
-def chunk_files(files: list[FileJob], instance_id: str, chunk_size: int) -> tuple[Chunk, ...]:
-    """Split into chunks of `chunk_size`, growing it when needed to stay within Airflow's mapping limit."""
+def list_prefix(s3_client: Any, prefix: S3Object, extensions: tuple[str, ...]) -> dict[S3Object, int]:
+    """Video objects under a prefix (by extension, case-insensitive), with their sizes."""
+    return {
+        S3Object(prefix.bucket, item["Key"]): item["Size"]
+        for item in _list(s3_client, prefix.bucket, prefix.key)
+        if item["Key"].lower().endswith(extensions)
+    }
+
+
+def read_manifest(s3_client: Any, manifest: S3Object) -> list[str]:
+    try:
+        body = s3_client.get_object(Bucket=manifest.bucket, Key=manifest.key)["Body"].read()
+    except ClientError as error:
+        raise PlanError(f"manifest {manifest.uri!r} cannot be read: {error}") from None
+    try:
+        return parse_manifest(body, manifest.key)
+    except SourceError as error:
+        raise PlanError(str(error)) from None
+
+
+def chunk_files(files: list[FileJob], instance_ids: tuple[str, ...], chunk_size: int) -> tuple[Chunk, ...]:
+    """Chunks of `chunk_size` files (grown when needed to stay within Airflow's mapping limit), dealt out to the
+    instances in turn so each gets an even share."""
     size = max(chunk_size, math.ceil(len(files) / MAX_MAPPED_CHUNKS))
     return tuple(
-        Chunk(index=n, instance_id=instance_id, files=tuple(files[start : start + size]))
+        Chunk(index=n, instance_id=instance_ids[n % len(instance_ids)], files=tuple(files[start : start + size]))
         for n, start in enumerate(range(0, len(files), size))
     )
 
 
+def resolve_sources(request: BatchRequest, s3_client: Any) -> dict[S3Object, int]:
+    """Every source the request names, in order, without duplicates, with its size; missing ones are an error."""
+    try:
+        named = [parse_source(s, request.source_bucket) for s in request.sources]
+        if request.manifest:
+            manifest = parse_source(request.manifest, request.source_bucket)
+            named += [parse_source(s, request.source_bucket) for s in read_manifest(s3_client, manifest)]
+        prefixes = [parse_prefix(p, request.source_bucket) for p in request.prefixes]
+    except SourceError as error:
+        raise PlanError(str(error)) from None
+
+    present = {obj: item["Size"] for obj, item in existing_objects(s3_client, named).items()}
+    missing = list(dict.fromkeys(obj.uri for obj in named if obj not in present))
+    if missing:
+        shown = ", ".join(repr(uri) for uri in missing[:10])
+        more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+        raise PlanError(f"missing source objects: {shown}{more}")
+    resolved = {obj: present[obj] for obj in named}
+    for prefix in prefixes:
+        listed = list_prefix(s3_client, prefix, request.extensions)
+        if not listed:
+            raise PlanError(
+                f"prefix {f's3://{prefix.bucket}/{prefix.key}'!r} holds no files ending in {', '.join(request.extensions)}"
+            )
+        for obj, size in listed.items():
+            resolved.setdefault(obj, size)
+    return resolved
+
+
 def plan_batch(request: BatchRequest, s3_client: Any, *, run_token: str) -> BatchPlan:
     """Resolve, validate and chunk the request's sources. Raises PlanError naming the first bad value."""
+    sources = resolve_sources(request, s3_client)
+    empty = [obj.uri for obj, size in sources.items() if size == 0]
+    if empty:
+        raise PlanError(f"source objects are empty (0 bytes): {', '.join(repr(uri) for uri in empty[:10])}")
     try:
-        sources = list(dict.fromkeys(parse_source(s, request.source_bucket) for s in request.sources))
         jobs = [
             FileJob(
                 n, src, S3Object(request.output_bucket, output_key(src.key, request.output_template, request.model))
@@ -197,16 +285,6 @@ def plan_batch(request: BatchRequest, s3_client: Any, *, run_token: str) -> Batc
             )
         outputs[job.output] = job
 
-    present = existing_objects(s3_client, [job.source for job in jobs])
-    missing = [job.source.uri for job in jobs if job.source not in present]
-    if missing:
-        shown = ", ".join(repr(uri) for uri in missing[:10])
-        more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
-        raise PlanError(f"missing source objects: {shown}{more}")
-    empty = [job.source.uri for job in jobs if present[job.source] == 0]
-    if empty:
-        raise PlanError(f"source objects are empty (0 bytes): {', '.join(repr(uri) for uri in empty[:10])}")
-
     try:
         s3_client.head_bucket(Bucket=request.output_bucket)
     except ClientError as error:
@@ -214,4 +292,4 @@ def plan_batch(request: BatchRequest, s3_client: Any, *, run_token: str) -> Batc
     done = set() if request.overwrite else set(existing_objects(s3_client, [job.output for job in jobs]))
     todo = [job for job in jobs if job.output not in done]
     skipped = tuple(job for job in jobs if job.output in done)
-    return BatchPlan(request, run_token, chunk_files(todo, request.instance_id, request.chunk_size), skipped)
+    return BatchPlan(request, run_token, chunk_files(todo, request.instance_ids, request.chunk_size), skipped)

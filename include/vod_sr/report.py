@@ -22,25 +22,28 @@ def build_report(
     run_id: str,
     run_token: str,
     params: Mapping[str, Any],
+    planned: Iterable[FileJob],
     verified: Iterable[Iterable[Mapping[str, Any]]],
     skipped: Iterable[FileJob],
-    planned_count: int,
 ) -> dict[str, Any]:
-    files = [dict(record) for chunk in verified for record in chunk]
-    files += [file_record(job, "skipped", "output already exists (overwrite is off)") for job in skipped]
-    files.sort(key=lambda record: record["index"])
-    seen = {record["index"] for record in files if record["status"] != "skipped"}
-    if len(seen) < planned_count:
-        # A chunk whose verify never ran (its send failed, say): nothing about its files is known.
-        files.append({"index": None, "status": "failed", "reason": f"{planned_count - len(seen)} file(s) not verified"})
-    failed = [record for record in files if record["status"] == "failed"]
-    retry_sources = [record["source"] for record in failed if record.get("source")]
+    """One record per file: verified ones as verify judged them, planned ones nobody verified as failed (their
+    instance's lane stopped before verification, e.g. it could not be started), skipped ones as skipped."""
+    records = {record["index"]: dict(record) for lane in verified for record in lane}
+    for job in planned:
+        records.setdefault(
+            job.index, file_record(job, "failed", "not verified: its instance's lane failed earlier (see its tasks)")
+        )
+    for job in skipped:
+        records[job.index] = file_record(job, "skipped", "output already exists (overwrite is off)")
+    files = sorted(records.values(), key=lambda record: record["index"])
+    retry_sources = [record["source"] for record in files if record["status"] == "failed"]
+    retry_conf = {**dict(params), "sources": retry_sources, "prefixes": [], "manifest": ""}
     return {
         "run_id": run_id,
         "run_token": run_token,
         "counts": dict(Counter(record["status"] for record in files)),
         "files": files,
-        "retry_conf": {**dict(params), "sources": retry_sources} if retry_sources else None,
+        "retry_conf": retry_conf if retry_sources else None,
     }
 
 
@@ -70,7 +73,7 @@ def write_report(s3: Any, bucket: str, report: Mapping[str, Any]) -> str:
 def raise_if_failed(report: Mapping[str, Any]) -> None:
     failed = [r for r in report["files"] if r["status"] == "failed"]
     if failed:
-        lines = [f"{r.get('source') or '?'}: {r['reason']}" for r in failed[:20]]
+        lines = [f"{r['source']}: {r['reason']}" for r in failed[:20]]
         retry = json.dumps(report["retry_conf"], ensure_ascii=False) if report["retry_conf"] else "n/a"
         raise BatchFailed(
             f"{len(failed)} file(s) failed:\n"

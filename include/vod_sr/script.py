@@ -14,6 +14,7 @@ from include.vod_sr.catalog import SrModel
 from include.vod_sr.plan import Chunk
 
 RESULT_MARKER = "VODSR-RESULT"
+RUNS_PREFIX = "vod-sr-runs/"  # in the output bucket: each chunk's file list and results
 _VAR_REFERENCE = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?")
 
 INSTALL_CLI_SCRIPT = """\
@@ -50,24 +51,36 @@ def _bash_array(name: str, values: list[str]) -> str:
     return f"{name}=({' '.join(shlex.quote(v) for v in values)})"
 
 
-def render_sr_script(chunk: Chunk, model: SrModel, run_token: str) -> str:
-    """The bash script that runs `model` over every file of `chunk` and uploads each output.
+def chunk_keys(run_token: str, chunk_index: int) -> tuple[str, str]:
+    """Keys of a chunk's file list (written before its command is sent) and results (written by the script)."""
+    base = f"{RUNS_PREFIX}{run_token}/chunk-{chunk_index:05d}"
+    return f"{base}.files", f"{base}.results"
 
-    The script goes on past a failed file, prints one tab-separated result line per file
-    (`VODSR-RESULT index status bytes seconds`) and exits non-zero if any file failed.
+
+def chunk_list(chunk: Chunk) -> bytes:
+    """The chunk's files for the script, NUL-separated (no key can contain NUL): index, source bucket, source key,
+    output URI, output extension."""
+    fields = []
+    for job in chunk.files:
+        fields += [str(job.index), job.source.bucket, job.source.key, job.output.uri, _extension(job.output.key)]
+    return b"".join(f.encode() + b"\0" for f in fields)
+
+
+def render_sr_script(model: SrModel, run_token: str, chunk_index: int, files_uri: str, results_uri: str) -> str:
+    """The bash script that runs `model` over the files listed at `files_uri` (see `chunk_list`).
+
+    The payload stays small for any chunk size: the file list is read from S3. While ffmpeg runs on one file the
+    next is downloaded and the previous uploaded, so the GPU does not wait on S3. The script goes on past a failed
+    file, prints one tab-separated result line per file (`VODSR-RESULT index status bytes seconds stage`), stores
+    them at `results_uri` and exits non-zero if any file failed.
     """
-    files = chunk.files
     lines = [
-        f"# vod-sr run {run_token} chunk {chunk.index}: model {model.name}, {len(files)} file(s)",
+        f"# vod-sr run {run_token} chunk {chunk_index}: model {model.name}",
         "set -euo pipefail",
         *(_export_line(name, value) for name, value in model.env),
         f"run_token={shlex.quote(run_token)}",
-        "# shellcheck disable=SC2016  # keys are data: single quotes keep $ and ` literal on purpose",
-        _bash_array("sources", [f.source.uri for f in files]),
-        "# shellcheck disable=SC2016",
-        _bash_array("outputs", [f.output.uri for f in files]),
-        _bash_array("indexes", [str(f.index) for f in files]),
-        _bash_array("output_exts", [_extension(f.output.key) for f in files]),
+        f"files_uri={shlex.quote(files_uri)}",
+        f"results_uri={shlex.quote(results_uri)}",
         f"video_filter={shlex.quote(model.video_filter)}",
         _bash_array("output_args", list(model.output_args)),
         SR_LOOP,
@@ -88,42 +101,79 @@ trap 'exit 143' TERM INT
 exec 9>"${TMPDIR:-/var/tmp}/vod-sr.lock"
 flock 9
 
-failed=0
-for n in "${!sources[@]}"; do
-    index=${indexes[n]}
-    input="$workdir/input-$index"
-    output="$workdir/output-$index${output_exts[n]}"
-    started=$SECONDS
-    if ! aws s3 cp --only-show-errors "${sources[n]}" "$input" 2>"$workdir/download.log"; then
-        echo "vod-sr: download of ${sources[n]} failed:" >&2
-        tail -n 5 "$workdir/download.log" >&2
-        printf '%s\t%s\tfailed\t0\t%s\tdownload\n' "VODSR-RESULT" "$index" "$((SECONDS - started))"
-        failed=$((failed + 1))
-        continue
-    fi
-    if ! ffmpeg -y -i "$input" -vf "$video_filter" "${output_args[@]}" "$output" \
-            </dev/null >"$workdir/ffmpeg.log" 2>&1; then
-        echo "vod-sr: ffmpeg failed for ${sources[n]}:" >&2
-        tail -n 20 "$workdir/ffmpeg.log" >&2
-        printf '%s\t%s\tfailed\t0\t%s\tffmpeg\n' "VODSR-RESULT" "$index" "$((SECONDS - started))"
-        failed=$((failed + 1))
-        rm -f -- "$input" "$output"
-        continue
-    fi
-    bytes=$(stat -c %s "$output")
-    if ! aws s3 cp --only-show-errors --metadata "vod-sr-run=$run_token" "$output" "${outputs[n]}" \
-            2>"$workdir/upload.log"; then
-        echo "vod-sr: upload to ${outputs[n]} failed:" >&2
-        tail -n 5 "$workdir/upload.log" >&2
-        printf '%s\t%s\tfailed\t%s\t%s\tupload\n' "VODSR-RESULT" "$index" "$bytes" "$((SECONDS - started))"
-        failed=$((failed + 1))
+aws s3 cp --only-show-errors "$files_uri" "$workdir/files"
+mapfile -d '' fields <"$workdir/files"
+count=$((${#fields[@]} / 5))
+: >"$workdir/results"
+
+result() {  # index status bytes seconds stage
+    printf 'VODSR-RESULT	%s	%s	%s	%s	%s
+' "$@" | tee -a "$workdir/results"
+}
+
+fetch() {  # file number: download its source next to the work in progress
+    local base=$(($1 * 5))
+    aws s3api get-object --bucket "${fields[base + 1]}" --key "${fields[base + 2]}" "$workdir/input-$1"         >/dev/null 2>"$workdir/download-$1.log"
+}
+
+upload() {  # file number, bytes, seconds
+    local base=$(($1 * 5))
+    local output="$workdir/output-$1${fields[base + 4]}"
+    if aws s3 cp --only-show-errors --metadata "vod-sr-run=$run_token" "$output" "${fields[base + 3]}"             2>"$workdir/upload-$1.log"; then
+        result "${fields[base]}" ok "$2" "$3" ""
     else
-        printf '%s\t%s\tok\t%s\t%s\t\n' "VODSR-RESULT" "$index" "$bytes" "$((SECONDS - started))"
+        echo "vod-sr: upload to ${fields[base + 3]} failed:" >&2
+        tail -n 5 "$workdir/upload-$1.log" >&2
+        result "${fields[base]}" failed "$2" "$3" upload
     fi
-    rm -f -- "$input" "$output"
+    rm -f -- "$output"
+}
+
+upload_pid=""
+if [ "$count" -gt 0 ]; then
+    fetch 0 &
+    fetch_pid=$!
+fi
+for ((n = 0; n < count; n++)); do
+    base=$((n * 5))
+    source_uri="s3://${fields[base + 1]}/${fields[base + 2]}"
+    fetched=0
+    wait "$fetch_pid" || fetched=$?
+    if ((n + 1 < count)); then
+        fetch $((n + 1)) &
+        fetch_pid=$!
+    fi
+    if [ "$fetched" -ne 0 ]; then
+        echo "vod-sr: download of $source_uri failed:" >&2
+        tail -n 5 "$workdir/download-$n.log" >&2
+        result "${fields[base]}" failed 0 0 download
+        continue
+    fi
+    started=$SECONDS
+    output="$workdir/output-$n${fields[base + 4]}"
+    if ! ffmpeg -y -i "$workdir/input-$n" -vf "$video_filter" "${output_args[@]}" "$output" \
+            </dev/null >"$workdir/ffmpeg.log" 2>&1; then
+        echo "vod-sr: ffmpeg failed for $source_uri:" >&2
+        tail -n 20 "$workdir/ffmpeg.log" >&2
+        result "${fields[base]}" failed 0 "$((SECONDS - started))" ffmpeg
+        rm -f -- "$workdir/input-$n" "$output"
+        continue
+    fi
+    rm -f -- "$workdir/input-$n"
+    bytes=$(stat -c %s "$output")
+    if [ -n "$upload_pid" ]; then
+        wait "$upload_pid" || true
+    fi
+    upload "$n" "$bytes" "$((SECONDS - started))" &
+    upload_pid=$!
 done
+if [ -n "$upload_pid" ]; then
+    wait "$upload_pid" || true
+fi
+aws s3 cp --only-show-errors "$workdir/results" "$results_uri"
+failed=$(grep -c "$(printf '	failed	')" "$workdir/results" || true)
 if [ "$failed" -gt 0 ]; then
-    echo "vod-sr: $failed of ${#sources[@]} file(s) failed" >&2
+    echo "vod-sr: $failed of $count file(s) failed" >&2
     exit 1
 fi
 """

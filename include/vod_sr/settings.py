@@ -28,7 +28,7 @@ class Settings:
     """Deployment-wide defaults for `vod_sr_batch`; see the README's Configuration table."""
 
     aws_conn_id: str = "aws_default"
-    instance_id: str = ""
+    instance_ids: tuple[str, ...] = ()
     source_bucket: str = ""
     output_bucket: str = ""
     default_model: str = "A"
@@ -47,7 +47,11 @@ class Settings:
         defaults = cls()
         return cls(
             aws_conn_id=os.environ.get("VOD_SR_AWS_CONN_ID", defaults.aws_conn_id),
-            instance_id=os.environ.get("VOD_SR_INSTANCE_ID", defaults.instance_id),
+            instance_ids=tuple(
+                i.strip()
+                for i in os.environ.get("VOD_SR_INSTANCE_IDS", os.environ.get("VOD_SR_INSTANCE_ID", "")).split(",")
+                if i.strip()
+            ),
             source_bucket=os.environ.get("VOD_SR_SOURCE_BUCKET", defaults.source_bucket),
             output_bucket=os.environ.get("VOD_SR_OUTPUT_BUCKET", defaults.output_bucket),
             default_model=os.environ.get("VOD_SR_DEFAULT_MODEL", defaults.default_model),

@@ -6,7 +6,10 @@ quotes and shell metacharacters, so nothing here strips, decodes or normalises a
 
 from __future__ import annotations
 
+import csv
+import io
 import ipaddress
+import json
 import posixpath
 import re
 import string
@@ -22,6 +25,7 @@ URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 MAX_KEY_BYTES = 1024
 # Containers ffmpeg can write H.264 with copied audio into; ffmpeg picks the muxer from the extension.
 VIDEO_EXTENSIONS = frozenset({".mp4", ".m4v", ".mov", ".mkv", ".ts"})
+DEFAULT_SOURCE_EXTENSIONS = (".mp4", ".m4v", ".mov", ".mkv", ".ts")
 TEMPLATE_FIELDS = frozenset({"dir", "stem", "ext", "name", "model"})
 DEFAULT_OUTPUT_TEMPLATE = "{dir}{stem}_sr_{model}{ext}"
 
@@ -107,3 +111,50 @@ def output_key(source_key: str, template: str, model: str) -> str:
             "so ffmpeg knows which container to write"
         )
     return key
+
+
+def parse_prefix(text: str, default_bucket: str) -> S3Object:
+    """A folder of sources: `s3://bucket/prefix` (`s3://bucket/` for the whole bucket) or a prefix in the
+    default bucket. The key of the result is the listing prefix."""
+    if not isinstance(text, str) or text == "":
+        raise SourceError("a prefix entry is empty")
+    if text.startswith("s3://"):
+        bucket, _, prefix = text[len("s3://") :].partition("/")
+        return S3Object(validate_bucket_name(bucket, what=f"bucket name in prefix {text!r}"), prefix)
+    if URI_SCHEME.match(text):
+        raise SourceError(f"malformed prefix {text!r}: only s3:// URIs or plain prefixes are accepted")
+    if not default_bucket:
+        raise SourceError(f"prefix {text!r} is not an s3:// URI but no source bucket is set")
+    return S3Object(validate_bucket_name(default_bucket, what="source bucket name"), text)
+
+
+def parse_manifest(body: bytes, name: str) -> list[str]:
+    """Source entries (keys or s3:// URIs) from a manifest object, by its extension:
+
+    - `.json`: a list of strings, or an object with a "sources" list (the only form for keys with newlines);
+    - `.csv`: a column named "source" or "key" if the header has one, else the first column;
+    - anything else: one entry per line, taken literally (no trimming; blank lines are skipped).
+    """
+    try:
+        text = body.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise SourceError(f"manifest {name!r} is not UTF-8 text: {error}") from None
+    suffix = posixpath.splitext(name)[1].lower()
+    if suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise SourceError(f"manifest {name!r} is not valid JSON: {error}") from None
+        entries = data.get("sources") if isinstance(data, dict) else data
+        if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
+            raise SourceError(f'manifest {name!r} must be a JSON list of strings or {{"sources": [...]}}')
+        return entries
+    if suffix == ".csv":
+        rows = list(csv.reader(io.StringIO(text)))
+        if not rows:
+            return []
+        header = [cell.strip().lower() for cell in rows[0]]
+        column = next((header.index(n) for n in ("source", "key") if n in header), None)
+        data_rows = rows[1:] if column is not None else rows
+        return [row[column or 0] for row in data_rows if row and row[column or 0] != ""]
+    return [line.removesuffix("\r") for line in text.split("\n") if line.removesuffix("\r") != ""]

@@ -1,4 +1,4 @@
-"""The deferrable wait on one SSM command invocation, run by Airflow's triggerer."""
+"""The deferrable wait on SSM command invocations, run by Airflow's triggerer."""
 
 from __future__ import annotations
 
@@ -13,17 +13,18 @@ from botocore.exceptions import ClientError
 from include.vod_sr.commands import BOTO_CONFIG, Outcome, invocation_outcome, is_invocation_missing
 
 
-class SsmCommandTrigger(BaseTrigger):
-    """Fires once the invocation of `command_id` on `instance_id` has ended, or a bound has passed.
+class SsmCommandsTrigger(BaseTrigger):
+    """Fires as soon as one of `commands` has ended or passed a bound, listing every command that has.
 
-    Unlike provider 9.39.0's SsmRunCommandTrigger, an invocation SSM does not know yet is pending, not success.
-    Bounds are absolute epoch times, so a triggerer restart does not extend them.
+    Unlike provider 9.39.0's SsmRunCommandTrigger, an invocation SSM does not list yet is pending, not success.
+    Polling costs one GetCommandInvocation per command still running each `poll_interval`, whatever the number of
+    files those commands process. Bounds are absolute epoch times, so a triggerer restart does not extend them.
 
-    :param command_id: the SSM command to wait for.
-    :param instance_id: the one instance the command was sent to.
-    :param deadline: epoch seconds after which the wait gives up (status "timeout").
-    :param delivery_deadline: epoch seconds by which SSM must list the invocation (status "undelivered").
-    :param poll_interval: seconds between GetCommandInvocation calls.
+    :param commands: dicts with `command_id`, `instance_id`, `deadline` (epoch seconds after which the wait gives
+        up: outcome "timeout") and `delivery_deadline` (by which SSM must list the invocation: "undelivered").
+    :param poll_interval: seconds between polls.
+    :param resume_state: returned untouched in the event, for the deferring task to continue where it left off
+        (dag.test() in Airflow 3.3 drops `defer(kwargs=...)`, so the state travels with the trigger).
     :param aws_conn_id: Airflow connection for AWS.
     :param region_name: AWS region; the connection's when None.
     """
@@ -31,20 +32,16 @@ class SsmCommandTrigger(BaseTrigger):
     def __init__(
         self,
         *,
-        command_id: str,
-        instance_id: str,
-        deadline: float,
-        delivery_deadline: float,
+        commands: list[dict[str, Any]],
         poll_interval: float,
+        resume_state: Any = None,
         aws_conn_id: str | None = "aws_default",
         region_name: str | None = None,
     ) -> None:
         super().__init__()
-        self.command_id = command_id
-        self.instance_id = instance_id
-        self.deadline = deadline
-        self.delivery_deadline = delivery_deadline
+        self.commands = commands
         self.poll_interval = poll_interval
+        self.resume_state = resume_state
         self.aws_conn_id = aws_conn_id
         self.region_name = region_name
 
@@ -52,11 +49,9 @@ class SsmCommandTrigger(BaseTrigger):
         return (
             f"{self.__class__.__module__}.{self.__class__.__qualname__}",
             {
-                "command_id": self.command_id,
-                "instance_id": self.instance_id,
-                "deadline": self.deadline,
-                "delivery_deadline": self.delivery_deadline,
+                "commands": self.commands,
                 "poll_interval": self.poll_interval,
+                "resume_state": self.resume_state,
                 "aws_conn_id": self.aws_conn_id,
                 "region_name": self.region_name,
             },
@@ -67,44 +62,45 @@ class SsmCommandTrigger(BaseTrigger):
 
         return SsmHook(aws_conn_id=self.aws_conn_id, region_name=self.region_name, config=BOTO_CONFIG)
 
-    def _event(self, status: str, invocation_status: str | None, message: str) -> TriggerEvent:
-        return TriggerEvent(
-            {
-                "status": status,
-                "command_id": self.command_id,
-                "instance_id": self.instance_id,
-                "invocation_status": invocation_status,
-                "message": message,
-            }
-        )
+    async def _status(self, client: Any, command: dict[str, Any]) -> str | None:
+        try:
+            invocation = await client.get_command_invocation(
+                CommandId=command["command_id"], InstanceId=command["instance_id"]
+            )
+        except ClientError as error:
+            if not is_invocation_missing(error):
+                raise
+            return None
+        return invocation["Status"]
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         async with await self.hook().get_async_conn() as client:
             while True:
-                try:
-                    invocation = await client.get_command_invocation(
-                        CommandId=self.command_id, InstanceId=self.instance_id
-                    )
-                    status = invocation["Status"]
-                except ClientError as error:
-                    if not is_invocation_missing(error):
-                        raise
-                    status = None
-                outcome = invocation_outcome(status)
-                now = time.time()
-                if outcome is not Outcome.PENDING:
-                    yield self._event(outcome.value, status, f"command {self.command_id} ended {status}")
+                ended = []
+                for command in self.commands:
+                    status = await self._status(client, command)
+                    outcome = invocation_outcome(status)
+                    now = time.time()
+                    if outcome is not Outcome.PENDING:
+                        ended.append({**command, "outcome": outcome.value, "invocation_status": status})
+                    elif status is None and now > command["delivery_deadline"]:
+                        ended.append({**command, "outcome": "undelivered", "invocation_status": None})
+                    elif now > command["deadline"]:
+                        ended.append({**command, "outcome": "timeout", "invocation_status": status})
+                    else:
+                        self.log.info(
+                            "SSM command %s on %s: %s",
+                            command["command_id"],
+                            command["instance_id"],
+                            status or "not listed yet",
+                        )
+                if ended:
+                    yield TriggerEvent({"status": "ended", "commands": ended, "resume_state": self.resume_state})
                     return
-                if status is None and now > self.delivery_deadline:
-                    yield self._event("undelivered", None, f"SSM never listed command {self.command_id}")
-                    return
-                if now > self.deadline:
-                    yield self._event("timeout", status, f"command {self.command_id} still {status} at the deadline")
-                    return
-                self.log.info("SSM command %s on %s: %s", self.command_id, self.instance_id, status or "not listed yet")
                 await asyncio.sleep(self.poll_interval)
 
     async def on_kill(self) -> None:
-        """A user killed the waiting task: do not leave its GPU command running unattended."""
+        """A user killed the waiting task: do not leave its GPU commands running unattended."""
         async with await self.hook().get_async_conn() as client:
-            await client.cancel_command(CommandId=self.command_id, InstanceIds=[self.instance_id])
+            for command in self.commands:
+                await client.cancel_command(CommandId=command["command_id"], InstanceIds=[command["instance_id"]])

@@ -1,16 +1,14 @@
-"""Verification of a chunk's outputs in S3."""
+"""Verification of an instance's outputs in S3, from the chunk scripts' results plus S3 listings."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import datetime
 from typing import Any
 
-from botocore.exceptions import ClientError
-
-from include.vod_sr.plan import Chunk, FileJob
-
-RUN_METADATA_KEY = "vod-sr-run"  # set by the chunk script on every upload (`aws s3 cp --metadata`)
-NO_RESULT_LINE = {"status": "failed", "stage": "processing (no result line)"}
+from include.vod_sr.plan import Chunk, FileJob, existing_objects
+from include.vod_sr.script import chunk_keys, parse_result_lines
+from include.vod_sr.sources import S3Object
 
 
 def file_record(job: FileJob, status: str, reason: str = "", bytes_written: int = 0) -> dict[str, Any]:
@@ -24,34 +22,48 @@ def file_record(job: FileJob, status: str, reason: str = "", bytes_written: int 
     }
 
 
-def verify_file(s3: Any, job: FileJob, run_token: str, reported: Mapping[str, Any] | None) -> dict[str, Any]:
-    """One output: it exists, is non-empty, carries this run's token and the size the script reported."""
-    if reported is not None and reported.get("status") != "ok":
-        return file_record(
-            job, "failed", f"{reported.get('stage') or 'processing'} failed on the instance; see the wait task's log"
-        )
-    try:
-        head = s3.head_object(Bucket=job.output.bucket, Key=job.output.key)
-    except ClientError as error:
-        if error.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
-            return file_record(job, "failed", "output object missing")
-        raise
-    size = head["ContentLength"]
-    written_by = head.get("Metadata", {}).get(RUN_METADATA_KEY)
-    if written_by != run_token:
-        return file_record(job, "failed", f"output was not written by this run (run token {written_by!r})", size)
+def verify_file(
+    job: FileJob,
+    reported: Mapping[str, Any] | None,
+    listed: Mapping[str, Any] | None,
+    sent_at: datetime | None,
+) -> dict[str, Any]:
+    """One output: the script reported it written, it exists, is non-empty, has the size the script wrote and was
+    written after this run sent its chunk (`sent_at`: the chunk list's LastModified, S3's own clock)."""
+    if reported is None:
+        return file_record(job, "failed", "no result from the instance: its chunk command did not finish")
+    if reported["status"] != "ok":
+        return file_record(job, "failed", f"{reported['stage'] or 'processing'} failed on the instance")
+    if listed is None:
+        return file_record(job, "failed", "output object missing")
+    size = listed["Size"]
+    if sent_at is None or listed["LastModified"] < sent_at:
+        return file_record(job, "failed", "output was not written by this run (it predates the chunk)", size)
     if size == 0:
         return file_record(job, "failed", "output object is empty", size)
-    if reported is not None and reported.get("bytes") != size:
-        return file_record(job, "failed", f"output is {size} bytes; the instance wrote {reported.get('bytes')}", size)
+    if size != reported["bytes"]:
+        return file_record(job, "failed", f"output is {size} bytes; the instance wrote {reported['bytes']}", size)
     return file_record(job, "ok", "", size)
 
 
-def verify_chunk(
-    s3: Any, chunk: Chunk, run_token: str, results: Mapping[str, Mapping[str, Any]] | None
-) -> list[dict[str, Any]]:
-    """Every file of the chunk; `results` are the script's per-file lines (None when its command failed)."""
-    return [
-        verify_file(s3, job, run_token, None if results is None else results.get(str(job.index), NO_RESULT_LINE))
-        for job in chunk.files
-    ]
+def verify_chunks(s3: Any, bucket: str, run_token: str, chunks: list[Chunk]) -> list[dict[str, Any]]:
+    """Every file of `chunks`. S3 calls: one GetObject per chunk's results, listings for the rest."""
+    run_objects = {
+        obj.key: item
+        for obj, item in existing_objects(
+            s3, [S3Object(bucket, key) for chunk in chunks for key in chunk_keys(run_token, chunk.index)]
+        ).items()
+    }
+    outputs = existing_objects(s3, [job.output for chunk in chunks for job in chunk.files])
+    records = []
+    for chunk in chunks:
+        files_key, results_key = chunk_keys(run_token, chunk.index)
+        sent_at = run_objects[files_key]["LastModified"] if files_key in run_objects else None
+        results = None
+        if results_key in run_objects:
+            body = s3.get_object(Bucket=bucket, Key=results_key)["Body"].read().decode()
+            results = parse_result_lines(body)
+        for job in chunk.files:
+            reported = None if results is None else results.get(job.index, {"status": "failed", "stage": "reporting"})
+            records.append(verify_file(job, reported, outputs.get(job.output), sent_at))
+    return records

@@ -15,21 +15,22 @@ from tests.conftest import REPO_ROOT
 DAG_ID = "vod_sr_batch"
 EXPECTED_TASKS = {
     "plan",
-    "acquire",
-    "wait_for_agent",
-    "install_cli",
-    "chunk.send",
-    "chunk.wait",
-    "chunk.verify",
+    "lane.acquire",
+    "lane.wait_for_agent",
+    "lane.install_cli",
+    "lane.run_chunks",
+    "lane.verify",
+    "lane.release",
     "report",
-    "release",
 }
 GOOD_CONF = {
     "sources": ["videos/a.mp4", "s3://other-bucket/b.mov"],
     "model": "B",
     "source_bucket": "src-bucket",
     "output_bucket": "out-bucket",
-    "instance_id": "i-0123456789abcdef0",
+    "instance_ids": ["i-0123456789abcdef0", "i-0fedcba9876543210"],
+    "prefixes": ["incoming/2026-11-26/"],
+    "manifest": "s3://manifests/backfill.csv",
     "execution_timeout": 7200,
 }
 
@@ -52,11 +53,12 @@ def test_expected_tasks(dag):
     assert {t.task_id for t in dag.tasks} == EXPECTED_TASKS
 
 
-def test_release_is_the_teardown_of_acquire(dag):
-    acquire, release = dag.get_task("acquire"), dag.get_task("release")
+def test_release_is_the_teardown_of_acquire_in_each_lane(dag):
+    acquire, release = dag.get_task("lane.acquire"), dag.get_task("lane.release")
 
     assert acquire.is_setup and release.is_teardown
-    assert "acquire" in release.upstream_task_ids
+    assert "lane.acquire" in release.upstream_task_ids
+    assert acquire.task_group.group_id == release.task_group.group_id == "lane"  # one per instance
     # A failed stop must show in the run's state: that is what costs money.
     assert release.on_failure_fail_dagrun
 
@@ -64,32 +66,32 @@ def test_release_is_the_teardown_of_acquire(dag):
 def test_report_is_not_upstream_of_the_teardown(dag):
     # With on_failure_fail_dagrun, a teardown downstream of report would alone decide the run's state and hide a
     # failed report (seen in the e2e failing-file test before this was fixed).
-    assert "report" not in dag.get_task("release").upstream_task_ids
+    assert "report" not in dag.get_task("lane.release").upstream_task_ids
     assert dag.get_task("report").downstream_task_ids == set()
 
 
 def test_chain_order(dag):
     upstream = {t.task_id: t.upstream_task_ids for t in dag.tasks}
 
-    assert upstream["acquire"] == {"plan"}
-    assert upstream["wait_for_agent"] == {"acquire"}
-    assert upstream["install_cli"] == {"wait_for_agent"}
-    assert upstream["chunk.send"] == {"install_cli", "plan"}
-    assert upstream["chunk.wait"] == {"chunk.send"}
-    assert "chunk.wait" in upstream["chunk.verify"]
-    assert "chunk.verify" in upstream["report"] and "chunk.verify" in upstream["release"]
+    assert upstream["lane.acquire"] == {"plan"}
+    assert upstream["lane.wait_for_agent"] == {"lane.acquire"}
+    assert upstream["lane.install_cli"] == {"lane.wait_for_agent"}
+    assert upstream["lane.run_chunks"] == {"lane.install_cli", "plan"}
+    assert "lane.run_chunks" in upstream["lane.verify"]
+    assert "lane.verify" in upstream["report"] and "lane.verify" in upstream["lane.release"]
 
 
-def test_wait_is_deferrable_and_never_retried_blindly(dag):
-    from include.vod_sr.operators import WaitForSsmCommandOperator
+def test_chunks_run_deferred_and_are_never_retried_blindly(dag):
+    from include.vod_sr.operators import RunChunksOperator
 
-    wait, send = dag.get_task("chunk.wait"), dag.get_task("chunk.send")
-    assert isinstance(wait, WaitForSsmCommandOperator)
-    assert send.retries == 0  # a retried send could run the same files twice on the GPU
+    run_chunks = dag.get_task("lane.run_chunks")
+    assert isinstance(run_chunks, RunChunksOperator)
+    assert run_chunks.retries == 0  # a retry would run the same files twice on the GPU
+    assert dag.get_task("lane.verify").trigger_rule == "all_done"  # verify what got done, also after a failure
 
 
 def test_readiness_sensor_is_bounded_and_frees_its_slot(dag):
-    sensor = dag.get_task("wait_for_agent")
+    sensor = dag.get_task("lane.wait_for_agent")
 
     assert sensor.mode == "reschedule"
     assert 0 < sensor.timeout <= 3600
@@ -119,7 +121,10 @@ class TestParams:
         "bad",
         [
             pytest.param({"sources": "a.mp4"}, id="sources-not-a-list"),
-            pytest.param({"instance_id": "web-01"}, id="instance-id"),
+            pytest.param({"instance_ids": ["web-01"]}, id="instance-id"),
+            pytest.param({"instance_ids": "i-0123456789abcdef0"}, id="instance-ids-not-a-list"),
+            pytest.param({"extensions": ["mp4"]}, id="extension-without-dot"),
+            pytest.param({"chunk_size": 500}, id="chunk-size-over-result-limit"),
             pytest.param({"output_bucket": "Bad_Bucket"}, id="bucket"),
             pytest.param({"execution_timeout": 10}, id="timeout-too-short"),
             pytest.param({"execution_timeout": 200_000}, id="timeout-over-ssm-max"),

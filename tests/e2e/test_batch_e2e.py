@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from include.local_aws.world import OUTPUT_BUCKET, SAMPLE_KEY, probe_video
+from include.local_aws.world import OUTPUT_BUCKET, SAMPLE_KEY, create_world, probe_video
 from include.vod_sr.report import REPORT_PREFIX
 
 pytestmark = pytest.mark.e2e
@@ -40,18 +40,20 @@ def test_two_files_become_verified_2x_outputs_and_the_instance_stops(world, tmp_
     assert stored_report(world, run)["counts"] == {"ok": 2}
 
 
-def test_corrupt_file_fails_the_run_keeps_the_other_output_and_stops_the_instance(world, tmp_path, capfd):
+def test_corrupt_file_fails_the_run_keeps_the_other_output_and_stops_the_instance(world, tmp_path, capfd, caplog):
     world.upload("good.mp4")
     world.upload("corrupt.mp4", body=b"this is not a video" * 100)
 
     run = world.run(sources=["good.mp4", "corrupt.mp4"])
 
     assert run.state == "failed"
-    assert run.task_states["chunk.wait"] == ["failed"]
+    assert run.task_states["lane.run_chunks"] == ["failed"]
     assert run.task_states["report"] == ["failed"]
-    assert run.task_states["release"] == ["success"]
+    assert run.task_states["lane.release"] == ["success"]
     logs = capfd.readouterr()
-    assert "Invalid data found when processing input" in logs.out + logs.err  # ffmpeg's words, from the instance
+    task_log = caplog.text + logs.out + logs.err
+    assert "Invalid data found when processing input" in task_log  # ffmpeg's words, from the instance's stderr
+    assert "Status=Failed StatusDetails=Failed exit code=1" in task_log
     assert probe_video(world.download("good_sr_cpu.mp4", tmp_path / "good.mp4")).width == 1280
     files = {f["source"].rsplit("/", 1)[-1]: f for f in stored_report(world, run)["files"]}
     assert files["good.mp4"]["status"] == "ok"
@@ -66,7 +68,7 @@ def test_bad_input_fails_in_plan_before_any_instance_starts(world):
 
     assert run.state == "failed"
     assert run.task_states["plan"] == ["failed"]
-    assert run.task_states["acquire"] == ["upstream_failed"]
+    assert run.task_states["lane.acquire"] == ["upstream_failed"]
     assert "StartInstances" not in world.actions()
     assert world.instance_state() == "stopped"
 
@@ -79,7 +81,7 @@ def test_rerun_skips_finished_outputs_without_starting_the_instance(world):
     rerun = world.run(sources=[SAMPLE_KEY])
 
     assert rerun.state == "success"
-    assert rerun.task_states["acquire"] == ["skipped"]
+    assert rerun.task_states["lane.acquire"] == ["skipped"]
     assert "StartInstances" not in world.actions()
 
 
@@ -102,6 +104,43 @@ def test_agent_that_never_comes_online_fails_the_run_and_the_instance_is_stopped
     run = world.run(sources=[SAMPLE_KEY])
 
     assert run.state == "failed"
-    assert run.task_states["wait_for_agent"] == ["failed"]
+    assert run.task_states["lane.wait_for_agent"] == ["failed"]
     assert "SendCommand" not in world.actions()
     assert world.instance_state() == "stopped"
+
+
+def test_chunks_spread_over_two_instances_and_a_broken_one_does_not_strand_the_other(world, tmp_path):
+    healthy = world.instance_id
+    broken = create_world(world.emulator.endpoint_url)
+    world.ec2.terminate_instances(InstanceIds=[broken])
+    keys = [f"spread/{n}.mp4" for n in range(4)]
+    for key in keys:
+        world.upload(key)
+
+    run = world.run(sources=keys, instance_ids=[healthy, broken], chunk_size=1)
+
+    assert run.state == "failed"
+    assert sorted(run.task_states["lane.acquire"]) == ["failed", "success"]
+    assert sorted(run.task_states["lane.run_chunks"]) == ["success", "upstream_failed"]
+    files = {f["source"].rsplit("/", 1)[-1]: f for f in stored_report(world, run)["files"]}
+    # chunks 0 and 2 went to the healthy instance, 1 and 3 to the terminated one
+    assert [files[f"{n}.mp4"]["status"] for n in range(4)] == ["ok", "failed", "ok", "failed"]
+    assert stored_report(world, run)["retry_conf"]["sources"] == [
+        "s3://vod-sr-demo-source/spread/1.mp4",
+        "s3://vod-sr-demo-source/spread/3.mp4",
+    ]
+    assert world.instance_state() == "stopped"
+
+
+def test_prefix_and_manifest_sources(world):
+    world.upload("incoming/a.mp4")
+    world.upload("incoming/b.mp4")
+    world.upload("incoming/readme.txt", body=b"not a video")
+    world.upload("manifests/extra.txt", body=f"{SAMPLE_KEY}\n".encode())
+    world.upload(SAMPLE_KEY)
+
+    run = world.run(prefixes=["incoming/"], manifest="manifests/extra.txt")
+
+    assert run.state == "success", run.task_states
+    outputs = {o["Key"] for o in world.s3.list_objects_v2(Bucket=OUTPUT_BUCKET)["Contents"]}
+    assert {"incoming/a_sr_cpu.mp4", "incoming/b_sr_cpu.mp4", output_key(SAMPLE_KEY)} <= outputs

@@ -140,10 +140,12 @@ def test_triggered_through_the_rest_api_the_triggerer_runs_the_wait(airflow, wor
     assert airflow.run_state(run_id) == "success", airflow.task_states(run_id)
     assert world.s3.head_object(Bucket="vod-sr-demo-output", Key="original_640x480_10s_sr_cpu.mp4")["ContentLength"] > 0
     assert world.instance_state() == "stopped"
-    wait_logs = airflow.home / "logs" / f"dag_id={DAG_ID}" / f"run_id={run_id}" / "task_id=chunk.wait" / "map_index=0"
+    wait_logs = (
+        airflow.home / "logs" / f"dag_id={DAG_ID}" / f"run_id={run_id}" / "task_id=lane.run_chunks" / "map_index=0"
+    )
     assert "Pausing task as DEFERRED" in (wait_logs / "attempt=1.log").read_text()
     (trigger_log,) = wait_logs.glob("attempt=1.log.trigger.*.log")  # written by the triggerer process
-    assert "Trigger fired event" in trigger_log.read_text() and "'status': 'success'" in trigger_log.read_text()
+    assert "Trigger fired event" in trigger_log.read_text() and "'outcome': 'success'" in trigger_log.read_text()
 
 
 def test_marking_a_run_failed_still_stops_the_instance_and_cancels_its_command(airflow, world, tmp_path):
@@ -151,15 +153,15 @@ def test_marking_a_run_failed_still_stops_the_instance_and_cancels_its_command(a
     world.upload("long.mp4", make_sample_clip(tmp_path / "long.mp4", seconds=90))
     run_id = airflow.trigger({"sources": ["long.mp4"], "model": "cpu"})
     airflow.wait_until(
-        lambda: airflow.task_states(run_id).get("chunk.wait") == "deferred", 240, "the wait never deferred"
+        lambda: airflow.task_states(run_id).get("lane.run_chunks") == "deferred", 240, "the wait never deferred"
     )
 
     airflow.api("PATCH", f"/dags/{DAG_ID}/dagRuns/{run_id}", {"state": "failed"})
     airflow.wait_until(
-        lambda: airflow.task_states(run_id).get("release") in ("success", "failed"), 240, "the teardown never ran"
+        lambda: airflow.task_states(run_id).get("lane.release") in ("success", "failed"), 240, "the teardown never ran"
     )
 
-    assert airflow.task_states(run_id)["release"] == "success"
+    assert airflow.task_states(run_id)["lane.release"] == "success"
     assert world.instance_state() == "stopped"
     ssm = boto_client("ssm", world.emulator.endpoint_url)
     commands = ssm.list_commands(InstanceId=world.instance_id)["Commands"]

@@ -16,14 +16,14 @@ from include.vod_sr.commands import (
     run_and_wait,
     send_command,
 )
-from include.vod_sr.triggers import SsmCommandTrigger
+from include.vod_sr.triggers import SsmCommandsTrigger
 
 COMMAND_ID = "11111111-2222-3333-4444-555555555555"
 INSTANCE_ID = "i-0123456789abcdef0"
 MISSING = ClientError({"Error": {"Code": "InvocationDoesNotExist", "Message": ""}}, "GetCommandInvocation")
 
 
-def collect_events(trigger: SsmCommandTrigger) -> list[dict]:
+def collect_events(trigger) -> list[dict]:
     async def run() -> list[dict]:
         return [event.payload async for event in trigger.run()]
 
@@ -31,10 +31,11 @@ def collect_events(trigger: SsmCommandTrigger) -> list[dict]:
 
 
 class StubAsyncSsm:
-    """Stub aiobotocore SSM client: answers GetCommandInvocation from a script of statuses (None: not known yet)."""
+    """Stub aiobotocore SSM client: answers GetCommandInvocation from a script of statuses per command
+    (None: not known yet); the last status of a script repeats."""
 
-    def __init__(self, statuses: list[str | None]) -> None:
-        self.statuses = list(statuses)
+    def __init__(self, statuses: dict[str, list[str | None]]) -> None:
+        self.statuses = {command_id: list(script) for command_id, script in statuses.items()}
         self.polls = 0
 
     async def __aenter__(self):
@@ -43,28 +44,32 @@ class StubAsyncSsm:
     async def __aexit__(self, *exc):
         return False
 
-    async def get_command_invocation(self, CommandId, InstanceId):
+    async def get_command_invocation(self, CommandId, InstanceId):  # noqa: N803 - boto3's parameter names
         self.polls += 1
-        status = self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0]
+        script = self.statuses[CommandId]
+        status = script.pop(0) if len(script) > 1 else script[0]
         if status is None:
             raise MISSING
         return {"Status": status}
 
 
-def stub_trigger(monkeypatch, client: StubAsyncSsm, **bounds) -> SsmCommandTrigger:
+def stub_trigger(monkeypatch, client: StubAsyncSsm, **bounds) -> SsmCommandsTrigger:
     class StubHook:
         async def get_async_conn(self):
             return client
 
-    monkeypatch.setattr(SsmCommandTrigger, "hook", lambda self: StubHook())
+    monkeypatch.setattr(SsmCommandsTrigger, "hook", lambda self: StubHook())
     now = time.time()
-    return SsmCommandTrigger(
-        command_id=COMMAND_ID,
-        instance_id=INSTANCE_ID,
-        deadline=bounds.get("deadline", now + 60),
-        delivery_deadline=bounds.get("delivery_deadline", now + 60),
-        poll_interval=0.01,
-    )
+    commands = [
+        {
+            "command_id": command_id,
+            "instance_id": INSTANCE_ID,
+            "deadline": bounds.get("deadline", now + 60),
+            "delivery_deadline": bounds.get("delivery_deadline", now + 60),
+        }
+        for command_id in client.statuses
+    ]
+    return SsmCommandsTrigger(commands=commands, poll_interval=0.01)
 
 
 class TestInvocationOutcome:
@@ -84,55 +89,67 @@ class TestInvocationOutcome:
             invocation_outcome("Exploded")
 
 
-class TestSsmCommandTrigger:
+class TestSsmCommandsTrigger:
     def test_unknown_invocation_right_after_send_is_pending_not_success(self, monkeypatch):
-        client = StubAsyncSsm([None, None, "Pending", "InProgress", "Success"])
+        client = StubAsyncSsm({COMMAND_ID: [None, None, "Pending", "InProgress", "Success"]})
 
-        events = collect_events(stub_trigger(monkeypatch, client))
+        (event,) = collect_events(stub_trigger(monkeypatch, client))
 
-        assert [e["status"] for e in events] == ["success"]
+        assert [c["outcome"] for c in event["commands"]] == ["success"]
         assert client.polls == 5
 
     def test_failure_is_reported_with_the_invocation_status(self, monkeypatch):
-        events = collect_events(stub_trigger(monkeypatch, StubAsyncSsm(["InProgress", "Failed"])))
+        (event,) = collect_events(stub_trigger(monkeypatch, StubAsyncSsm({COMMAND_ID: ["InProgress", "Failed"]})))
 
-        assert events == [
-            {
-                "status": "failed",
-                "command_id": COMMAND_ID,
-                "instance_id": INSTANCE_ID,
-                "invocation_status": "Failed",
-                "message": f"command {COMMAND_ID} ended Failed",
-            }
-        ]
+        (command,) = event["commands"]
+        assert (command["command_id"], command["outcome"], command["invocation_status"]) == (
+            COMMAND_ID,
+            "failed",
+            "Failed",
+        )
+
+    def test_fires_when_the_first_of_several_commands_ends(self, monkeypatch):
+        client = StubAsyncSsm({"running": ["InProgress"], "queued": ["InProgress", "InProgress", "Success"]})
+
+        (event,) = collect_events(stub_trigger(monkeypatch, client))
+
+        assert [(c["command_id"], c["outcome"]) for c in event["commands"]] == [("queued", "success")]
+
+    def test_polls_one_call_per_command_not_per_file(self, monkeypatch):
+        client = StubAsyncSsm({"a": ["InProgress"] * 9 + ["Success"], "b": ["InProgress"]})
+
+        collect_events(stub_trigger(monkeypatch, client))
+
+        assert client.polls == 20  # 10 rounds x 2 commands
 
     def test_never_listed_invocation_ends_at_the_delivery_bound(self, monkeypatch):
-        trigger = stub_trigger(monkeypatch, StubAsyncSsm([None]), delivery_deadline=time.time() + 0.05)
-
-        assert [e["status"] for e in collect_events(trigger)] == ["undelivered"]
-
-    def test_long_running_command_ends_at_the_deadline(self, monkeypatch):
-        trigger = stub_trigger(monkeypatch, StubAsyncSsm(["InProgress"]), deadline=time.time() + 0.05)
+        trigger = stub_trigger(monkeypatch, StubAsyncSsm({COMMAND_ID: [None]}), delivery_deadline=time.time() + 0.05)
 
         (event,) = collect_events(trigger)
 
-        assert (event["status"], event["invocation_status"]) == ("timeout", "InProgress")
+        assert [c["outcome"] for c in event["commands"]] == ["undelivered"]
+
+    def test_long_running_command_ends_at_the_deadline(self, monkeypatch):
+        trigger = stub_trigger(monkeypatch, StubAsyncSsm({COMMAND_ID: ["InProgress"]}), deadline=time.time() + 0.05)
+
+        (event,) = collect_events(trigger)
+
+        assert [(c["outcome"], c["invocation_status"]) for c in event["commands"]] == [("timeout", "InProgress")]
 
     def test_serializes_to_its_own_arguments(self):
-        trigger = SsmCommandTrigger(
-            command_id="c",
-            instance_id="i",
-            deadline=2.0,
-            delivery_deadline=1.0,
+        commands = [{"command_id": "c", "instance_id": "i", "deadline": 2.0, "delivery_deadline": 1.0}]
+        trigger = SsmCommandsTrigger(
+            commands=commands,
             poll_interval=5,
+            resume_state=[{"chunk": 0}],
             aws_conn_id="aws_x",
             region_name="eu-west-1",
         )
 
         path, kwargs = trigger.serialize()
 
-        assert path == "include.vod_sr.triggers.SsmCommandTrigger"
-        assert SsmCommandTrigger(**kwargs).serialize() == (path, kwargs)
+        assert path == "include.vod_sr.triggers.SsmCommandsTrigger"
+        assert SsmCommandsTrigger(**kwargs).serialize() == (path, kwargs)
 
 
 class TestDescribeInvocation:
@@ -165,17 +182,16 @@ class TestAgainstTheEmulator:
             ssm, running_instance, "sleep 3; echo done", comment="t", execution_timeout=60, delivery_timeout=30
         )
         assert get_invocation(ssm, command_id, running_instance) is None
-        trigger = SsmCommandTrigger(
-            command_id=command_id,
-            instance_id=running_instance,
-            deadline=time.time() + 60,
-            delivery_deadline=time.time() + 30,
-            poll_interval=0.5,
-        )
+        command = {
+            "command_id": command_id,
+            "instance_id": running_instance,
+            "deadline": time.time() + 60,
+            "delivery_deadline": time.time() + 30,
+        }
 
-        events = collect_events(trigger)
+        (event,) = collect_events(SsmCommandsTrigger(commands=[command], poll_interval=0.5))
 
-        assert [e["status"] for e in events] == ["success"]
+        assert [c["outcome"] for c in event["commands"]] == ["success"]
         assert get_invocation(ssm, command_id, running_instance)["StandardOutputContent"] == "done\n"
 
     def test_provider_trigger_reports_success_before_the_command_ran(self, running_instance, emulator_env):

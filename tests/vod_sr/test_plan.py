@@ -20,7 +20,7 @@ def request(*sources: str, **overrides) -> BatchRequest:
         "model": "A",
         "source_bucket": SOURCE,
         "output_bucket": OUTPUT,
-        "instance_id": INSTANCE_ID,
+        "instance_ids": [INSTANCE_ID],
         **overrides,
     }
     return BatchRequest.from_params(params)
@@ -43,9 +43,12 @@ class TestRequestValidation:
     @pytest.mark.parametrize(
         ("overrides", "message"),
         [
-            pytest.param({"sources": []}, "source list is empty", id="empty-sources"),
-            pytest.param({"sources": [1, 2]}, "list of keys", id="non-string-sources"),
-            pytest.param({"instance_id": "web-01"}, "'web-01' is not an EC2 instance id", id="instance-id"),
+            pytest.param({"sources": []}, "no sources: give keys", id="empty-sources"),
+            pytest.param({"sources": [1, 2]}, "sources must be a list of strings", id="non-string-sources"),
+            pytest.param({"instance_ids": ["web-01"]}, "'web-01' is not an EC2 instance id", id="instance-id"),
+            pytest.param({"instance_ids": []}, "no instance", id="no-instance"),
+            pytest.param({"chunk_size": 201}, "outside 1..200", id="chunk-size"),
+            pytest.param({"extensions": ["mp4"]}, "must start with a dot", id="extension"),
             pytest.param({"output_bucket": "Bad_Bucket"}, "'Bad_Bucket' (output bucket name)", id="output-bucket"),
             pytest.param({"execution_timeout": 10}, "outside 60..172800", id="timeout-too-small"),
             pytest.param({"output_template": "{nope}"}, "unknown fields", id="template"),
@@ -58,7 +61,7 @@ class TestRequestValidation:
             "model": "A",
             "source_bucket": SOURCE,
             "output_bucket": OUTPUT,
-            "instance_id": INSTANCE_ID,
+            "instance_ids": [INSTANCE_ID],
             **overrides,
         }
 
@@ -166,7 +169,7 @@ class TestChunking:
     JOBS = [FileJob(n, S3Object("b", f"{n}.mp4"), S3Object("o", f"{n}.mp4")) for n in range(25)]
 
     def test_chunks_hold_chunk_size_files_in_order(self):
-        chunks = chunk_files(self.JOBS, INSTANCE_ID, 10)
+        chunks = chunk_files(self.JOBS, (INSTANCE_ID,), 10)
 
         assert [len(c.files) for c in chunks] == [10, 10, 5]
         assert [f.index for c in chunks for f in c.files] == list(range(25))
@@ -174,13 +177,18 @@ class TestChunking:
     def test_ten_thousand_files_stay_within_airflows_mapping_limit(self):
         jobs = [FileJob(n, S3Object("b", f"{n}.mp4"), S3Object("o", f"{n}.mp4")) for n in range(10_000)]
 
-        chunks = chunk_files(jobs, INSTANCE_ID, 1)
+        chunks = chunk_files(jobs, (INSTANCE_ID,), 1)
 
         assert len(chunks) <= MAX_MAPPED_CHUNKS
         assert sum(len(c.files) for c in chunks) == 10_000
 
+    def test_chunks_are_dealt_out_to_the_instances_in_turn(self):
+        chunks = chunk_files(self.JOBS, ("i-aaaaaaaaaaaaaaaaa", "i-bbbbbbbbbbbbbbbbb"), 5)
+
+        assert [c.instance_id[2] for c in chunks] == ["a", "b", "a", "b", "a"]
+
     def test_chunk_round_trips_through_xcom(self):
-        (chunk, *_) = chunk_files(self.JOBS, INSTANCE_ID, 10)
+        (chunk, *_) = chunk_files(self.JOBS, (INSTANCE_ID,), 10)
 
         assert type(chunk).from_xcom(chunk.to_xcom()) == chunk
 
@@ -189,3 +197,80 @@ def test_run_token_is_stable_and_ascii():
     assert run_token("vod_sr_batch", "manual__2026") == run_token("vod_sr_batch", "manual__2026")
     assert run_token("vod_sr_batch", "manual__2026") != run_token("vod_sr_batch", "manual__2027")
     assert run_token("d", "r").isascii() and len(run_token("d", "r")) == 16
+
+
+class TestSourceForms:
+    def test_prefix_lists_videos_by_extension_case_insensitively(self, s3):
+        for key in ("in/a.mp4", "in/b.MOV", "in/notes.txt", "in/sub/c.mkv", "other/d.mp4"):
+            put(s3, key)
+
+        plan = plan_batch(request(prefixes=["in/"]), s3, run_token=TOKEN)
+
+        assert [f.source.key for c in plan.chunks for f in c.files] == ["in/a.mp4", "in/b.MOV", "in/sub/c.mkv"]
+
+    def test_prefix_uri_and_custom_extensions(self, s3):
+        s3.create_bucket(Bucket="archive")
+        put(s3, "2024/x.ts", bucket="archive")
+        put(s3, "2024/y.mp4", bucket="archive")
+
+        plan = plan_batch(request(prefixes=["s3://archive/2024/"], extensions=[".ts"]), s3, run_token=TOKEN)
+
+        assert [f.source.uri for c in plan.chunks for f in c.files] == ["s3://archive/2024/x.ts"]
+
+    def test_prefix_with_no_videos_is_an_error(self, s3):
+        put(s3, "docs/readme.txt")
+
+        with pytest.raises(PlanError, match="prefix 's3://src-bucket/docs/' holds no files ending in"):
+            plan_batch(request(prefixes=["docs/"]), s3, run_token=TOKEN)
+
+    @pytest.mark.parametrize(
+        ("name", "body"),
+        [
+            pytest.param("list.txt", "a.mp4\r\ns3://src-bucket/b.mp4\n\n", id="text"),
+            pytest.param("list.csv", "title,key\nA,a.mp4\nB,s3://src-bucket/b.mp4\n", id="csv-key-column"),
+            pytest.param("list.csv", "a.mp4\ns3://src-bucket/b.mp4\n", id="csv-first-column"),
+            pytest.param("list.json", '["a.mp4", "s3://src-bucket/b.mp4"]', id="json-list"),
+            pytest.param("list.json", '{"sources": ["a.mp4", "s3://src-bucket/b.mp4"]}', id="json-object"),
+        ],
+    )
+    def test_manifest_formats(self, s3, name, body):
+        put(s3, "a.mp4")
+        put(s3, "b.mp4")
+        put(s3, f"manifests/{name}", body=body.encode())
+
+        plan = plan_batch(request(manifest=f"manifests/{name}"), s3, run_token=TOKEN)
+
+        assert [f.source.key for c in plan.chunks for f in c.files] == ["a.mp4", "b.mp4"]
+
+    def test_json_manifest_carries_keys_with_newlines(self, s3):
+        put(s3, "odd\nname.mp4")
+        put(s3, "m.json", body=b'["odd\\nname.mp4"]')
+
+        plan = plan_batch(request(manifest="m.json"), s3, run_token=TOKEN)
+
+        assert plan.chunks[0].files[0].source.key == "odd\nname.mp4"
+
+    def test_manifest_entry_that_does_not_exist_is_named(self, s3):
+        put(s3, "m.txt", body=b"gone.mp4\n")
+
+        with pytest.raises(PlanError, match="missing source objects: 's3://src-bucket/gone.mp4'"):
+            plan_batch(request(manifest="m.txt"), s3, run_token=TOKEN)
+
+    def test_missing_manifest_is_named(self, s3):
+        with pytest.raises(PlanError, match="manifest 's3://src-bucket/nope.txt' cannot be read"):
+            plan_batch(request(manifest="nope.txt"), s3, run_token=TOKEN)
+
+    def test_bad_json_manifest(self, s3):
+        put(s3, "m.json", body=b'{"sources": "a.mp4"}')
+
+        with pytest.raises(PlanError, match="must be a JSON list of strings"):
+            plan_batch(request(manifest="m.json"), s3, run_token=TOKEN)
+
+    def test_forms_combine_without_duplicates(self, s3):
+        for key in ("in/a.mp4", "in/b.mp4", "c.mp4"):
+            put(s3, key)
+        put(s3, "m.txt", body=b"in/b.mp4\nc.mp4\n")
+
+        plan = plan_batch(request("in/a.mp4", prefixes=["in/"], manifest="m.txt"), s3, run_token=TOKEN)
+
+        assert [f.source.key for c in plan.chunks for f in c.files] == ["in/a.mp4", "in/b.mp4", "c.mp4"]

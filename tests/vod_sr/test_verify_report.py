@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import boto3
 import pytest
@@ -9,11 +10,14 @@ from moto import mock_aws
 from include.vod_sr.plan import Chunk, FileJob
 from include.vod_sr.report import BatchFailed, build_report, format_table, raise_if_failed, write_report
 from include.vod_sr.sources import S3Object
-from include.vod_sr.verify import RUN_METADATA_KEY, verify_chunk, verify_file
+from include.vod_sr.script import chunk_keys, chunk_list
+from include.vod_sr.verify import verify_chunks
 
 OUTPUT = "out-bucket"
 TOKEN = "1111222233334444"
 JOB = FileJob(0, S3Object("src", "a.mp4"), S3Object(OUTPUT, "a_sr.mp4"))
+CHUNK = Chunk(0, "i-1", (JOB,))
+FILES_KEY, RESULTS_KEY = chunk_keys(TOKEN, 0)
 
 
 @pytest.fixture
@@ -24,57 +28,85 @@ def s3():
         yield client
 
 
-def upload(s3, key: str, body: bytes, token: str | None = TOKEN) -> None:
-    metadata = {RUN_METADATA_KEY: token} if token else {}
-    s3.put_object(Bucket=OUTPUT, Key=key, Body=body, Metadata=metadata)
+def send_chunk(s3) -> None:
+    """What the run does before SendCommand: store the chunk's file list (its time marks "this run")."""
+    s3.put_object(Bucket=OUTPUT, Key=FILES_KEY, Body=chunk_list(CHUNK))
 
 
-class TestVerifyFile:
+def instance_writes(s3, body: bytes | None, result: str = "ok", reported_bytes: int | None = None) -> None:
+    """What the chunk script does: upload the output, then the results file."""
+    if body is not None:
+        s3.put_object(Bucket=OUTPUT, Key="a_sr.mp4", Body=body)
+    size = len(body or b"") if reported_bytes is None else reported_bytes
+    stage = "" if result == "ok" else "ffmpeg"
+    line = f"VODSR-RESULT\t0\t{result}\t{size}\t3\t{stage}\n"
+    s3.put_object(Bucket=OUTPUT, Key=RESULTS_KEY, Body=line.encode())
+
+
+def verify(s3) -> dict:
+    (record,) = verify_chunks(s3, OUTPUT, TOKEN, [CHUNK])
+    return record
+
+
+class TestVerify:
     def test_output_written_by_this_run_passes(self, s3):
-        upload(s3, "a_sr.mp4", b"x" * 100)
+        send_chunk(s3)
+        instance_writes(s3, b"x" * 100)
 
-        record = verify_file(s3, JOB, TOKEN, {"status": "ok", "bytes": 100})
+        record = verify(s3)
 
         assert (record["status"], record["bytes"]) == ("ok", 100)
 
     def test_missing_output_fails(self, s3):
-        assert verify_file(s3, JOB, TOKEN, None)["reason"] == "output object missing"
+        send_chunk(s3)
+        instance_writes(s3, None, reported_bytes=10)
+
+        assert verify(s3)["reason"] == "output object missing"
 
     def test_empty_output_fails(self, s3):
-        upload(s3, "a_sr.mp4", b"")
+        send_chunk(s3)
+        instance_writes(s3, b"")
 
-        assert verify_file(s3, JOB, TOKEN, None)["reason"] == "output object is empty"
+        assert verify(s3)["reason"] == "output object is empty"
 
-    @pytest.mark.parametrize("earlier", ["9999888877776666", None], ids=["other-run", "no-token"])
-    def test_object_left_by_an_earlier_run_does_not_count(self, s3, earlier):
-        upload(s3, "a_sr.mp4", b"old output", token=earlier)
+    def test_object_left_by_an_earlier_run_does_not_count(self, s3):
+        s3.put_object(Bucket=OUTPUT, Key="a_sr.mp4", Body=b"old output")
+        time.sleep(1.1)  # S3 LastModified has one-second resolution
+        send_chunk(s3)
+        s3.put_object(Bucket=OUTPUT, Key=RESULTS_KEY, Body=b"VODSR-RESULT\t0\tok\t10\t3\t\n")
 
-        record = verify_file(s3, JOB, TOKEN, None)
+        record = verify(s3)
 
         assert record["status"] == "failed"
         assert "not written by this run" in record["reason"]
 
     def test_size_must_match_what_the_instance_wrote(self, s3):
-        upload(s3, "a_sr.mp4", b"x" * 10)
+        send_chunk(s3)
+        instance_writes(s3, b"x" * 10, reported_bytes=11)
 
-        record = verify_file(s3, JOB, TOKEN, {"status": "ok", "bytes": 11})
-
-        assert record["reason"] == "output is 10 bytes; the instance wrote 11"
+        assert verify(s3)["reason"] == "output is 10 bytes; the instance wrote 11"
 
     def test_file_the_script_reported_failed_is_failed_even_if_an_object_exists(self, s3):
-        upload(s3, "a_sr.mp4", b"x")
+        send_chunk(s3)
+        instance_writes(s3, b"x", result="failed")
 
-        record = verify_file(s3, JOB, TOKEN, {"status": "failed", "stage": "ffmpeg"})
+        assert verify(s3)["reason"] == "ffmpeg failed on the instance"
 
-        assert record["reason"].startswith("ffmpeg failed on the instance")
+    def test_chunk_whose_command_never_finished_fails_its_files(self, s3):
+        send_chunk(s3)
+        s3.put_object(Bucket=OUTPUT, Key="a_sr.mp4", Body=b"x")  # uploaded, then the instance was stopped
 
-    def test_chunk_without_a_result_line_for_a_file_fails_that_file(self, s3):
-        upload(s3, "a_sr.mp4", b"x")
-        chunk = Chunk(0, "i-1", (JOB,))
+        assert verify(s3)["reason"].startswith("no result from the instance")
 
-        (record,) = verify_chunk(s3, chunk, TOKEN, results={})
+    def test_verification_lists_instead_of_heading_each_output(self, s3):
+        send_chunk(s3)
+        instance_writes(s3, b"x" * 5)
+        calls: list[str] = []
+        s3.meta.events.register("before-call.s3", lambda model, **_: calls.append(model.name))
 
-        assert record["status"] == "failed"
+        verify(s3)
+
+        assert sorted(calls) == ["GetObject", "ListObjectsV2", "ListObjectsV2"]
 
 
 class TestReport:
@@ -87,24 +119,25 @@ class TestReport:
         "reason": "ffmpeg failed",
         "bytes": 0,
     }
-    SKIPPED = FileJob(2, S3Object("src", "c.mp4"), S3Object("o", "c.mp4"))
-    PARAMS = {"sources": ["a.mp4", "b.mp4", "c.mp4"], "model": "A", "overwrite": False}
+    PLANNED = [FileJob(n, S3Object("src", f"{k}.mp4"), S3Object("o", f"{k}.mp4")) for n, k in enumerate("abd")]
+    SKIPPED = FileJob(3, S3Object("src", "c.mp4"), S3Object("o", "c.mp4"))
+    PARAMS = {"sources": ["a.mp4", "b.mp4"], "prefixes": ["more/"], "manifest": "m.txt", "model": "A"}
 
-    def build(self, verified, planned_count=2):
+    def build(self, verified, planned=None):
         return build_report(
             run_id="r1",
             run_token=TOKEN,
             params=self.PARAMS,
+            planned=self.PLANNED[:2] if planned is None else planned,
             verified=verified,
             skipped=[self.SKIPPED],
-            planned_count=planned_count,
         )
 
     def test_counts_and_retry_conf_with_only_the_failures(self):
         report = self.build([[self.OK, self.BAD]])
 
         assert report["counts"] == {"ok": 1, "failed": 1, "skipped": 1}
-        assert report["retry_conf"] == {**self.PARAMS, "sources": ["s3://src/b.mp4"]}
+        assert report["retry_conf"] == {**self.PARAMS, "sources": ["s3://src/b.mp4"], "prefixes": [], "manifest": ""}
 
     def test_failed_run_names_files_and_gives_a_paste_ready_conf(self):
         report = self.build([[self.OK, self.BAD]])
@@ -115,16 +148,17 @@ class TestReport:
         message = str(failure.value)
         assert "s3://src/b.mp4: ffmpeg failed" in message
         conf = json.loads(message.split("trigger with: ", 1)[1])
-        assert conf["sources"] == ["s3://src/b.mp4"] and conf["model"] == "A"
+        assert conf["sources"] == ["s3://src/b.mp4"] and conf["model"] == "A" and conf["prefixes"] == []
 
-    def test_chunks_that_never_verified_fail_the_run(self):
-        report = self.build([[self.OK]], planned_count=3)
+    def test_files_of_a_lane_that_never_verified_are_failed_by_name(self):
+        report = self.build([[self.OK, self.BAD]], planned=self.PLANNED)
 
-        with pytest.raises(BatchFailed, match="2 file\\(s\\) not verified"):
-            raise_if_failed(report)
+        (unverified,) = [r for r in report["files"] if r["source"] == "s3://src/d.mp4"]
+        assert unverified["status"] == "failed" and unverified["reason"].startswith("not verified")
+        assert report["retry_conf"]["sources"] == ["s3://src/b.mp4", "s3://src/d.mp4"]
 
     def test_all_ok_passes(self):
-        raise_if_failed(self.build([[self.OK]], planned_count=1))
+        raise_if_failed(self.build([[self.OK]], planned=self.PLANNED[:1]))
 
     def test_table_has_a_row_per_file(self):
         table = format_table(self.build([[self.OK, self.BAD]]))
@@ -133,7 +167,7 @@ class TestReport:
         assert "s3://src/b.mp4" in table and "ffmpeg failed" in table
 
     def test_report_is_stored_as_json(self, s3):
-        uri = write_report(s3, OUTPUT, self.build([[self.OK]], planned_count=1))
+        uri = write_report(s3, OUTPUT, self.build([[self.OK]], planned=self.PLANNED[:1]))
 
         stored = json.loads(s3.get_object(Bucket=OUTPUT, Key=uri.split(f"{OUTPUT}/", 1)[1])["Body"].read())
         assert stored["counts"] == {"ok": 1, "skipped": 1}
