@@ -250,9 +250,8 @@ def resolve_sources(request: BatchRequest, s3_client: Any) -> dict[S3Object, int
     for prefix in prefixes:
         listed = list_prefix(s3_client, prefix, request.extensions)
         if not listed:
-            raise PlanError(
-                f"prefix {f's3://{prefix.bucket}/{prefix.key}'!r} holds no files ending in {', '.join(request.extensions)}"
-            )
+            where = f"s3://{prefix.bucket}/{prefix.key}"
+            raise PlanError(f"prefix {where!r} holds no files ending in {', '.join(request.extensions)}")
         for obj, size in listed.items():
             resolved.setdefault(obj, size)
     return resolved

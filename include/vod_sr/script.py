@@ -107,19 +107,20 @@ count=$((${#fields[@]} / 5))
 : >"$workdir/results"
 
 result() {  # index status bytes seconds stage
-    printf 'VODSR-RESULT	%s	%s	%s	%s	%s
-' "$@" | tee -a "$workdir/results"
+    printf 'VODSR-RESULT\t%s\t%s\t%s\t%s\t%s\n' "$@" | tee -a "$workdir/results"
 }
 
 fetch() {  # file number: download its source next to the work in progress
     local base=$(($1 * 5))
-    aws s3api get-object --bucket "${fields[base + 1]}" --key "${fields[base + 2]}" "$workdir/input-$1"         >/dev/null 2>"$workdir/download-$1.log"
+    aws s3api get-object --bucket "${fields[base + 1]}" --key "${fields[base + 2]}" "$workdir/input-$1" \
+        >/dev/null 2>"$workdir/download-$1.log"
 }
 
 upload() {  # file number, bytes, seconds
     local base=$(($1 * 5))
     local output="$workdir/output-$1${fields[base + 4]}"
-    if aws s3 cp --only-show-errors --metadata "vod-sr-run=$run_token" "$output" "${fields[base + 3]}"             2>"$workdir/upload-$1.log"; then
+    if aws s3 cp --only-show-errors --metadata "vod-sr-run=$run_token" "$output" "${fields[base + 3]}" \
+            2>"$workdir/upload-$1.log"; then
         result "${fields[base]}" ok "$2" "$3" ""
     else
         echo "vod-sr: upload to ${fields[base + 3]} failed:" >&2
@@ -171,7 +172,7 @@ if [ -n "$upload_pid" ]; then
     wait "$upload_pid" || true
 fi
 aws s3 cp --only-show-errors "$workdir/results" "$results_uri"
-failed=$(grep -c "$(printf '	failed	')" "$workdir/results" || true)
+failed=$(grep -c "$(printf '\tfailed\t')" "$workdir/results" || true)
 if [ "$failed" -gt 0 ]; then
     echo "vod-sr: $failed of $count file(s) failed" >&2
     exit 1

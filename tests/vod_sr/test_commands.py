@@ -44,7 +44,7 @@ class StubAsyncSsm:
     async def __aexit__(self, *exc):
         return False
 
-    async def get_command_invocation(self, CommandId, InstanceId):  # noqa: N803 - boto3's parameter names
+    async def get_command_invocation(self, CommandId, InstanceId):
         self.polls += 1
         script = self.statuses[CommandId]
         status = script.pop(0) if len(script) > 1 else script[0]

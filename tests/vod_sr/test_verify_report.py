@@ -9,8 +9,8 @@ from moto import mock_aws
 
 from include.vod_sr.plan import Chunk, FileJob
 from include.vod_sr.report import BatchFailed, build_report, format_table, raise_if_failed, write_report
-from include.vod_sr.sources import S3Object
 from include.vod_sr.script import chunk_keys, chunk_list
+from include.vod_sr.sources import S3Object
 from include.vod_sr.verify import verify_chunks
 
 OUTPUT = "out-bucket"
