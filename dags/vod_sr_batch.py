@@ -176,11 +176,13 @@ def vod_sr_batch() -> None:
 
         acquired = acquire(lane)
         install_cli(wait_for_agent(acquired)) >> run_chunks
+        # The instance is released as soon as its commands end; verify needs only S3 and runs beside the stop.
+        # Verify stays outside the setup's scope so it still reports a lane whose instance never started, and
+        # nothing depends on the teardown: with on_failure_fail_dagrun a teardown downstream of the report would be
+        # the only task deciding the run's state, and a failed report would end in a successful run.
+        run_chunks >> release(acquired, lane).as_teardown(setups=acquired, on_failure_fail_dagrun=True)
         verified = verify(lane)
         run_chunks >> verified
-        # The teardown must not be downstream of report: with on_failure_fail_dagrun it would then be the only
-        # task that decides the run's state, and a failed report would end in a successful run.
-        verified >> release(acquired, lane).as_teardown(setups=acquired, on_failure_fail_dagrun=True)
         return verified
 
     @task(trigger_rule="all_done", retries=0)

@@ -43,6 +43,7 @@ class Ec2Lifecycle:
         self._generation: Counter[str] = Counter()
         self._running_since: dict[str, float] = {}
         self._start_attempts: Counter[str] = Counter()
+        self.running_intervals: dict[str, list[list[float | None]]] = {}  # wall-clock [running, stop requested]
 
     def _set_state(self, instance: Any, name: str) -> None:
         instance._state.name = name
@@ -62,6 +63,7 @@ class Ec2Lifecycle:
                     self._set_state(instance, state)
                     if state == "running":
                         self._running_since[instance_id] = time.monotonic()
+                        self.running_intervals.setdefault(instance_id, []).append([time.time(), None])
 
         timer = threading.Timer(seconds, apply)
         timer.daemon = True
@@ -114,6 +116,9 @@ class Ec2Lifecycle:
             with self._lock:
                 self._running_since.pop(instance_id, None)
                 self._set_state(instance, "stopping")
+                for interval in self.running_intervals.get(instance_id, []):
+                    if interval[1] is None:
+                        interval[1] = time.time()
             self._on_stopping(instance_id)
             self._later(instance_id, self._faults.for_instance(instance_id).stopping_seconds, "stopped")
 

@@ -5,7 +5,8 @@ injects throttling, answers the SSM Run Command actions with `SsmAgent` (which r
 adds time to EC2 start/stop. Everything else (S3, EC2, IAM, ...) is moto, unchanged.
 
 Control endpoints, for tests and benchmarks:
-    GET  /_local_aws/calls            every AWS call served: [{"service", "action", "time"}]
+    GET  /_local_aws/calls            every AWS call served: [{"service", "action", "time", "caller"}]
+    GET  /_local_aws/timeline         per instance: running intervals and command runs (wall-clock seconds)
     POST /_local_aws/calls/reset      forget the recorded calls
     POST /_local_aws/faults           change timing and faults (see faults.py)
     GET  /_local_aws/health           {"status": "ok"}
@@ -102,8 +103,10 @@ class Extension:
         body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
         environ["wsgi.input"] = io.BytesIO(body)
         service, action = self._identify(environ, body)
+        # The emulated instances' AWS CLI says so in its User-Agent; everything else is the orchestrator.
+        caller = "instance" if environ.get("HTTP_USER_AGENT", "").startswith("aws-cli/") else "orchestrator"
         with self._calls_lock:
-            self.calls.append({"service": service, "action": action, "time": time.time()})
+            self.calls.append({"service": service, "action": action, "time": time.time(), "caller": caller})
         if (
             service in ("ssm", "ec2")
             and self.faults.throttle_fraction
@@ -198,6 +201,18 @@ class Extension:
         if path == "/_local_aws/calls" and method == "GET":
             with self._calls_lock:
                 return self._json(start_response, "200 OK", list(self.calls))
+        if path == "/_local_aws/timeline" and method == "GET":
+            assert self.agent is not None
+            commands = self.agent.timeline()
+            instances = set(commands) | set(self.lifecycle.running_intervals)
+            return self._json(
+                start_response,
+                "200 OK",
+                {
+                    i: {"running": self.lifecycle.running_intervals.get(i, []), "commands": commands.get(i, [])}
+                    for i in sorted(instances)
+                },
+            )
         if path == "/_local_aws/calls/reset" and method == "POST":
             with self._calls_lock:
                 self.calls.clear()

@@ -251,6 +251,23 @@ class SsmAgent:
                     )
         return {"InstanceInformationList": items}
 
+    def timeline(self) -> dict[str, list[dict[str, Any]]]:
+        """Per instance, when each command ran (wall-clock seconds), for benchmarks."""
+        with self._lock:
+            runs: dict[str, list[dict[str, Any]]] = {}
+            for command in self._commands.values():
+                for invocation in command.invocations.values():
+                    if invocation.started is not None:
+                        runs.setdefault(invocation.instance_id, []).append(
+                            {
+                                "comment": command.comment,
+                                "status": invocation.status,
+                                "start": invocation.started.timestamp(),
+                                "end": invocation.ended.timestamp() if invocation.ended else None,
+                            }
+                        )
+            return runs
+
     # --- the agent -----------------------------------------------------------------------------------------
 
     def instance_stopping(self, instance_id: str) -> None:

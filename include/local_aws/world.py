@@ -74,6 +74,9 @@ class EmulatorProcess:
     def calls(self) -> list[dict[str, Any]]:
         return self._control("calls")
 
+    def timeline(self) -> dict[str, Any]:
+        return self._control("timeline")
+
     def reset_calls(self) -> None:
         self._control("calls/reset", {})
 

@@ -78,7 +78,9 @@ def test_chain_order(dag):
     assert upstream["lane.install_cli"] == {"lane.wait_for_agent"}
     assert upstream["lane.run_chunks"] == {"lane.install_cli", "plan"}
     assert "lane.run_chunks" in upstream["lane.verify"]
-    assert "lane.verify" in upstream["report"] and "lane.verify" in upstream["lane.release"]
+    assert "lane.verify" in upstream["report"]
+    # The GPU is stopped as soon as its commands end; verification needs only S3.
+    assert "lane.run_chunks" in upstream["lane.release"] and "lane.verify" not in upstream["lane.release"]
 
 
 def test_chunks_run_deferred_and_are_never_retried_blindly(dag):

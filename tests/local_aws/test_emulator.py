@@ -238,7 +238,18 @@ def test_call_log_counts_every_call(emulator_env):
     ssm.describe_instance_information()
     s3.list_buckets()
 
-    assert [(c["service"], c["action"]) for c in emulator_env.calls()] == [
-        ("ssm", "DescribeInstanceInformation"),
-        ("s3", "GET bucket"),
+    assert [(c["service"], c["action"], c["caller"]) for c in emulator_env.calls()] == [
+        ("ssm", "DescribeInstanceInformation", "orchestrator"),
+        ("s3", "GET bucket", "orchestrator"),
     ]
+
+
+def test_timeline_records_command_runs_and_the_instances_calls(clients, running_instance, emulator_env):
+    _, ssm, _ = clients
+    command_id = send(ssm, running_instance, "aws s3 ls >/dev/null; sleep 1", Comment="timed")
+    wait_for_invocation(ssm, command_id, running_instance)
+
+    (run,) = emulator_env.timeline()[running_instance]["commands"]
+
+    assert run["comment"] == "timed" and run["end"] - run["start"] >= 1
+    assert any(c["caller"] == "instance" and c["service"] == "s3" for c in emulator_env.calls())
