@@ -140,6 +140,7 @@ def vod_sr_batch() -> None:
             lane=lane,
             poll_interval=SETTINGS.poll_interval,
             delivery_timeout=SETTINGS.command_delivery_timeout,
+            release_timeout=SETTINGS.instance_state_timeout,
             aws_conn_id=SETTINGS.aws_conn_id,
             retries=0,  # a retry would start the same files again on the GPU
         )

@@ -172,8 +172,10 @@ def release(
     stop: bool,
     timeout: int,
     poll_interval: int,
+    wait: bool = True,
 ) -> str:
-    """Drop this run's lease; stop the instance if asked and nobody else uses it. Returns what was done."""
+    """Drop this run's lease; stop the instance if asked and nobody else uses it, waiting for `stopped` unless
+    `wait` is off. Idempotent: a second call finds the lease gone and the instance stopping or stopped."""
     drop_lease(ec2, instance_id, lease_id)
     if not stop:
         return "left running (stop_when_done is off)"
@@ -196,6 +198,9 @@ def release(
     config = waiter_config(timeout, poll_interval)
     if state == "pending":  # EC2 refuses to stop a pending instance
         ec2.get_waiter("instance_running").wait(InstanceIds=[instance_id], WaiterConfig=config)
-    ec2.stop_instances(InstanceIds=[instance_id])
+    if state != "stopping":
+        ec2.stop_instances(InstanceIds=[instance_id])
+    if not wait:
+        return "stopping"
     ec2.get_waiter("instance_stopped").wait(InstanceIds=[instance_id], WaiterConfig=config)
     return "stopped"

@@ -20,13 +20,15 @@ class RunChunksOperator(BaseOperator):
     At most `in_flight` commands are out at a time: with two, one runs and the next waits behind it on the
     instance's lock, so the GPU goes straight from one chunk to the next while Airflow resumes this task to send
     the one after. A failed chunk does not stop the others; the task fails at the end, with each failed command's
-    Status, StatusDetails, exit code and output tails in its log.
+    Status, StatusDetails, exit code and output tails in its log. When the last command ends it releases the
+    instance at once (see `_release_early`).
 
     :param lane: the plan's work for one instance: `instance_id`, `run_token`, `model`, `output_bucket`,
         `execution_timeout` (SSM executionTimeout of each command) and `chunks`.
     :param in_flight: commands out at once on the instance.
     :param poll_interval: seconds between status polls in the triggerer.
     :param delivery_timeout: seconds SSM may take to list an invocation after SendCommand.
+    :param release_timeout: bound of the wait for `running` should the instance still be pending when released.
     :param aws_conn_id: Airflow connection for AWS.
     :param region_name: AWS region; the connection's when None.
     """
@@ -40,12 +42,14 @@ class RunChunksOperator(BaseOperator):
         in_flight: int = 2,
         poll_interval: float = 15,
         delivery_timeout: int = 300,
+        release_timeout: int = 600,
         aws_conn_id: str | None = "aws_default",
         region_name: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.lane = lane
+        self.release_timeout = release_timeout
         self.in_flight = in_flight
         self.poll_interval = poll_interval
         self.delivery_timeout = delivery_timeout
@@ -132,6 +136,25 @@ class RunChunksOperator(BaseOperator):
         else:
             self.log.error("Chunk %s: %s", entry["chunk"], describe_invocation(invocation))
 
+    def _release_early(self) -> None:
+        """Every command has ended: stop paying for the GPU now rather than after the next scheduling round.
+        The lane's teardown still runs (and is what stops the instance when this task dies or is killed)."""
+        from include.vod_sr.aws import aws_client
+        from include.vod_sr.instance import release
+
+        lane = self.lane
+        outcome = release(
+            aws_client("ec2", self.aws_conn_id),
+            self.ssm,
+            lane["instance_id"],
+            lane["run_token"],
+            stop=lane["stop_when_done"],
+            timeout=self.release_timeout,
+            poll_interval=int(self.poll_interval),
+            wait=False,
+        )
+        self.log.info("All chunks ended; instance %s: %s", lane["instance_id"], outcome)
+
     def _advance(self, sent: list[dict[str, Any]]) -> list[dict[str, Any]]:
         from include.vod_sr.triggers import SsmCommandsTrigger
 
@@ -152,6 +175,7 @@ class RunChunksOperator(BaseOperator):
                 ),
                 method_name="resume",
             )
+        self._release_early()
         failed = [entry for entry in sent if entry["outcome"] != "success"]
         if failed:
             raise AirflowFailException(

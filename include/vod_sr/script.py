@@ -101,7 +101,8 @@ trap 'exit 143' TERM INT
 exec 9>"${TMPDIR:-/var/tmp}/vod-sr.lock"
 flock 9
 
-aws s3 cp --only-show-errors "$files_uri" "$workdir/files"
+files_path=${files_uri#s3://}
+aws s3api get-object --bucket "${files_path%%/*}" --key "${files_path#*/}" "$workdir/files" >/dev/null
 mapfile -d '' fields <"$workdir/files"
 count=$((${#fields[@]} / 5))
 : >"$workdir/results"
@@ -171,7 +172,8 @@ done
 if [ -n "$upload_pid" ]; then
     wait "$upload_pid" || true
 fi
-aws s3 cp --only-show-errors "$workdir/results" "$results_uri"
+results_path=${results_uri#s3://}
+aws s3api put-object --bucket "${results_path%%/*}" --key "${results_path#*/}" --body "$workdir/results" >/dev/null
 failed=$(grep -c "$(printf '\tfailed\t')" "$workdir/results" || true)
 if [ "$failed" -gt 0 ]; then
     echo "vod-sr: $failed of $count file(s) failed" >&2

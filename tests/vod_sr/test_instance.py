@@ -240,6 +240,16 @@ class TestLeasesAndRelease:
         assert instance_state(ec2, instance_id) == "running"
         assert live_leases(ec2, instance_id) == {}
 
+    def test_early_release_then_the_teardown_is_idempotent(self, ec2):
+        instance_id = new_instance(ec2)
+        take_lease(ec2, instance_id, "run-a", "manual__a")
+
+        first = release(ec2, StubSsm(), instance_id, "run-a", stop=True, timeout=10, poll_interval=1, wait=False)
+        second = release(ec2, StubSsm(), instance_id, "run-a", stop=True, timeout=10, poll_interval=1)
+
+        assert (first, second) == ("stopping", "already stopped")
+        assert instance_state(ec2, instance_id) == "stopped"
+
     def test_drop_lease_is_idempotent(self, ec2):
         instance_id = new_instance(ec2)
 

@@ -1,0 +1,56 @@
+"""The IAM policies in iam/ grant what the code calls, to the right principal."""
+
+from __future__ import annotations
+
+import json
+
+from tests.conftest import REPO_ROOT
+
+
+def actions(name: str) -> set[str]:
+    policy = json.loads((REPO_ROOT / "iam" / name).read_text())
+    found: set[str] = set()
+    for statement in policy["Statement"]:
+        assert statement["Effect"] == "Allow"
+        value = statement["Action"]
+        found.update([value] if isinstance(value, str) else value)
+    return found
+
+
+def test_the_sender_is_airflow_not_the_instance():
+    # The seed gave ssm:SendCommand to the instance role; the principal that sends is the Airflow worker.
+    assert "ssm:SendCommand" in actions("airflow-principal-policy.json")
+    assert not any(a.startswith("ssm:") for a in actions("instance-role-policy.json"))
+
+
+def test_airflow_principal_covers_every_call_vod_sr_makes():
+    needed = {
+        "ssm:SendCommand",
+        "ssm:GetCommandInvocation",
+        "ssm:ListCommands",
+        "ssm:CancelCommand",
+        "ssm:DescribeInstanceInformation",
+        "ec2:DescribeInstances",
+        "ec2:StartInstances",
+        "ec2:StopInstances",
+        "ec2:CreateTags",
+        "ec2:DeleteTags",
+        "ec2:DescribeTags",
+        "s3:ListBucket",
+        "s3:GetObject",
+        "s3:PutObject",
+    }
+
+    assert needed <= actions("airflow-principal-policy.json")
+
+
+def test_send_command_is_scoped_to_the_document_and_instances():
+    policy = json.loads((REPO_ROOT / "iam" / "airflow-principal-policy.json").read_text())
+    (send,) = [s for s in policy["Statement"] if "ssm:SendCommand" in s["Action"]]
+
+    assert "*" not in send["Resource"]
+    assert any("document/AWS-RunShellScript" in r for r in send["Resource"])
+
+
+def test_instance_role_reads_sources_and_chunk_lists_and_writes_outputs():
+    assert {"s3:GetObject", "s3:PutObject"} <= actions("instance-role-policy.json")
