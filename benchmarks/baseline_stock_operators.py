@@ -20,7 +20,8 @@ from airflow.sdk import Param, dag, get_current_context, task
 SEED_STYLE_SCRIPT = """\
 cd "$HOME"
 aws s3 cp {source} ./original-{n}.mp4
-ffmpeg -y -i ./original-{n}.mp4 -vf scale=iw*2:ih*2:flags=lanczos -c:v libx264 -preset veryfast -crf 18 -c:a copy ./sr-{n}.mp4
+ffmpeg -y -i ./original-{n}.mp4 -vf scale=iw*2:ih*2:flags=lanczos \\
+    -c:v libx264 -preset veryfast -crf 18 -c:a copy ./sr-{n}.mp4
 aws s3 cp ./sr-{n}.mp4 {output}
 """
 
@@ -37,7 +38,7 @@ aws s3 cp ./sr-{n}.mp4 {output}
     },
 )
 def baseline_stock_operators() -> None:
-    start = EC2StartInstanceOperator(task_id="start_instance", instance_id="{{ params.instance_id }}")
+    start_instance = EC2StartInstanceOperator(task_id="start_instance", instance_id="{{ params.instance_id }}")
 
     @task
     def commands() -> list[dict[str, Any]]:
@@ -69,11 +70,11 @@ def baseline_stock_operators() -> None:
     sent = SsmRunCommandOperator.partial(task_id="send", wait_for_completion=False).expand_kwargs(commands())
     done = SsmRunCommandCompletedSensor.partial(task_id="wait").expand(command_id=sent.output)
     landed = S3KeySensor.partial(task_id="output_landed").expand(bucket_key=outputs())
-    stop = EC2StopInstanceOperator(
+    stop_instance = EC2StopInstanceOperator(
         task_id="stop_instance", instance_id="{{ params.instance_id }}", trigger_rule="all_done"
     )
-    start >> sent
-    done >> landed >> stop
+    start_instance >> sent
+    done >> landed >> stop_instance
 
 
 baseline_stock_operators()

@@ -21,6 +21,10 @@ from typing import Any
 
 from include.local_aws.world import REPO_ROOT
 
+# SQLite's default 5 s busy timeout is too short once a few dozen task processes write at once: the scheduler
+# then dies with "database is locked" (seen in `make bench` with the stock-operator baseline). Wait instead.
+SQLITE_CONNECT_ARGS = {"timeout": 60}
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -52,6 +56,7 @@ class AirflowStack:
             "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
             "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS": "include.local_aws.airflow_stack.SQLITE_CONNECT_ARGS",
             "PYTHONPATH": str(REPO_ROOT),
             "PATH": f"{bin_dir}:{env.get('PATH', '/usr/bin:/bin')}",  # standalone runs `airflow` from PATH
         }
