@@ -90,6 +90,8 @@ def measure_run(
         if c["start"] >= started and "install AWS CLI" not in c["comment"]
     ]
     sr_seconds = union_seconds(sr_runs)
+    head = min(s for s, _ in sr_runs) - min(s for s, _ in in_run) if sr_runs and in_run else None
+    tail = max(e for _, e in in_run) - max(e for _, e in sr_runs) if sr_runs and in_run else None
     calls = [c for c in emulator.calls() if started - 1 <= c["time"] <= ended + 1]
     kinds = classify(calls)
     wall = ended - started
@@ -102,6 +104,8 @@ def measure_run(
         "instance_running_seconds": round(running, 1),
         "sr_command_seconds": round(sr_seconds, 1),
         "busy_ratio": round(sr_seconds / running, 3) if running else None,
+        "idle_before_first_chunk_seconds": round(head, 1) if head is not None else None,
+        "idle_after_last_chunk_seconds": round(tail, 1) if tail is not None else None,
         "overhead_per_file_seconds": round((wall - sr_seconds) / files, 2),
         "calls_per_file": {k: round(v / files, 2) for k, v in sorted(kinds.items())},
         "calls_per_file_without_polls": round((sum(kinds.values()) - kinds["polls"]) / files, 2),
@@ -170,10 +174,14 @@ def main() -> int:
     with EmulatorProcess(work / "emulator") as emulator:
         vod_instance, baseline_instance = create_world(emulator.endpoint_url), create_world(emulator.endpoint_url)
         clip = make_sample_clip(work / "clip.mp4")
+        long_clip = make_sample_clip(work / "clip-30s.mp4", seconds=30)
         s3 = boto_client("s3", emulator.endpoint_url)
-        keys = [f"bench/clip-{n:02}.mp4" for n in range(20)]
+        keys = [f"bench/clip-{n:02}.mp4" for n in range(40)]
+        long_keys = [f"bench-30s/clip-{n:02}.mp4" for n in range(20)]
         for key in keys:
             s3.upload_file(str(clip), SOURCE_BUCKET, key)
+        for key in long_keys:
+            s3.upload_file(str(long_clip), SOURCE_BUCKET, key)
 
         dags = work / "dags"
         dags.mkdir()
@@ -184,16 +192,11 @@ def main() -> int:
         stack = AirflowStack(work / "airflow", env, dags_folder=dags, parallelism=32)
         stack.start(dag_ids=("vod_sr_batch", "baseline_stock_operators"))
         try:
-            for count in (10, 20):
-                print(f"==> vod_sr_batch, {count} files", flush=True)
-                results[f"vod_sr_{count}_files"] = measure_run(
-                    stack,
-                    emulator,
-                    vod_instance,
-                    "vod_sr_batch",
-                    {"sources": keys[:count], "model": "cpu", "overwrite": True},
-                    count,
-                )
+            batches = {"vod_sr_20_files": keys[:20], "vod_sr_40_files": keys, "vod_sr_20_files_30s": long_keys}
+            for name, batch in batches.items():
+                print(f"==> vod_sr_batch: {name}", flush=True)
+                conf = {"sources": batch, "model": "cpu", "overwrite": True}
+                results[name] = measure_run(stack, emulator, vod_instance, "vod_sr_batch", conf, len(batch))
             print(
                 "==> baseline_stock_operators, 20 files (stock intervals: 15 s EC2 checks, 120 s SSM pokes)", flush=True
             )
@@ -203,7 +206,7 @@ def main() -> int:
                 baseline_instance,
                 "baseline_stock_operators",
                 {
-                    "sources": keys,
+                    "sources": keys[:20],
                     "source_bucket": SOURCE_BUCKET,
                     "output_bucket": OUTPUT_BUCKET,
                     "instance_id": baseline_instance,
@@ -227,20 +230,23 @@ def main() -> int:
 
 
 def print_summary(r: dict[str, Any]) -> None:
-    ours10, ours, base = r["vod_sr_10_files"], r["vod_sr_20_files"], r["baseline_20_files"]
-    plan, parse = r["plan_10000"], r["parse"]
+    ours, ours40, long = r["vod_sr_20_files"], r["vod_sr_40_files"], r["vod_sr_20_files_30s"]
+    base, plan, parse = r["baseline_20_files"], r["plan_10000"], r["parse"]
     print(f"""
 vod-sr benchmark (emulator, cpu model, poll interval {r["poll_interval_seconds"]} s; figures also in bench-results.json)
+20 files = 20 copies of the seed-like 10 s 640x480 clip on one instance, default chunk size (10).
 
   busy ratio, 20 files, 1 instance       {ours["busy_ratio"]}   (SR {ours["sr_command_seconds"]} s / running {ours["instance_running_seconds"]} s; target >= 0.90)
-  orchestration overhead per file        {ours["overhead_per_file_seconds"]} s   (wall {ours["wall_seconds"]} s; target < 1 s)
-  API calls per file without polls       {ours["calls_per_file_without_polls"]}   {ours["calls_per_file"]} (target <= 3)
+    idle before first / after last chunk {ours["idle_before_first_chunk_seconds"]} s / {ours["idle_after_last_chunk_seconds"]} s
+    40 files; 20 files of 30 s clips     {ours40["busy_ratio"]}; {long["busy_ratio"]} (SR {long["sr_command_seconds"]} s / running {long["instance_running_seconds"]} s)
+  orchestration overhead per file        {ours["overhead_per_file_seconds"]} s   (wall {ours["wall_seconds"]} s; 40 files: {ours40["overhead_per_file_seconds"]} s; target < 1 s)
+  API calls per file without polls       {ours["calls_per_file_without_polls"]} (40 files: {ours40["calls_per_file_without_polls"]})   {ours["calls_per_file"]} (target <= 3)
     of which the instance's own S3 I/O   {ours["instance_s3_calls_per_file"]}
-  polls per minute, 10 files / 20 files  {ours10["polls_per_minute"]} / {ours["polls_per_minute"]} (of which command status: {ours10["command_status_polls_per_minute"]} / {ours["command_status_polls_per_minute"]})
+  polls per minute, 20 / 40 files        {ours["polls_per_minute"]} / {ours40["polls_per_minute"]} (command status: {ours["command_status_polls_per_minute"]} / {ours40["command_status_polls_per_minute"]})
   plan, 10,000 sources under a prefix    {plan["plan_seconds"]} s, {plan["chunks"]} chunks, {plan["mapped_task_instances_per_task"]} mapped lane(s) (targets <= 20 s, <= 1024)
   DAG parse over `import airflow.sdk`    {parse["dag_file_over_sdk_seconds"]} s (sdk itself {parse["import_airflow_sdk_seconds"]} s; target <= 0.3 s)
 
-  stock operators, same 20 files         wall {base["wall_seconds"]} s, instance running {base["instance_running_seconds"]} s, {base["calls_total"]} calls ({base["state"]})
+  stock operators, same 20 files         wall {base["wall_seconds"]} s, instance running {base["instance_running_seconds"]} s, busy {base["busy_ratio"]}, {base["calls_total"]} calls ({base["state"]})
   baseline / vod-sr                      wall x{r["baseline_over_vod_sr"]["wall_time"]}, running x{r["baseline_over_vod_sr"]["instance_running_time"]}, calls x{r["baseline_over_vod_sr"]["api_calls"]}
 """)
 
