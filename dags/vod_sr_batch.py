@@ -48,8 +48,6 @@ def vod_sr_batch() -> None:
 
         Returns one lane per instance that has work (mapped over); the run's summary goes to XCom key "summary".
         """
-        from dataclasses import asdict
-
         from airflow.sdk import Variable
         from airflow.sdk.exceptions import AirflowFailException
 
@@ -73,14 +71,7 @@ def vod_sr_batch() -> None:
             f"{len(planned.lanes())} instance(s); {len(planned.skipped)} skipped because their output exists"
         )
         context["ti"].xcom_push(key="summary", value=planned.summary())
-        shared = {
-            "run_token": planned.run_token,
-            "model": asdict(model),
-            "output_bucket": request.output_bucket,
-            "execution_timeout": request.execution_timeout,
-            "stop_when_done": request.stop_when_done,
-        }
-        return [{**shared, **lane} for lane in planned.lanes()]
+        return [{**lane, "model": model.to_xcom()} for lane in planned.lanes()]
 
     @task_group
     def lane(lane: dict[str, Any]) -> Any:

@@ -68,6 +68,25 @@ class SrModel:
                     f"quotes, backticks, backslashes or newlines: {value!r}"
                 )
 
+    def to_xcom(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "title": self.title,
+            "video_filter": self.video_filter,
+            "output_args": list(self.output_args),
+            "env": [list(pair) for pair in self.env],
+        }
+
+    @classmethod
+    def from_xcom(cls, data: Mapping[str, Any]) -> SrModel:
+        return cls(
+            name=data["name"],
+            title=data["title"],
+            video_filter=data["video_filter"],
+            output_args=tuple(data["output_args"]),
+            env=tuple((name, value) for name, value in data["env"]),
+        )
+
 
 BUILTIN_MODELS: dict[str, SrModel] = {
     model.name: model

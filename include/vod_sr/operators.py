@@ -94,12 +94,12 @@ class RunChunksOperator(BaseOperator):
         bucket, token = lane["output_bucket"], lane["run_token"]
         files_key, results_key = chunk_keys(token, chunk.index)
         self.s3.put_object(Bucket=bucket, Key=files_key, Body=chunk_list(chunk))
-        model = lane["model"]
-        sr_model = SrModel(
-            **{**model, "output_args": tuple(model["output_args"]), "env": tuple(tuple(kv) for kv in model["env"])}
-        )
         script = render_sr_script(
-            sr_model, token, chunk.index, f"s3://{bucket}/{files_key}", f"s3://{bucket}/{results_key}"
+            SrModel.from_xcom(lane["model"]),
+            token,
+            chunk.index,
+            f"s3://{bucket}/{files_key}",
+            f"s3://{bucket}/{results_key}",
         )
         now = time.time()
         command_id = send_command(

@@ -159,7 +159,13 @@ class BatchPlan:
         by_instance: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for chunk in self.chunks:
             by_instance[chunk.instance_id].append(chunk.to_xcom())
-        return [{"instance_id": i, "chunks": chunks} for i, chunks in by_instance.items()]
+        shared = {
+            "run_token": self.run_token,
+            "output_bucket": self.request.output_bucket,
+            "execution_timeout": self.request.execution_timeout,
+            "stop_when_done": self.request.stop_when_done,
+        }
+        return [{**shared, "instance_id": i, "chunks": chunks} for i, chunks in by_instance.items()]
 
     def summary(self) -> dict[str, Any]:
         return {

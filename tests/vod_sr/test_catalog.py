@@ -67,6 +67,12 @@ class TestBuiltinModels:
 
         assert result.returncode == 0, result.stderr
 
+    @pytest.mark.parametrize("name", sorted(BUILTIN_MODELS))
+    def test_round_trips_through_xcom(self, name):
+        model = BUILTIN_MODELS[name]
+
+        assert type(model).from_xcom(json.loads(json.dumps(model.to_xcom()))) == model
+
     def test_cpu_model_needs_no_vendor_filters(self):
         model = BUILTIN_MODELS["cpu"]
 
