@@ -1,4 +1,4 @@
-"""The IAM policies in iam/ grant what the code calls, to the right principal."""
+"""Deployment files: the IAM policies in iam/ grant what the code calls to the right principal; compose is sane."""
 
 from __future__ import annotations
 
@@ -54,3 +54,13 @@ def test_send_command_is_scoped_to_the_document_and_instances():
 
 def test_instance_role_reads_sources_and_chunk_lists_and_writes_outputs():
     assert {"s3:GetObject", "s3:PutObject"} <= actions("instance-role-policy.json")
+
+
+def test_compose_file_defines_every_airflow_component():
+    import yaml
+
+    compose = yaml.safe_load((REPO_ROOT / "docker-compose.yaml").read_text())
+
+    assert {"airflow-scheduler", "airflow-dag-processor", "airflow-triggerer", "airflow-apiserver"} <= set(
+        compose["services"]
+    )
