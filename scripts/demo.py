@@ -89,10 +89,10 @@ def main() -> int:
             rows = sorted(
                 ((ti.start_date, ti.task_id, ti.map_index, str(ti.state), ti.duration) for ti in tis if ti.start_date),
             )
-        print("\n    step                  state        seconds")
+        print("\n    step                     state        seconds")
         for _, task_id, map_index, state, duration in rows:
             name = task_id if map_index < 0 else f"{task_id}[{map_index}]"
-            print(f"    {name:<21} {state:<12} {duration or 0:7.1f}")
+            print(f"    {name:<24} {state:<12} {duration or 0:7.1f}")
 
         if str(dag_run.state) != "success":
             print(f"\nThe run ended {dag_run.state}. Last lines of .demo/dag-test.log:")
