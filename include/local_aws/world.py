@@ -104,7 +104,8 @@ def airflow_env(endpoint_url: str, instance_id: str, poll_interval: int = 1) -> 
     }
 
 
-def boto_client(service: str, endpoint_url: str) -> Any:
+def boto_client(service: str, endpoint_url: str, config: Any = None) -> Any:
+    """A boto3 client for the emulator; `config` is an optional botocore Config (retries, say)."""
     import boto3
 
     env = emulator_client_env(endpoint_url)
@@ -114,6 +115,7 @@ def boto_client(service: str, endpoint_url: str) -> Any:
         region_name=env["AWS_DEFAULT_REGION"],
         aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
         aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        config=config,
     )
 
 

@@ -179,9 +179,9 @@ def release(
     drop_lease(ec2, instance_id, lease_id)
     if not stop:
         return "left running (stop_when_done is off)"
-    others = live_leases(ec2, instance_id)
-    if others:
-        return f"left running: leased by {', '.join(sorted(others.values()))}"
+    other_leases = live_leases(ec2, instance_id)
+    if other_leases:
+        return f"left running: leased by {', '.join(sorted(other_leases.values()))}"
     commands = live_commands(ssm, instance_id)
     # The teardown runs once every task of this run has ended: a command of ours still live is orphaned (its wait
     # was killed or the run marked failed), so cancel it rather than keep a GPU busy for nobody.
@@ -189,9 +189,9 @@ def release(
     for command in ours:
         log.warning("Cancelling orphaned command %s (%s)", command["CommandId"], command.get("Comment"))
         ssm.cancel_command(CommandId=command["CommandId"], InstanceIds=[instance_id])
-    others = [c["CommandId"] for c in commands if c not in ours]
-    if others:
-        return f"left running: SSM commands still live: {', '.join(others)}"
+    other_commands = [c["CommandId"] for c in commands if c not in ours]
+    if other_commands:
+        return f"left running: SSM commands still live: {', '.join(other_commands)}"
     state = instance_state(ec2, instance_id)
     if state in ("stopped", "terminated"):
         return f"already {state}"

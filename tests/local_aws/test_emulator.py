@@ -202,33 +202,18 @@ class TestFaults:
     def test_throttling_is_absorbed_by_botocore_adaptive_retries(self, emulator_env):
         emulator_env.set_faults({"throttle_fraction": 1.0})
         with pytest.raises(ClientError, match="ThrottlingException"):
-            boto_client_with(
-                emulator_env.endpoint_url, Config(retries={"max_attempts": 1})
-            ).describe_instance_information()
+            strict = boto_client("ssm", emulator_env.endpoint_url, Config(retries={"max_attempts": 1}))
+            strict.describe_instance_information()
 
         emulator_env.set_faults({"throttle_fraction": 0.3})
         emulator_env.reset_calls()
-        adaptive = boto_client_with(emulator_env.endpoint_url, Config(retries={"mode": "adaptive", "max_attempts": 10}))
+        adaptive = boto_client(
+            "ssm", emulator_env.endpoint_url, Config(retries={"mode": "adaptive", "max_attempts": 10})
+        )
         for _ in range(10):
             adaptive.describe_instance_information()
 
         assert len(emulator_env.calls()) > 10  # the throttled attempts were retried, and the log saw them
-
-
-def boto_client_with(endpoint_url: str, config: Config):
-    import boto3
-
-    from include.local_aws.server import emulator_client_env
-
-    env = emulator_client_env(endpoint_url)
-    return boto3.client(
-        "ssm",
-        endpoint_url=endpoint_url,
-        region_name=env["AWS_DEFAULT_REGION"],
-        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-        config=config,
-    )
 
 
 def test_call_log_counts_every_call(emulator_env):
