@@ -37,6 +37,7 @@ SETTINGS = Settings.from_env()
 @dag(
     schedule=None,
     params=trigger_form(SETTINGS),
+    max_active_runs=SETTINGS.max_active_runs,  # runs share the GPU instances: queue them (README, Configuration)
     doc_md=__doc__,
     tags=["vod-sr"],
     default_args={"retries": 2, "retry_delay": timedelta(seconds=30)},

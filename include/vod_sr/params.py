@@ -1,118 +1,174 @@
-"""The trigger form of `vod_sr_batch`: one Param per choice, defaults from the deployment's settings."""
+"""The trigger form of `vod_sr_batch`: one Param per choice, defaults from the deployment's settings.
+
+How the Airflow 3.3 UI reads these schemas decides whether an operator can submit the form at all:
+
+- A field is *required* unless its JSON-schema type includes "null"; a required field that is empty turns its
+  section red and disables Trigger. Sources, folders and a manifest are alternatives, so all three allow null;
+  `plan` (not the form) says when none was given.
+- Fields without a `section` land in the form's first section ("Run Parameters"), the only one open when the form
+  opens; every named section starts collapsed. So what an operator changes on every run has no section.
+- The UI checks only "required" before submitting; every other rule (patterns, ranges) is checked by the API server
+  when Trigger is pressed, and its message quotes the field's schema. The descriptions live in the schema
+  (`description_md`) so that the message also carries the rule in words.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 from airflow.sdk import Param
 
-from include.vod_sr.catalog import BUILTIN_MODELS
+from include.vod_sr.catalog import BUILTIN_MODELS, MODEL_NAME
 from include.vod_sr.limits import MAX_CHUNK_SIZE, MAX_EXECUTION_TIMEOUT, MAX_SSM_TARGETS
 from include.vod_sr.settings import Settings
 from include.vod_sr.sources import DEFAULT_OUTPUT_TEMPLATE, DEFAULT_SOURCE_EXTENSIONS
 
-BUCKET_PATTERN = r"^([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])?$"
+# S3's rules, split so that each broken one gets its own message ("is too short", "does not match ...").
+BUCKET_SCHEMA: dict[str, Any] = {"minLength": 3, "maxLength": 63, "pattern": r"^[a-z0-9][a-z0-9.-]*[a-z0-9]$"}
+BUCKET_RULE = (
+    "A bucket name has 3 to 63 characters: lowercase letters, digits, dots and hyphens, "
+    "starting and ending with a letter or digit."
+)
 INSTANCE_PATTERN = r"^m?i-[0-9a-f]{8,17}$"
+
+OUTPUT_SECTION = "Output"
+SOURCE_OPTIONS_SECTION = "Source options"
+INSTANCES_SECTION = "Instances"
+LIMITS_SECTION = "Limits"
+
+
+def model_choices(settings: Settings) -> dict[str, str]:
+    """Drop-down entries (name -> readable title): the built-in models, plus the deployment's default model when
+    it is a custom one, so that the default is always selectable."""
+    choices = {name: model.title for name, model in BUILTIN_MODELS.items()}
+    if settings.default_model not in choices:
+        choices[settings.default_model] = f"{settings.default_model} (custom model, the deployment's default)"
+    return choices
 
 
 def trigger_form(settings: Settings) -> dict[str, Param]:
+    choices = model_choices(settings)
     return {
         "sources": Param(
             [],
-            type="array",
+            type=["null", "array"],
             items={"type": "string"},
             title="Source videos",
-            description="One per line: keys in the source bucket, or s3://bucket/key URIs. Keys are taken literally.",
+            description_md="One per line: keys in the source bucket, or `s3://bucket/key` URIs. Keys are taken "
+            "literally (spaces and any other characters are fine). Give sources, folders, a manifest or any mix.",
         ),
         "prefixes": Param(
             [],
-            type="array",
+            type=["null", "array"],
             items={"type": "string"},
             title="Source folders",
-            description="Prefixes in the source bucket, or s3://bucket/prefix URIs: every video under them is "
-            "processed (see Extensions).",
+            description_md="One per line: prefixes in the source bucket, or `s3://bucket/prefix` URIs. Every video "
+            "under them is processed (see *Source options*).",
         ),
         "manifest": Param(
-            "",
-            type="string",
+            None,
+            type=["null", "string"],
             title="Manifest",
-            description='Key or s3:// URI of a manifest: .json (a list, or {"sources": [...]}), .csv (a '
-            "'source' or 'key' column, else the first), or text with one key or URI per line.",
+            description_md='Key or `s3://` URI of a manifest: `.json` (a list, or `{"sources": [...]}`), `.csv` '
+            "(a `source` or `key` column, else the first), or text with one key or URI per line.",
+        ),
+        "model": Param(
+            settings.default_model,
+            type="string",
+            enum=list(choices),
+            values_display=choices,
+            title="SR model",
+            description_md="A and B are the Bluewhale GPU models of the AMI; CPU runs anywhere (no vendor "
+            "filters). For an operator-defined model, fill in *Custom model* below.",
+        ),
+        "custom_model": Param(
+            None,
+            type=["null", "string"],
+            pattern=MODEL_NAME.pattern,
+            title="Custom model",
+            description_md="Name of a model defined by the operators in the Airflow Variable "
+            f"`{settings.models_variable}`. When filled in, it is used instead of *SR model*.",
+        ),
+        "source_bucket": Param(
+            settings.source_bucket or None,
+            type=["null", "string"],
+            **BUCKET_SCHEMA,
+            section=SOURCE_OPTIONS_SECTION,
+            title="Source bucket",
+            description_md=f"Bucket of the sources and folders given as plain keys. {BUCKET_RULE}",
         ),
         "extensions": Param(
             list(DEFAULT_SOURCE_EXTENSIONS),
             type="array",
             items={"type": "string", "pattern": r"^\.[A-Za-z0-9]+$"},
+            minItems=1,
+            section=SOURCE_OPTIONS_SECTION,
             title="Extensions",
-            description="Which files under the source folders count as videos (case-insensitive).",
-        ),
-        "model": Param(
-            settings.default_model,
-            type="string",
-            minLength=1,
-            title="SR model",
-            description="A and B are the Bluewhale GPU models; cpu runs anywhere. Operators' custom models "
-            f"(Airflow Variable '{settings.models_variable}') are accepted by name too.",
-            examples=sorted(BUILTIN_MODELS),
-            values_display={name: model.title for name, model in BUILTIN_MODELS.items()},
-        ),
-        "source_bucket": Param(
-            settings.source_bucket,
-            type="string",
-            pattern=BUCKET_PATTERN,
-            title="Source bucket",
-            description="Bucket for sources given as plain keys.",
+            description_md="One per line, each starting with a dot: which files under the source folders count "
+            "as videos (case-insensitive).",
         ),
         "output_bucket": Param(
             settings.output_bucket,
             type="string",
-            pattern=BUCKET_PATTERN,
+            **BUCKET_SCHEMA,
+            section=OUTPUT_SECTION,
             title="Output bucket",
-            description="Bucket the SR outputs and the run report are written to.",
+            description_md=f"Bucket the SR outputs and the run report are written to. {BUCKET_RULE}",
         ),
         "output_template": Param(
             DEFAULT_OUTPUT_TEMPLATE,
             type="string",
             minLength=1,
+            section=OUTPUT_SECTION,
             title="Output naming",
-            description="Output key for each source. Fields: {dir} (source folder with trailing /), {stem}, "
-            "{ext} (with dot), {name}, {model}. Must end in .mp4, .m4v, .mov, .mkv or .ts.",
+            description_md="Output key for each source. Fields: `{dir}` (source folder with trailing /), "
+            "`{stem}`, `{ext}` (with dot), `{name}`, `{model}`. Must end in .mp4, .m4v, .mov, .mkv or .ts.",
+        ),
+        "overwrite": Param(
+            False,
+            type="boolean",
+            section=OUTPUT_SECTION,
+            title="Overwrite existing outputs",
+            description_md="Off: sources whose output already exists are skipped and reported as such.",
         ),
         "instance_ids": Param(
             list(settings.instance_ids),
             type="array",
             items={"type": "string", "pattern": INSTANCE_PATTERN},
+            minItems=1,
             maxItems=MAX_SSM_TARGETS,
+            section=INSTANCES_SECTION,
             title="GPU instances",
-            description="EC2 instance ids (i-...) of Bluewhale AMI instances with an SSM instance profile. Chunks "
-            "are dealt out to them in turn; each is started, used and stopped on its own.",
-        ),
-        "overwrite": Param(
-            False,
-            type="boolean",
-            title="Overwrite existing outputs",
-            description="Off: sources whose output already exists are skipped and reported as such.",
+            description_md="One per line: EC2 instance ids (`i-` followed by 8 to 17 hex digits) of Bluewhale AMI "
+            "instances with an SSM instance profile, at most "
+            f"{MAX_SSM_TARGETS}. Chunks are dealt out to them in turn; each is started, used and stopped on its own.",
         ),
         "stop_when_done": Param(
             True,
             type="boolean",
+            section=INSTANCES_SECTION,
             title="Stop the instance when done",
-            description="Stop it at the end (also after failures) unless another run or command still uses it.",
+            description_md="Stop it at the end (also after failures) unless another run or command still uses it.",
         ),
         "execution_timeout": Param(
             21_600,
             type="integer",
             minimum=60,
             maximum=MAX_EXECUTION_TIMEOUT,
+            section=LIMITS_SECTION,
             title="Execution timeout (seconds)",
-            description="How long one SSM command (one chunk of files) may run, including waiting for the chunk "
-            "ahead of it on the same instance. SSM stops the script when it is reached.",
+            description_md=f"60 to {MAX_EXECUTION_TIMEOUT}: how long one SSM command (one chunk of files) may run, "
+            "including waiting for the chunk ahead of it on the same instance. SSM stops the script when it is "
+            "reached.",
         ),
         "chunk_size": Param(
             10,
             type="integer",
             minimum=1,
             maximum=MAX_CHUNK_SIZE,
+            section=LIMITS_SECTION,
             title="Files per command",
-            description="Files one SSM command processes one after another. Grown automatically so a run "
-            "never has more than 1024 chunks.",
+            description_md=f"1 to {MAX_CHUNK_SIZE}: files one SSM command processes one after another. Grown "
+            "automatically so a run never has more than 1024 chunks.",
         ),
     }

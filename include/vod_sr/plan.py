@@ -68,7 +68,8 @@ class BatchRequest:
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> BatchRequest:
         request = cls(
-            model=str(params.get("model") or ""),
+            # The form's drop-down lists the built-in models; an operator's own model is named in custom_model.
+            model=str(params.get("custom_model") or params.get("model") or ""),
             source_bucket=str(params.get("source_bucket") or ""),
             output_bucket=str(params.get("output_bucket") or ""),
             instance_ids=tuple(dict.fromkeys(_strings(params, "instance_ids"))),

@@ -37,7 +37,7 @@ def build_report(
         records[job.index] = file_record(job, "skipped", "output already exists (overwrite is off)")
     files = sorted(records.values(), key=lambda record: record["index"])
     retry_sources = [record["source"] for record in files if record["status"] == "failed"]
-    retry_conf = {**dict(params), "sources": retry_sources, "prefixes": [], "manifest": ""}
+    retry_conf = {**dict(params), "sources": retry_sources, "prefixes": [], "manifest": None}
     return {
         "run_id": run_id,
         "run_token": run_token,

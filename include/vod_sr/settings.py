@@ -17,7 +17,7 @@ def _env_int(name: str, default: int) -> int:
     try:
         value = int(raw)
     except ValueError:
-        raise ValueError(f"{name}={raw!r} is not a whole number of seconds") from None
+        raise ValueError(f"{name}={raw!r} is not a whole number") from None
     if value <= 0:
         raise ValueError(f"{name}={raw!r} must be greater than zero")
     return value
@@ -41,6 +41,9 @@ class Settings:
     command_delivery_timeout: int = 300
     # Retry delay for starting the instance (doubles each retry): EC2 capacity often returns within minutes.
     start_retry_delay: int = 60
+    # Runs of one DAG share its GPU instances: a second run would wait for the GPU with its execution timeouts
+    # already ticking. One at a time queues it visibly instead; raise it when runs name disjoint instances.
+    max_active_runs: int = 1
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -62,4 +65,5 @@ class Settings:
             poll_interval=_env_int("VOD_SR_POLL_INTERVAL", defaults.poll_interval),
             command_delivery_timeout=_env_int("VOD_SR_COMMAND_DELIVERY_TIMEOUT", defaults.command_delivery_timeout),
             start_retry_delay=_env_int("VOD_SR_START_RETRY_DELAY", defaults.start_retry_delay),
+            max_active_runs=_env_int("VOD_SR_MAX_ACTIVE_RUNS", defaults.max_active_runs),
         )

@@ -92,6 +92,10 @@ def test_chunks_run_deferred_and_are_never_retried_blindly(dag):
     assert dag.get_task("lane.verify").trigger_rule == "all_done"  # verify what got done, also after a failure
 
 
+def test_runs_sharing_the_gpu_instances_queue_one_at_a_time(dag):
+    assert dag.max_active_runs == 1  # VOD_SR_MAX_ACTIVE_RUNS raises it for deployments whose runs use disjoint instances
+
+
 def test_readiness_sensor_is_bounded_and_frees_its_slot(dag):
     sensor = dag.get_task("lane.wait_for_agent")
 
@@ -103,12 +107,59 @@ class TestParams:
     def test_every_param_has_title_and_description(self, dag):
         for name, param in dag.params.items():
             assert param.schema.get("title"), name
-            assert param.description, name
+            # In the schema, so that the API server's validation message carries the rule in words.
+            assert param.schema.get("description_md"), name
 
     def test_models_show_readable_names(self, dag):
-        display = dag.params.get_param("model").schema["values_display"]
+        schema = dag.params.get_param("model").schema
 
-        assert display["A"].startswith("Model A") and display["cpu"].startswith("CPU")
+        assert schema["enum"] == ["A", "B", "cpu"]  # a drop-down
+        assert schema["values_display"]["A"].startswith("Model A") and schema["values_display"]["cpu"].startswith("CPU")
+
+    @pytest.mark.parametrize("name", ["sources", "prefixes", "manifest"])
+    def test_alternative_sources_are_optional_in_the_form(self, dag, name):
+        # The 3.3 UI marks a field required unless its type allows null; a required empty field blocks Trigger.
+        assert "null" in dag.params.get_param(name).schema["type"]
+
+    @pytest.mark.parametrize(
+        "conf",
+        [
+            pytest.param({"sources": ["a.mp4"]}, id="only-sources"),
+            pytest.param({"prefixes": ["incoming/"]}, id="only-folders"),
+            pytest.param({"manifest": "lists/backfill.csv"}, id="only-manifest"),
+            # What the form sends for alternatives left empty or cleared.
+            pytest.param({"sources": ["a.mp4"], "prefixes": None, "manifest": None}, id="others-null"),
+            pytest.param({"sources": ["a.mp4"], "prefixes": [], "manifest": ""}, id="others-empty"),
+            pytest.param({"sources": ["a.mp4"], "custom_model": "C"}, id="custom-model"),
+        ],
+    )
+    def test_any_one_way_of_naming_sources_validates(self, dag, conf):
+        base = {"output_bucket": "out-bucket", "instance_ids": ["i-0123456789abcdef0"]}
+
+        self.validated(dag, {**base, **conf})
+
+    def test_defaults_from_the_deployment_are_valid(self):
+        from include.vod_sr.params import trigger_form
+        from include.vod_sr.settings import Settings
+
+        form = trigger_form(Settings(instance_ids=("i-0123456789abcdef0",), output_bucket="out", source_bucket="src"))
+
+        for param in form.values():
+            param.resolve()  # raises on a default the form would show as invalid
+
+    def test_a_custom_default_model_stays_selectable(self):
+        from include.vod_sr.params import trigger_form
+        from include.vod_sr.settings import Settings
+
+        model = trigger_form(Settings(default_model="C"))["model"]
+
+        assert model.resolve() == "C" and model.schema["values_display"]["C"].startswith("C (custom model")
+
+    def test_bucket_message_says_what_a_bucket_name_may_contain(self, dag):
+        from airflow.sdk.exceptions import ParamValidationError
+
+        with pytest.raises(ParamValidationError, match="lowercase letters, digits, dots and hyphens"):
+            self.validated(dag, {**GOOD_CONF, "output_bucket": "Bad_Bucket"})
 
     @staticmethod
     def validated(dag, conf):
@@ -132,6 +183,10 @@ class TestParams:
             pytest.param({"execution_timeout": 200_000}, id="timeout-over-ssm-max"),
             pytest.param({"chunk_size": 0}, id="chunk-size"),
             pytest.param({"overwrite": "yes"}, id="overwrite-not-bool"),
+            pytest.param({"model": "C"}, id="custom-model-in-the-drop-down"),
+            pytest.param({"custom_model": "bad name"}, id="custom-model-name"),
+            pytest.param({"instance_ids": []}, id="no-instance"),
+            pytest.param({"output_bucket": "ab"}, id="bucket-too-short"),
         ],
     )
     def test_bad_conf_is_rejected(self, dag, bad):
