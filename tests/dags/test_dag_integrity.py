@@ -93,7 +93,7 @@ def test_chunks_run_deferred_and_are_never_retried_blindly(dag):
 
 
 def test_runs_sharing_the_gpu_instances_queue_one_at_a_time(dag):
-    assert dag.max_active_runs == 1  # VOD_SR_MAX_ACTIVE_RUNS raises it for deployments whose runs use disjoint instances
+    assert dag.max_active_runs == 1  # VOD_SR_MAX_ACTIVE_RUNS raises it where runs use disjoint instances
 
 
 def test_readiness_sensor_is_bounded_and_frees_its_slot(dag):
