@@ -6,10 +6,11 @@ BIN := $(VENV)/bin
 # Airflow state for demo and bench (tests use a fresh temporary one per session).
 export AIRFLOW_HOME ?= $(CURDIR)/.airflow
 export AIRFLOW__CORE__DAGS_FOLDER := $(CURDIR)/dags
+export AIRFLOW__CORE__PLUGINS_FOLDER := $(CURDIR)/plugins
 export AIRFLOW__CORE__LOAD_EXAMPLES := False
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: install demo test test-fast bench lint format lock emulator clean
+.PHONY: install browser demo test test-fast bench lint format lock emulator screenshots clean
 
 install: $(BIN)/.installed
 
@@ -20,14 +21,24 @@ $(BIN)/.installed: requirements.txt requirements-dev.txt constraints.txt
 	$(BIN)/pip install --quiet -r requirements.txt -r requirements-dev.txt -c constraints.txt
 	touch $@
 
+# The browser tests drive Debian's Chromium (no browser downloads are possible here): install it when missing.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null || { echo "Installing Debian's chromium for the browser tests"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
 demo: install
 	$(BIN)/python -m scripts.demo
 
-test: install
+test: install browser
 	$(BIN)/python -m pytest
 
 test-fast: install  ## unit and DAG tests only, no emulator runs
 	$(BIN)/python -m pytest -m "not e2e and not fullstack"
+
+screenshots: install browser  ## docs/trigger-form.png, taken by the browser test from the real form
+	$(BIN)/python -m pytest -q tests/e2e/test_trigger_form_browser.py -k form_opens
+	mkdir -p docs && cp test-artifacts/trigger-form.png docs/trigger-form.png
 
 bench: install
 	$(BIN)/python -m scripts.bench
@@ -51,4 +62,4 @@ lock: install  ## re-resolve constraints.txt after changing requirements*.txt
 	rm -rf .lock-venv
 
 clean:
-	rm -rf $(VENV) .airflow .demo .pytest_cache .ruff_cache
+	rm -rf $(VENV) .airflow .demo .pytest_cache .ruff_cache test-artifacts

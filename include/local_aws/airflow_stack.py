@@ -47,6 +47,7 @@ class AirflowStack:
             **env,
             "AIRFLOW_HOME": str(home),
             "AIRFLOW__CORE__DAGS_FOLDER": str(dags_folder),
+            "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO_ROOT / "plugins"),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
             "AIRFLOW__CORE__PARALLELISM": str(parallelism),  # standalone starts 32 workers unless told
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
