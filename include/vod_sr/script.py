@@ -1,8 +1,14 @@
 """The bash scripts that run on the instance through SSM `AWS-RunShellScript`.
 
 Every value that comes from a user (keys, buckets) or an operator (model arguments) reaches bash through
-`shlex.quote`, so any key S3 accepts is passed to the AWS CLI literally. The scripts never contain credentials:
-the instance role gives the on-instance `aws` CLI its S3 rights.
+`shlex.quote` or the chunk's NUL-separated file list, never through bash parsing. Keys also need care with the
+AWS CLI itself: an option value is parsed as an option when it starts with `-` (`--key -x.mp4` fails) and read
+from a file when it starts with `file://` or `fileb://` (and fetched by CLI v1 when it starts with `http(s)://`).
+So user keys reach the CLI only inside `s3://bucket/key` arguments of `aws s3 cp`, taken literally after the
+bucket's `/` (which also gives parallel ranged downloads and multipart uploads for large files; `s3 cp` would append
+the file name to an output URI ending in `/`, which the plan never names). `s3api` calls, one each for the chunk's
+file list and results, use the `--key=VALUE` form and only the script's own `vod-sr-runs/` keys. The scripts never
+contain credentials: the instance role gives the on-instance `aws` CLI its S3 rights.
 """
 
 from __future__ import annotations
@@ -102,7 +108,7 @@ exec 9>"${TMPDIR:-/var/tmp}/vod-sr.lock"
 flock 9
 
 files_path=${files_uri#s3://}
-aws s3api get-object --bucket "${files_path%%/*}" --key "${files_path#*/}" "$workdir/files" >/dev/null
+aws s3api get-object --bucket="${files_path%%/*}" --key="${files_path#*/}" "$workdir/files" >/dev/null
 mapfile -d '' fields <"$workdir/files"
 count=$((${#fields[@]} / 5))
 : >"$workdir/results"
@@ -112,9 +118,10 @@ result() {  # index status bytes seconds stage
 }
 
 fetch() {  # file number: download its source next to the work in progress
+    # User keys reach the CLI only inside s3:// URIs, never as option values.
     local base=$(($1 * 5))
-    aws s3api get-object --bucket "${fields[base + 1]}" --key "${fields[base + 2]}" "$workdir/input-$1" \
-        >/dev/null 2>"$workdir/download-$1.log"
+    aws s3 cp --only-show-errors "s3://${fields[base + 1]}/${fields[base + 2]}" "$workdir/input-$1" \
+        >"$workdir/download-$1.log" 2>&1
 }
 
 upload() {  # file number, bytes, seconds
@@ -173,7 +180,7 @@ if [ -n "$upload_pid" ]; then
     wait "$upload_pid" || true
 fi
 results_path=${results_uri#s3://}
-aws s3api put-object --bucket "${results_path%%/*}" --key "${results_path#*/}" --body "$workdir/results" >/dev/null
+aws s3api put-object --bucket="${results_path%%/*}" --key="${results_path#*/}" --body "$workdir/results" >/dev/null
 failed=$(grep -c "$(printf '\tfailed\t')" "$workdir/results" || true)
 if [ "$failed" -gt 0 ]; then
     echo "vod-sr: $failed of $count file(s) failed" >&2
