@@ -25,9 +25,14 @@ def build_report(
     planned: Iterable[FileJob],
     verified: Iterable[Iterable[Mapping[str, Any]]],
     skipped: Iterable[FileJob],
+    transient_aws_errors: Iterable[int | None] | None = None,
 ) -> dict[str, Any]:
     """One record per file: verified ones as verify judged them, planned ones nobody verified as failed (their
-    instance's lane stopped before verification, e.g. it could not be started), skipped ones as skipped."""
+    instance's lane stopped before verification, e.g. it could not be started), skipped ones as skipped.
+
+    `transient_aws_errors`: each lane's count of throttling/5xx/connection errors that outlasted the client's retries
+    (run_chunks' XCom `transient_aws_errors`); each was retried, and a count above zero says AWS was struggling.
+    """
     records = {record["index"]: dict(record) for lane in verified for record in lane}
     for job in planned:
         records.setdefault(
@@ -38,13 +43,16 @@ def build_report(
     files = sorted(records.values(), key=lambda record: record["index"])
     retry_sources = [record["source"] for record in files if record["status"] == "failed"]
     retry_conf = {**dict(params), "sources": retry_sources, "prefixes": [], "manifest": None}
-    return {
+    report = {
         "run_id": run_id,
         "run_token": run_token,
         "counts": dict(Counter(record["status"] for record in files)),
         "files": files,
         "retry_conf": retry_conf if retry_sources else None,
     }
+    if transient_aws_errors is not None:
+        report["transient_aws_errors"] = sum(count or 0 for count in transient_aws_errors)
+    return report
 
 
 def format_table(report: Mapping[str, Any]) -> str:
@@ -54,9 +62,12 @@ def format_table(report: Mapping[str, Any]) -> str:
         for r in report["files"]
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
-    return "\n".join(
+    lines = [
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[-1] for row in rows
-    )
+    ]
+    if report.get("transient_aws_errors") is not None:
+        lines.append(f"transient AWS errors: {report['transient_aws_errors']}")
+    return "\n".join(lines)
 
 
 def write_report(s3: Any, bucket: str, report: Mapping[str, Any]) -> str:

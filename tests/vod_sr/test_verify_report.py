@@ -137,7 +137,7 @@ class TestReport:
         report = self.build([[self.OK, self.BAD]])
 
         assert report["counts"] == {"ok": 1, "failed": 1, "skipped": 1}
-        assert report["retry_conf"] == {**self.PARAMS, "sources": ["s3://src/b.mp4"], "prefixes": [], "manifest": ""}
+        assert report["retry_conf"] == {**self.PARAMS, "sources": ["s3://src/b.mp4"], "prefixes": [], "manifest": None}
 
     def test_failed_run_names_files_and_gives_a_paste_ready_conf(self):
         report = self.build([[self.OK, self.BAD]])
