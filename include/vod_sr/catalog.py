@@ -4,6 +4,10 @@ Models A and B reproduce the vendor's console scripts (the seed procedure) exact
 same ffmpeg filter and encoder arguments. `cpu` runs anywhere ffmpeg with libx264 exists (the local emulator,
 machines without the vendor filters). Operators add models without a code change through a JSON Airflow Variable
 (see `parse_custom_models`).
+
+A model is code that runs as root on the GPU instance, so every model is checked against what an SR model needs:
+its environment may set only the vendor runtime's variables, its output arguments only encoder settings, and its
+filtergraph may use no filter that reads or writes files, loads plugins or listens for commands.
 """
 
 from __future__ import annotations
@@ -38,6 +42,57 @@ ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Env values may reference other variables ($NAME or ${NAME}) but nothing else the shell would interpret.
 ENV_VALUE = re.compile(r"^(?:[^$`\"\\\n]|\$[A-Za-z_][A-Za-z0-9_]*|\$\{[A-Za-z_][A-Za-z0-9_]*\})*$")
 
+# An allow-list, not a deny-list: the names that change how bash, the dynamic loader, glibc, Python, OpenSSL, the AWS
+# CLI, CUDA or ffmpeg behave (TMPDIR moves the instance lock, LD_PRELOAD, BASH_ENV, AWS_*, CUDA_VISIBLE_DEVICES,
+# FFREPORT, HTTPS_PROXY, ...) have no end, while the vendor's models need exactly these. A new one is a reviewed
+# code change.
+MODEL_ENV_NAMES = frozenset(
+    {"ONNX_DIR", "LD_LIBRARY_PATH", "PATH", "PYTHONPATH", "VSSCRIPT_PATH", "VSPREFIX", "VAPOURSYNTH_CONF_PATH"}
+)
+
+# ffmpeg output options that set how the output is encoded, each followed by its value; a stream specifier may follow
+# the name (`-c:v`, `-b:a:0`). Left out on purpose: everything that names a file, an input, a filter, a muxer or a
+# log (-i, -f, -vf, -filter*, -attach, -passlogfile, -progress, -report, -y, ...) and `-/name`, which loads a value
+# from a file.
+ENCODER_OPTIONS = frozenset(
+    {
+        *("c", "codec", "vcodec", "acodec", "b", "maxrate", "minrate", "bufsize", "rc", "crf", "cq", "qp", "q"),
+        *("qscale", "qmin", "qmax", "preset", "tune", "profile", "level", "tier", "pix_fmt", "g", "bf", "refs"),
+        *("keyint_min", "sc_threshold", "rc-lookahead", "spatial-aq", "temporal-aq", "aq-strength", "b_ref_mode"),
+        *("multipass", "r", "aspect", "color_primaries", "color_trc", "colorspace", "color_range", "threads"),
+        *("ar", "ac", "sample_fmt", "movflags", "tag", "metadata", "disposition", "map", "map_metadata"),
+        "map_chapters",
+    }
+)
+ENCODER_FLAGS = frozenset({"an", "sn", "dn"})  # options without a value: drop audio, subtitle, data streams
+OUTPUT_OPTION = re.compile(r"^-(?P<name>[A-Za-z0-9_-]+)(?::[A-Za-z0-9:]{1,16})?$")
+MAX_OUTPUT_ARGS = 48
+MAX_OUTPUT_VALUE = 64
+URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+RATIO = re.compile(r"^\d+(?:\.\d+)?/\d+(?:\.\d+)?$")  # -r 30000/1001, -aspect 16/9
+
+# Filters that read or write files (also when the graph then fails to link: ffmpeg opens them while creating the
+# filter), load plugins or models, or take commands at run time. Every filter of the ffmpeg build in the dev
+# environment with a file option is here (tests/vod_sr/test_catalog.py checks), plus those of other builds.
+FILE_FILTERS = frozenset(
+    {
+        *("movie", "amovie", "subtitles", "ass", "drawtext", "qrencode", "qrencodesrc", "drawvg"),
+        *("sendcmd", "asendcmd", "zmq", "azmq", "frei0r", "frei0r_src", "ladspa", "lv2", "ocr", "lensfun"),
+        *("dnn_processing", "dnn_classify", "dnn_detect", "sr", "derain", "arnndn", "whisper", "asr", "sofalizer"),
+        *("lut1d", "lut3d", "curves", "selectivecolor", "nnedi", "fieldhint", "fsync", "cellauto", "life"),
+        *("removelogo", "find_rect", "cover_rect", "deshake", "vidstabdetect", "vidstabtransform", "signature"),
+        *("psnr", "ssim", "ssim360", "xpsnr", "vmafmotion", "libvmaf", "metadata", "ametadata", "paletteuse"),
+        *("firequalizer", "loudnorm", "libplacebo", "showcqt", "program_opencl", "openclsrc", "xfade_opencl"),
+        *("coreimage", "coreimagesrc"),
+    }
+)
+# Option names that name a file in any filter, for filters this list does not know (a vendor's).
+FILE_OPTION_KEYS = frozenset({"file", "filename", "textfile", "fontfile", "stats_file", "log_path", "dumpfile"})
+MAX_VIDEO_FILTER = 512
+FILTER_LABEL = re.compile(r"\[[A-Za-z0-9_]+\]")
+FILTER_NAME = re.compile(r"^(?P<filter>[A-Za-z0-9_]+)(?:@[A-Za-z0-9_]+)?$")
+FILTER_OPTION_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+
 
 @dataclass(frozen=True)
 class SrModel:
@@ -62,11 +117,19 @@ class SrModel:
         for name, value in self.env:
             if not ENV_NAME.match(name):
                 raise ModelError(f"{where}: environment name {name!r} is not a valid shell variable name")
+            if name not in MODEL_ENV_NAMES:
+                raise ModelError(
+                    f"{where}: environment name {name!r} is not allowed; a model may set only "
+                    f"{', '.join(sorted(MODEL_ENV_NAMES))} (other variables can change how the shell, the loader, "
+                    "the instance lock or the AWS CLI behave)"
+                )
             if not ENV_VALUE.match(value):
                 raise ModelError(
                     f"{where}: environment value for {name} may reference $VARIABLES but must not contain "
                     f"quotes, backticks, backslashes or newlines: {value!r}"
                 )
+        _check_output_args(where, self.output_args)
+        _check_video_filter(where, self.video_filter)
 
     def to_xcom(self) -> dict[str, Any]:
         return {
@@ -86,6 +149,132 @@ class SrModel:
             output_args=tuple(data["output_args"]),
             env=tuple((name, value) for name, value in data["env"]),
         )
+
+
+def _check_output_args(where: str, args: tuple[str, ...]) -> None:
+    """Encoder settings only: `-option value` pairs and value-less flags. ffmpeg writes any other argument that does
+    not start with `-` as an extra output file, so a value must follow the option that takes it."""
+    if len(args) > MAX_OUTPUT_ARGS:
+        raise ModelError(f"{where}: output_args has {len(args)} arguments; at most {MAX_OUTPUT_ARGS} are allowed")
+    position = 0
+    while position < len(args):
+        arg = args[position]
+        if not arg.startswith("-"):
+            raise ModelError(
+                f"{where}: output_args {arg!r} follows no option that takes a value; ffmpeg would write it as an "
+                "extra output file"
+            )
+        option = OUTPUT_OPTION.match(arg)
+        if option is None or option["name"] not in ENCODER_OPTIONS | ENCODER_FLAGS:
+            allowed = ", ".join(f"-{name}" for name in sorted(ENCODER_OPTIONS | ENCODER_FLAGS))
+            raise ModelError(f"{where}: output_args option {arg!r} is not an allowed encoder setting ({allowed})")
+        if option["name"] in ENCODER_FLAGS:
+            position += 1
+            continue
+        if position + 1 == len(args):
+            raise ModelError(f"{where}: output_args option {arg!r} has no value")
+        value = args[position + 1]
+        if (
+            len(value) > MAX_OUTPUT_VALUE
+            or not value.isprintable()
+            or ".." in value
+            or URL_SCHEME.match(value)
+            or ("/" in value and not RATIO.match(value))
+        ):
+            raise ModelError(
+                f"{where}: output_args value {value!r} of {arg} must be a setting of at most {MAX_OUTPUT_VALUE} "
+                "printable characters, not a path or URL (no '/' except in a ratio such as 30000/1001, no '..', "
+                "no 'scheme:')"
+            )
+        position += 2
+
+
+def _check_video_filter(where: str, graph: str) -> None:
+    """No filter that touches files, loads code or takes commands; no option value that is a path outside the working
+    directory; no `/option=`, which loads the option's value from a file."""
+    if len(graph) > MAX_VIDEO_FILTER or not graph.isascii() or not graph.isprintable():
+        raise ModelError(f"{where}: video_filter must be at most {MAX_VIDEO_FILTER} printable ASCII characters")
+    if "\\" in graph:
+        raise ModelError(f"{where}: video_filter must not contain backslash escapes (quote with '...'): {graph!r}")
+    try:
+        filters = parse_filtergraph(graph)
+    except ValueError as error:
+        raise ModelError(f"{where}: video_filter {graph!r}: {error}") from None
+    for name, options in filters:
+        if name in FILE_FILTERS:
+            raise ModelError(
+                f"{where}: video_filter uses {name!r}, a filter that reads or writes files, loads code or takes "
+                "commands; it is not allowed in a model"
+            )
+        for item in options.split(":"):
+            key, has_key, value = item.partition("=")
+            key, value = (key.strip(), value.strip()) if has_key else ("", key.strip())
+            if has_key and not FILTER_OPTION_KEY.match(key):
+                raise ModelError(
+                    f"{where}: video_filter option name {key!r} of {name} is not a plain name (a leading '/' "
+                    "would load the value from a file)"
+                )
+            if key in FILE_OPTION_KEYS:
+                raise ModelError(f"{where}: video_filter option {key}= of {name} names a file; it is not allowed")
+            if value.startswith("/") or ".." in value:
+                raise ModelError(
+                    f"{where}: video_filter value {value!r} of {name} looks like a path outside the working "
+                    "directory (starts with '/' or contains '..')"
+                )
+
+
+def parse_filtergraph(graph: str) -> list[tuple[str, str]]:
+    """Each filter's name and its options as ffmpeg reads them (quotes removed), for ffmpeg's graph syntax without
+    backslash escapes: filters separated by `,` or `;`, each `[label]... name[@id][=options] [label]...`.
+
+    Raises ValueError for anything else, so that the names checked are the filters ffmpeg creates: `'movie'=x`
+    is the movie filter to ffmpeg, and `sws_flags=` at the start of a graph is read without quoting rules.
+    """
+    filters = []
+    position = 0
+    while True:
+        position = _skip_labels(graph, position)
+        end = position
+        while end < len(graph) and graph[end] not in "=,;[":
+            end += 1
+        name = FILTER_NAME.match(graph[position:end].strip())
+        if name is None:
+            raise ValueError(f"filter name {graph[position:end].strip()!r} is not a plain name")
+        if name["filter"] == "sws_flags":
+            raise ValueError("sws_flags is not supported; give scale its flags= option")
+        position, options = end, []
+        if position < len(graph) and graph[position] == "=":
+            position += 1
+            while position < len(graph) and graph[position] not in "[],;":
+                if graph[position] == "'":
+                    closing = graph.find("'", position + 1)
+                    if closing < 0:
+                        raise ValueError("a quote is not closed")
+                    options.append(graph[position + 1 : closing])
+                    position = closing + 1
+                else:
+                    options.append(graph[position])
+                    position += 1
+        filters.append((name["filter"], "".join(options)))
+        position = _skip_labels(graph, position)
+        if position == len(graph):
+            return filters
+        if graph[position] not in ",;":
+            raise ValueError(f"unexpected {graph[position]!r} at position {position}")
+        position += 1
+
+
+def _skip_labels(graph: str, position: int) -> int:
+    """Past the whitespace and `[label]`s at `position`; labels must be plain names."""
+    while True:
+        while position < len(graph) and graph[position].isspace():
+            position += 1
+        if position == len(graph) or graph[position] != "[":
+            return position
+        label = FILTER_LABEL.match(graph, position)
+        if label is None:
+            raise ValueError(f"link label at position {position} is not a plain [name]")
+        position = label.end()
 
 
 BUILTIN_MODELS: dict[str, SrModel] = {
