@@ -146,7 +146,9 @@ def vod_sr_batch() -> None:
 
             chunks = [Chunk.from_xcom(c) for c in lane["chunks"]]
             s3 = aws_client("s3", SETTINGS.aws_conn_id)
-            files = verify_chunks(s3, lane["output_bucket"], lane["run_token"], chunks)
+            files = verify_chunks(
+                s3, lane["output_bucket"], lane["run_token"], chunks, ssm=aws_client("ssm", SETTINGS.aws_conn_id)
+            )
             return {"instance_id": lane["instance_id"], "files": files}
 
         @task

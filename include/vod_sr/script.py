@@ -6,9 +6,9 @@ AWS CLI itself: an option value is parsed as an option when it starts with `-` (
 from a file when it starts with `file://` or `fileb://` (and fetched by CLI v1 when it starts with `http(s)://`).
 So user keys reach the CLI only inside `s3://bucket/key` arguments of `aws s3 cp`, taken literally after the
 bucket's `/` (which also gives parallel ranged downloads and multipart uploads for large files; `s3 cp` would append
-the file name to an output URI ending in `/`, which the plan never names). `s3api` calls, one each for the chunk's
-file list and results, use the `--key=VALUE` form and only the script's own `vod-sr-runs/` keys. The scripts never
-contain credentials: the instance role gives the on-instance `aws` CLI its S3 rights.
+the file name to an output URI ending in `/`, which the plan never names). `s3api` calls (reading the chunk's file
+list, writing its results as each file ends) use the `--key=VALUE` form and only the script's own `vod-sr-runs/`
+keys. The scripts never contain credentials: the instance role gives the on-instance `aws` CLI its S3 rights.
 """
 
 from __future__ import annotations
@@ -63,6 +63,11 @@ def chunk_keys(run_token: str, chunk_index: int) -> tuple[str, str]:
     return f"{base}.files", f"{base}.results"
 
 
+def script_header(run_token: str, chunk_index: int) -> str:
+    """The first line of a chunk's script: verify finds the chunk's SSM command by it in ListCommands."""
+    return f"# vod-sr run {run_token} chunk {chunk_index}:"
+
+
 def chunk_list(chunk: Chunk) -> bytes:
     """The chunk's files for the script, NUL-separated (no key can contain NUL): index, source bucket, source key,
     output URI, output extension."""
@@ -77,11 +82,16 @@ def render_sr_script(model: SrModel, run_token: str, chunk_index: int, files_uri
 
     The payload stays small for any chunk size: the file list is read from S3. While ffmpeg runs on one file the
     next is downloaded and the previous uploaded, so the GPU does not wait on S3. The script goes on past a failed
-    file, prints one tab-separated result line per file (`VODSR-RESULT index status bytes seconds stage`), stores
-    them at `results_uri` and exits non-zero if any file failed.
+    file, prints one tab-separated result line per file (`VODSR-RESULT index status bytes seconds stage`) and exits
+    non-zero if any file failed.
+
+    Cancel and timeout kill the command's whole process group with SIGKILL, so nothing may wait for the end: the
+    results at `results_uri` are rewritten as each file ends (an upload ends it), and the work directories killed
+    chunks left behind are removed by the next chunk once it holds the instance's lock (only the lock's holder has
+    one).
     """
     lines = [
-        f"# vod-sr run {run_token} chunk {chunk_index}: model {model.name}",
+        f"{script_header(run_token, chunk_index)} model {model.name}",
         "set -euo pipefail",
         *(_export_line(name, value) for name, value in model.env),
         f"run_token={shlex.quote(run_token)}",
@@ -100,21 +110,31 @@ def _extension(key: str) -> str:
 
 
 SR_LOOP = r"""
-workdir=$(mktemp -d "${TMPDIR:-/var/tmp}/vod-sr.XXXXXXXX")
-trap 'rm -rf -- "$workdir"' EXIT
+tmp=${TMPDIR:-/var/tmp}
 trap 'exit 143' TERM INT
 # One chunk at a time per instance: every command sent to the instance shares its GPU.
-exec 9>"${TMPDIR:-/var/tmp}/vod-sr.lock"
+exec 9>"$tmp/vod-sr.lock"
 flock 9
+# Cancel and timeout send SIGKILL, which runs no trap: remove the work directories of killed chunks.
+find "$tmp" -mindepth 1 -maxdepth 1 -type d -name 'vod-sr.*' -exec rm -rf -- {} +
+workdir=$(mktemp -d "$tmp/vod-sr.XXXXXXXX")
+trap 'rm -rf -- "$workdir"' EXIT
 
 files_path=${files_uri#s3://}
+results_path=${results_uri#s3://}
 aws s3api get-object --bucket="${files_path%%/*}" --key="${files_path#*/}" "$workdir/files" >/dev/null
 mapfile -d '' fields <"$workdir/files"
 count=$((${#fields[@]} / 5))
 : >"$workdir/results"
 
+save() {
+    aws s3api put-object --bucket="${results_path%%/*}" --key="${results_path#*/}" --body "$workdir/results" >/dev/null
+}
+
 result() {  # index status bytes seconds stage
     printf 'VODSR-RESULT\t%s\t%s\t%s\t%s\t%s\n' "$@" | tee -a "$workdir/results"
+    # Stored as each file ends, so a killed chunk still credits the files it finished.
+    { flock 8 && save; } 8>"$workdir/results.lock" || touch "$workdir/unsaved"
 }
 
 fetch() {  # file number: download its source next to the work in progress
@@ -179,8 +199,9 @@ done
 if [ -n "$upload_pid" ]; then
     wait "$upload_pid" || true
 fi
-results_path=${results_uri#s3://}
-aws s3api put-object --bucket="${results_path%%/*}" --key="${results_path#*/}" --body "$workdir/results" >/dev/null
+if [ -e "$workdir/unsaved" ]; then
+    save
+fi
 failed=$(grep -c "$(printf '\tfailed\t')" "$workdir/results" || true)
 if [ "$failed" -gt 0 ]; then
     echo "vod-sr: $failed of $count file(s) failed" >&2
@@ -190,7 +211,7 @@ fi
 
 
 def parse_result_lines(stdout: str) -> dict[int, dict[str, object]]:
-    """The per-file result lines a chunk script printed, keyed by file index."""
+    """The per-file result lines a chunk script printed or stored, keyed by file index."""
     results: dict[int, dict[str, object]] = {}
     for line in stdout.splitlines():
         parts = line.split("\t")

@@ -10,8 +10,11 @@ failure handling, and the CLI install.
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -65,6 +68,7 @@ STUB_FFMPEG = r"""#!/bin/bash
 printf '%s\0' ffmpeg "$@" > "$STUB_LOG/$(date +%s%N)-$$"
 args=("$@"); input=${args[2]}; output=${args[-1]}
 sleep "${STUB_FFMPEG_SECONDS:-0}"
+if grep -q slow "$input"; then sleep 60; fi
 printf '%s\0' ffmpeg-end "$input" > "$STUB_LOG/$(date +%s%N)-$$"
 if grep -q corrupt "$input"; then
     echo "$input: Invalid data found when processing input" >&2
@@ -119,22 +123,38 @@ class StubInstance:
             if job.source.key not in missing:
                 self.put(job.source.uri, job.source.key.encode())
 
+    def env(self, **extra: str) -> dict[str, str]:
+        return {
+            "PATH": f"{self.bin}:/usr/bin:/bin",
+            "STUB_LOG": str(self.log),
+            "STUB_S3": str(self.store),
+            "TMPDIR": str(self.tmp),
+            "LANG": "C.UTF-8",
+            **extra,
+        }
+
     def run(self, body: str, **env: str) -> subprocess.CompletedProcess[str]:
         # Exactly how AWS-RunShellScript runs a command: the agent hands it to sh.
         return subprocess.run(
             ["/bin/sh", "-c", as_run_shell_command(body)],
-            env={
-                "PATH": f"{self.bin}:/usr/bin:/bin",
-                "STUB_LOG": str(self.log),
-                "STUB_S3": str(self.store),
-                "TMPDIR": str(self.tmp),
-                "LANG": "C.UTF-8",
-                **env,
-            },
+            env=self.env(**env),
             capture_output=True,
             text=True,
             timeout=60,
         )
+
+    def start(self, body: str) -> subprocess.Popen[bytes]:
+        """Run in the background in its own process group, as the SSM agent does (it kills the group)."""
+        return subprocess.Popen(
+            ["/bin/sh", "-c", as_run_shell_command(body)],
+            env=self.env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+    def work_directories(self) -> list[str]:
+        return sorted(p.name for p in self.tmp.iterdir() if p.is_dir() and p.name.startswith("vod-sr."))
 
     def calls(self) -> list[list[str]]:
         return [p.read_bytes().decode().split("\0")[:-1] for p in sorted(self.log.iterdir())]
@@ -177,8 +197,9 @@ class TestScriptSafety:
             assert secret not in INSTALL_CLI_SCRIPT
 
     def test_payload_does_not_grow_with_the_chunk(self):
-        # The file list is read from S3, so SendCommand stays small for any chunk size and any key length.
-        assert len(sr_script("A")) < 4000
+        # The file list is read from S3, so SendCommand carries a script of fixed size (about 5 KB with model A's
+        # environment) for any chunk size and any key length.
+        assert len(sr_script("A")) < 6000
 
     def test_model_arguments_reach_ffmpeg_literally(self, instance):
         instance.prepare(chunk_of("a.mp4"))
@@ -267,6 +288,36 @@ class TestChunkLoop:
         ffmpeg_end = {e[1].rsplit("-", 1)[-1]: n for n, e in enumerate(events) if e[0] == "ffmpeg-end"}
         assert position[("get", "b.mp4")] < ffmpeg_end["0"]  # b downloads while a is processed
         assert position[("put", "s3://out-bucket/sr/a.mp4")] < ffmpeg_end["1"]  # a uploads while b is processed
+
+    def test_each_file_is_stored_as_it_ends_so_a_killed_chunk_keeps_it(self, instance):
+        instance.prepare(chunk_of("a.mp4", "slow.mp4", "c.mp4"))
+        process = instance.start(sr_script())
+        try:
+            deadline = time.monotonic() + 30
+            while instance.get(RESULTS_URI) is None:  # a.mp4 is done; slow.mp4's ffmpeg runs for a minute
+                assert time.monotonic() < deadline and process.poll() is None, "a.mp4's result was never stored"
+                time.sleep(0.1)
+        finally:
+            os.killpg(process.pid, signal.SIGKILL)  # what SSM does on CancelCommand and executionTimeout
+            process.wait()
+
+        stored = parse_result_lines(instance.get(RESULTS_URI).decode())
+        assert {i: r["status"] for i, r in stored.items()} == {0: "ok"}
+        assert instance.get("s3://out-bucket/sr/a.mp4") == b"a.mp4" * 2
+        assert len(instance.work_directories()) == 1  # SIGKILL ran no trap
+
+    def test_next_chunk_removes_work_directories_killed_chunks_left(self, instance):
+        stale = instance.tmp / "vod-sr.AbCdEfGh"
+        stale.mkdir()
+        (stale / "input-3").write_bytes(b"x" * 1000)
+        (instance.tmp / "vod-sr-cli.12345678").mkdir()  # the CLI install's, which runs outside the chunks' lock
+        instance.prepare(chunk_of("a.mp4"))
+
+        result = instance.run(sr_script())
+
+        assert result.returncode == 0, result.stderr
+        assert instance.work_directories() == []
+        assert (instance.tmp / "vod-sr-cli.12345678").is_dir()
 
     def test_result_lines_ignore_other_output(self):
         stdout = "noise\nVODSR-RESULT\t7\tok\t12\t3\t\nVODSR-RESULT\tx\tok\t1\t1\t\n"

@@ -2,16 +2,18 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import UTC, datetime
 
 import boto3
 import pytest
+from botocore.exceptions import ClientError
 from moto import mock_aws
 
 from include.vod_sr.plan import Chunk, FileJob
 from include.vod_sr.report import BatchFailed, build_report, format_table, raise_if_failed, write_report
-from include.vod_sr.script import chunk_keys, chunk_list
+from include.vod_sr.script import as_run_shell_command, chunk_keys, chunk_list, script_header
 from include.vod_sr.sources import S3Object
-from include.vod_sr.verify import verify_chunks
+from include.vod_sr.verify import unfinished_reason, verify_chunks
 
 OUTPUT = "out-bucket"
 TOKEN = "1111222233334444"
@@ -107,6 +109,137 @@ class TestVerify:
         verify(s3)
 
         assert sorted(calls) == ["GetObject", "ListObjectsV2", "ListObjectsV2"]
+
+
+THREE = Chunk(
+    0, "i-1", tuple(FileJob(n, S3Object("src", f"{n}.mp4"), S3Object(OUTPUT, f"{n}_sr.mp4")) for n in range(3))
+)
+COMMAND_ID = "11111111-2222-3333-4444-555555555555"
+
+
+def result_line(index: int, size: int) -> str:
+    return f"VODSR-RESULT\t{index}\tok\t{size}\t3\t\n"
+
+
+class StubSsm:
+    """ListCommands and GetCommandInvocation for one chunk command that ended `status` (moto's commands all succeed
+    at once without running, so it cannot hold a killed one). Records the calls."""
+
+    def __init__(self, status: str = "Cancelled", details: str = "Cancelled", stdout: str = "", token: str = TOKEN):
+        script = as_run_shell_command(f"{script_header(token, 0)} model cpu\nset -euo pipefail\n")
+        self.command = {
+            "CommandId": COMMAND_ID,
+            "RequestedDateTime": datetime.now(UTC),
+            "Parameters": {"commands": [script], "executionTimeout": ["3600"]},
+        }
+        self.invocation = {
+            "CommandId": COMMAND_ID,
+            "InstanceId": "i-1",
+            "Status": status,
+            "StatusDetails": details,
+            "ResponseCode": -1,
+            "StandardOutputContent": stdout,
+        }
+        self.calls: list[str] = []
+        self.error: Exception | None = None
+
+    def get_paginator(self, name: str):
+        assert name == "list_commands"
+        stub = self
+
+        class Paginator:
+            def paginate(self, **kwargs):
+                stub.calls.append("ListCommands")
+                if stub.error is not None:
+                    raise stub.error
+                assert kwargs["InstanceId"] == "i-1"
+                return [{"Commands": [stub.command]}]
+
+        return Paginator()
+
+    def get_command_invocation(self, CommandId: str, InstanceId: str) -> dict:
+        self.calls.append("GetCommandInvocation")
+        assert (CommandId, InstanceId) == (COMMAND_ID, "i-1")
+        return self.invocation
+
+
+class TestKilledChunk:
+    """The chunk's command was killed (SIGKILL: cancel or timeout) after some of its files were done."""
+
+    def start(self, s3, done: dict[int, int], stored: list[int]) -> None:
+        s3.put_object(Bucket=OUTPUT, Key=FILES_KEY, Body=chunk_list(THREE))
+        for index, size in done.items():
+            s3.put_object(Bucket=OUTPUT, Key=f"{index}_sr.mp4", Body=b"x" * size)
+        if stored:
+            lines = "".join(result_line(index, done[index]) for index in stored)
+            s3.put_object(Bucket=OUTPUT, Key=RESULTS_KEY, Body=lines.encode())
+
+    def test_files_done_before_the_kill_are_credited_and_the_rest_name_the_cancel(self, s3):
+        # File 1's line was printed, then the kill came before the script stored it.
+        self.start(s3, done={0: 10, 1: 20}, stored=[0])
+        ssm = StubSsm(stdout=result_line(0, 10) + result_line(1, 20))
+
+        records = verify_chunks(s3, OUTPUT, TOKEN, [THREE], ssm=ssm)
+
+        assert [(r["status"], r["bytes"]) for r in records[:2]] == [("ok", 10), ("ok", 20)]
+        assert records[2]["status"] == "failed"
+        assert records[2]["reason"] == "not finished when its chunk's command was cancelled"
+
+    def test_missing_results_object_falls_back_to_the_commands_output(self, s3):
+        self.start(s3, done={0: 10}, stored=[])
+        ssm = StubSsm("TimedOut", "ExecutionTimedOut", stdout="noise\n" + result_line(0, 10))
+
+        records = verify_chunks(s3, OUTPUT, TOKEN, [THREE], ssm=ssm)
+
+        assert [r["status"] for r in records] == ["ok", "failed", "failed"]
+        assert "timed out (ExecutionTimedOut" in records[1]["reason"]
+
+    def test_output_printed_but_not_in_s3_is_still_failed(self, s3):
+        self.start(s3, done={}, stored=[])
+
+        records = verify_chunks(s3, OUTPUT, TOKEN, [THREE], ssm=StubSsm(stdout=result_line(0, 10)))
+
+        assert records[0]["reason"] == "output object missing"
+
+    def test_another_runs_command_is_not_taken_for_this_chunk(self, s3):
+        self.start(s3, done={0: 10}, stored=[])
+
+        records = verify_chunks(s3, OUTPUT, TOKEN, [THREE], ssm=StubSsm(stdout=result_line(0, 10), token="f" * 16))
+
+        assert records[0]["status"] == "failed"
+        assert "SSM has no command for its chunk" in records[0]["reason"]
+
+    def test_finished_chunk_costs_no_ssm_call(self, s3):
+        self.start(s3, done={0: 1, 1: 1, 2: 1}, stored=[0, 1, 2])
+        ssm = StubSsm()
+
+        records = verify_chunks(s3, OUTPUT, TOKEN, [THREE], ssm=ssm)
+
+        assert [r["status"] for r in records] == ["ok", "ok", "ok"]
+        assert ssm.calls == []
+
+    def test_unreadable_ssm_still_credits_what_s3_holds(self, s3):
+        self.start(s3, done={0: 10}, stored=[0])
+        ssm = StubSsm()
+        ssm.error = ClientError({"Error": {"Code": "AccessDeniedException", "Message": "no"}}, "ListCommands")
+
+        records = verify_chunks(s3, OUTPUT, TOKEN, [THREE], ssm=ssm)
+
+        assert [r["status"] for r in records] == ["ok", "failed", "failed"]
+        assert records[1]["reason"].startswith("no result from the instance")
+
+    @pytest.mark.parametrize(
+        ("status", "details", "words"),
+        [
+            pytest.param("Cancelled", "Cancelled", "was cancelled", id="cancelled"),
+            pytest.param("TimedOut", "ExecutionTimedOut", "timed out", id="execution-timeout"),
+            pytest.param("TimedOut", "DeliveryTimedOut", "never delivered", id="delivery-timeout"),
+            pytest.param("Failed", "Terminated", "failed (Terminated", id="instance-stopped"),
+            pytest.param("InProgress", "InProgress", "still InProgress", id="still-running"),
+        ],
+    )
+    def test_reason_says_how_the_command_ended(self, status, details, words):
+        assert words in unfinished_reason({"Status": status, "StatusDetails": details, "ResponseCode": -1})
 
 
 class TestReport:
