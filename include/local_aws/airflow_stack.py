@@ -62,6 +62,7 @@ class AirflowStack:
             "PATH": f"{bin_dir}:{env.get('PATH', '/usr/bin:/bin')}",  # standalone runs `airflow` from PATH
         }
         self.process: subprocess.Popen[bytes] | None = None
+        self.replacements: list[subprocess.Popen[bytes]] = []  # components started again after a kill
         self.token = ""
 
     def start(self, timeout: float = 240, dag_ids: tuple[str, ...] = ("vod_sr_batch",)) -> AirflowStack:
@@ -89,6 +90,13 @@ class AirflowStack:
         return self
 
     def stop(self) -> None:
+        for replacement in self.replacements:
+            if replacement.poll() is None:
+                os.killpg(replacement.pid, signal.SIGTERM)
+                try:
+                    replacement.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    os.killpg(replacement.pid, signal.SIGKILL)
         if self.process is not None and self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)  # standalone's children live in its process group
             try:
@@ -96,6 +104,43 @@ class AirflowStack:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
         self.log.close()
+
+    def component_pids(self, component: str) -> list[int]:
+        """Pids of this stack's `airflow <component>` processes (scheduler, triggerer, dag-processor, ...)."""
+        import psutil
+
+        assert self.process is not None
+        processes = psutil.Process(self.process.pid).children(recursive=True)
+        processes += [psutil.Process(r.pid) for r in self.replacements if r.poll() is None]
+        pids = []
+        for child in processes:
+            try:
+                command = child.cmdline()
+            except psutil.Error:
+                continue
+            if any(part.endswith("airflow") for part in command[:2]) and component in command[1:3]:
+                pids.append(child.pid)
+        return pids
+
+    def replace_triggerer(self) -> int:
+        """SIGKILL the running triggerer (a host lost mid-wait) and start a new one; returns the new pid.
+
+        The new process gets a process group of its own (another session's group cannot be joined); `stop` ends it
+        with the rest."""
+        assert self.process is not None
+        old = self.component_pids("triggerer")
+        assert old, "no triggerer is running"
+        for pid in old:
+            os.kill(pid, signal.SIGKILL)
+        replacement = subprocess.Popen(
+            [str(Path(sys.executable).parent / "airflow"), "triggerer"],
+            env=self.env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.replacements.append(replacement)
+        return replacement.pid
 
     def tail(self, lines: int = 60) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])

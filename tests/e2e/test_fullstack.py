@@ -55,3 +55,22 @@ def test_marking_a_run_failed_still_stops_the_instance_and_cancels_its_command(a
     commands = ssm.list_commands(InstanceId=world.instance_id)["Commands"]
     sr_commands = [c for c in commands if "chunk 0" in c["Comment"]]
     assert [c["Status"] for c in sr_commands] == ["Cancelled"]
+
+
+def test_a_triggerer_lost_while_a_chunk_is_deferred_is_replaced_and_the_run_finishes(airflow, world, tmp_path):
+    world.upload("long.mp4", make_sample_clip(tmp_path / "long.mp4", seconds=60))
+    run_id = airflow.trigger({"sources": ["long.mp4"], "model": "cpu"})
+    airflow.wait_until(
+        lambda: airflow.task_states(run_id).get("lane.run_chunks") == "deferred", 240, "the wait never deferred"
+    )
+    old_triggerers = airflow.component_pids("triggerer")
+
+    new_triggerer = airflow.replace_triggerer()
+
+    assert new_triggerer not in old_triggerers
+    airflow.wait_until(lambda: airflow.component_pids("triggerer") == [new_triggerer], 30, "the old triggerer lives")
+    assert airflow.wait_for_run(run_id, 400) == "success", airflow.task_states(run_id)
+    assert world.s3.head_object(Bucket="vod-sr-demo-output", Key="long_sr_cpu.mp4")["ContentLength"] > 0
+    ssm = boto_client("ssm", world.emulator.endpoint_url)
+    sr_commands = [c for c in ssm.list_commands(InstanceId=world.instance_id)["Commands"] if "chunk 0" in c["Comment"]]
+    assert [c["Status"] for c in sr_commands] == ["Success"]  # waited for, not sent again
