@@ -141,13 +141,20 @@ def vod_sr_batch() -> None:
         def verify(lane: dict[str, Any]) -> dict[str, Any]:
             """Check each output: exists, non-empty, written by this run, the size the instance reported."""
             from include.vod_sr.aws import aws_client
+            from include.vod_sr.catalog import SrModel
             from include.vod_sr.plan import Chunk
             from include.vod_sr.verify import verify_chunks
 
             chunks = [Chunk.from_xcom(c) for c in lane["chunks"]]
             s3 = aws_client("s3", SETTINGS.aws_conn_id)
             files = verify_chunks(
-                s3, lane["output_bucket"], lane["run_token"], chunks, ssm=aws_client("ssm", SETTINGS.aws_conn_id)
+                s3,
+                lane["output_bucket"],
+                lane["run_token"],
+                chunks,
+                ssm=aws_client("ssm", SETTINGS.aws_conn_id),
+                scale=SrModel.from_xcom(lane["model"]).scale,
+                duration_tolerance=SETTINGS.duration_tolerance,
             )
             return {"instance_id": lane["instance_id"], "files": files}
 

@@ -103,9 +103,12 @@ class SrModel:
     video_filter: str
     output_args: tuple[str, ...]
     env: tuple[tuple[str, str], ...] = ()
+    scale: float = 2.0  # output width and height over the source's: verify checks each output's resolution by it
 
     def __post_init__(self) -> None:
         where = f"model {self.name!r}"
+        if isinstance(self.scale, bool) or not isinstance(self.scale, int | float) or not 0 < self.scale <= 16:
+            raise ModelError(f"{where}: scale must be a number above 0 and at most 16, got {self.scale!r}")
         if not MODEL_NAME.match(self.name):
             raise ModelError(f"{where}: name must match {MODEL_NAME.pattern}")
         if not self.title.strip():
@@ -138,6 +141,7 @@ class SrModel:
             "video_filter": self.video_filter,
             "output_args": list(self.output_args),
             "env": [list(pair) for pair in self.env],
+            "scale": self.scale,
         }
 
     @classmethod
@@ -148,6 +152,7 @@ class SrModel:
             video_filter=data["video_filter"],
             output_args=tuple(data["output_args"]),
             env=tuple((name, value) for name, value in data["env"]),
+            scale=data.get("scale", 2.0),
         )
 
 
@@ -286,6 +291,7 @@ BUILTIN_MODELS: dict[str, SrModel] = {
             video_filter="bdnvx_aws,bdsr_coupang_aws,noise=c0s=8:allf=t+u",
             output_args=NVENC_OUTPUT_ARGS,
             env=BLUEWHALE_ENV,
+            scale=2.0,
         ),
         SrModel(
             name="B",
@@ -293,12 +299,14 @@ BUILTIN_MODELS: dict[str, SrModel] = {
             video_filter="bdsr_coupang_aws",
             output_args=NVENC_OUTPUT_ARGS,
             env=BLUEWHALE_ENV,
+            scale=2.0,
         ),
         SrModel(
             name="cpu",
             title="CPU: lanczos 2x + libx264 (no vendor filters needed)",
             video_filter="scale=iw*2:ih*2:flags=lanczos",
             output_args=("-c:v", "libx264", "-preset", "veryfast", "-crf", "18", "-c:a", "copy"),
+            scale=2.0,
         ),
     )
 }
@@ -308,7 +316,7 @@ def _model_from_json(name: str, spec: Any) -> SrModel:
     where = f"model {name!r}"
     if not isinstance(spec, Mapping):
         raise ModelError(f"{where}: definition must be a JSON object, got {type(spec).__name__}")
-    unknown = set(spec) - {"title", "video_filter", "output_args", "env"}
+    unknown = set(spec) - {"title", "video_filter", "output_args", "env", "scale"}
     if unknown:
         raise ModelError(f"{where}: unknown fields {sorted(unknown)}")
     output_args = spec.get("output_args", [])
@@ -323,11 +331,13 @@ def _model_from_json(name: str, spec: Any) -> SrModel:
         video_filter=str(spec.get("video_filter", "")),
         output_args=tuple(output_args),
         env=tuple(env.items()),
+        scale=spec.get("scale", 2.0),
     )
 
 
 def parse_custom_models(raw: str | None) -> dict[str, SrModel]:
-    """Parse the operators' JSON Variable: `{"C": {"title", "video_filter", "output_args", "env"}}`."""
+    """Parse the operators' JSON Variable: `{"C": {"title", "video_filter", "output_args", "env", "scale"}}` (scale:
+    the output's size over the source's, default 2)."""
     if raw is None or not raw.strip():
         return {}
     try:

@@ -82,13 +82,18 @@ def render_sr_script(model: SrModel, run_token: str, chunk_index: int, files_uri
 
     The payload stays small for any chunk size: the file list is read from S3. While ffmpeg runs on one file the
     next is downloaded and the previous uploaded, so the GPU does not wait on S3. The script goes on past a failed
-    file, prints one tab-separated result line per file (`VODSR-RESULT index status bytes seconds stage`) and exits
-    non-zero if any file failed.
+    file, prints one tab-separated result line per file (`VODSR-RESULT index status bytes seconds stage
+    source-media output-media`, see `parse_result_lines`) and exits non-zero if any file failed.
 
     Cancel and timeout kill the command's whole process group with SIGKILL, so nothing may wait for the end: the
     results at `results_uri` are rewritten as each file ends (an upload ends it), and the work directories killed
     chunks left behind are removed by the next chunk once it holds the instance's lock (only the lock's holder has
     one).
+
+    Each output and its source are measured right after ffmpeg, with ffmpeg itself (every instance that runs a
+    model has it; ffprobe is not always there): the first video stream's resolution, that stream's duration (read
+    to its end by a stream copy, no decoding: the container's duration is its longest stream's, so a picture cut
+    short under full-length copied audio would look whole) and the number of audio streams.
     """
     lines = [
         f"{script_header(run_token, chunk_index)} model {model.name}",
@@ -131,10 +136,19 @@ save() {
     aws s3api put-object --bucket="${results_path%%/*}" --key="${results_path#*/}" --body "$workdir/results" >/dev/null
 }
 
-result() {  # index status bytes seconds stage
-    printf 'VODSR-RESULT\t%s\t%s\t%s\t%s\t%s\n' "$@" | tee -a "$workdir/results"
+result() {  # index status bytes seconds stage source-media output-media
+    printf 'VODSR-RESULT\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$@" | tee -a "$workdir/results"
     # Stored as each file ends, so a killed chunk still credits the files it finished.
     { flock 8 && save; } 8>"$workdir/results.lock" || touch "$workdir/unsaved"
+}
+
+probe() {  # file: WIDTHxHEIGHT VIDEO-SECONDS AUDIO-STREAMS ("-" where ffmpeg reports none)
+    { ffmpeg -hide_banner -i "$1" -map 0:v:0 -c copy -f null -progress pipe:1 - </dev/null 2>&1 || true; } | awk '
+        /^Output #/ { o = 1 }
+        !o && !v && / Stream #.*: Video: / && match($0, /, [0-9]+x[0-9]+/) { v = substr($0, RSTART + 2, RLENGTH - 2) }
+        !o && / Stream #.*: Audio: / { a++ }
+        /^out_time=[0-9]/ { split(substr($0, 10), t, ":"); s = sprintf("%.2f", t[1] * 3600 + t[2] * 60 + t[3]) }
+        END { printf "%s %s %d", v ? v : "-", s ? s : "-", a }'
 }
 
 fetch() {  # file number: download its source next to the work in progress
@@ -145,15 +159,18 @@ fetch() {  # file number: download its source next to the work in progress
 }
 
 upload() {  # file number, bytes, seconds
-    local base=$(($1 * 5))
+    local base=$(($1 * 5)) source_media output_media
     local output="$workdir/output-$1${fields[base + 4]}"
+    source_media=$(probe "$workdir/input-$1")
+    output_media=$(probe "$output")
+    rm -f -- "$workdir/input-$1"
     if aws s3 cp --only-show-errors --metadata "vod-sr-run=$run_token" "$output" "${fields[base + 3]}" \
             2>"$workdir/upload-$1.log"; then
-        result "${fields[base]}" ok "$2" "$3" ""
+        result "${fields[base]}" ok "$2" "$3" "" "$source_media" "$output_media"
     else
         echo "vod-sr: upload to ${fields[base + 3]} failed:" >&2
         tail -n 5 "$workdir/upload-$1.log" >&2
-        result "${fields[base]}" failed "$2" "$3" upload
+        result "${fields[base]}" failed "$2" "$3" upload "$source_media" "$output_media"
     fi
     rm -f -- "$output"
 }
@@ -188,7 +205,6 @@ for ((n = 0; n < count; n++)); do
         rm -f -- "$workdir/input-$n" "$output"
         continue
     fi
-    rm -f -- "$workdir/input-$n"
     bytes=$(stat -c %s "$output")
     if [ -n "$upload_pid" ]; then
         wait "$upload_pid" || true
@@ -211,15 +227,21 @@ fi
 
 
 def parse_result_lines(stdout: str) -> dict[int, dict[str, object]]:
-    """The per-file result lines a chunk script printed or stored, keyed by file index."""
+    """The per-file result lines a chunk script printed or stored, keyed by file index.
+
+    `source_media` and `output_media` are the script's measurements (`WIDTHxHEIGHT SECONDS AUDIO-STREAMS`, see
+    `verify.Media`), empty when the file failed before they were taken or the line predates them.
+    """
     results: dict[int, dict[str, object]] = {}
     for line in stdout.splitlines():
         parts = line.split("\t")
-        if len(parts) == 6 and parts[0] == RESULT_MARKER and parts[1].isdigit():
+        if len(parts) in (6, 8) and parts[0] == RESULT_MARKER and parts[1].isdigit():
             results[int(parts[1])] = {
                 "status": parts[2],
                 "bytes": int(parts[3]) if parts[3].isdigit() else 0,
                 "seconds": int(parts[4]) if parts[4].isdigit() else 0,
                 "stage": parts[5],
+                "source_media": parts[6] if len(parts) == 8 else "",
+                "output_media": parts[7] if len(parts) == 8 else "",
             }
     return results

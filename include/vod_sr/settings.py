@@ -23,6 +23,19 @@ def _env_int(name: str, default: int) -> int:
     return value
 
 
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a number") from None
+    if not value > 0:
+        raise ValueError(f"{name}={raw!r} must be greater than zero")
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
     """Deployment-wide defaults for `vod_sr_batch`; see the README's Configuration table."""
@@ -44,6 +57,8 @@ class Settings:
     # Runs of one DAG share its GPU instances: a second run would wait for the GPU with its execution timeouts
     # already ticking. One at a time queues it visibly instead; raise it when runs name disjoint instances.
     max_active_runs: int = 1
+    # Seconds an output's duration may differ from its source's before verify fails the file.
+    duration_tolerance: float = 0.5
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -66,4 +81,5 @@ class Settings:
             command_delivery_timeout=_env_int("VOD_SR_COMMAND_DELIVERY_TIMEOUT", defaults.command_delivery_timeout),
             start_retry_delay=_env_int("VOD_SR_START_RETRY_DELAY", defaults.start_retry_delay),
             max_active_runs=_env_int("VOD_SR_MAX_ACTIVE_RUNS", defaults.max_active_runs),
+            duration_tolerance=_env_float("VOD_SR_DURATION_TOLERANCE", defaults.duration_tolerance),
         )

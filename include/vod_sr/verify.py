@@ -1,5 +1,10 @@
 """Verification of an instance's outputs in S3, from the chunk scripts' results plus S3 listings.
 
+An output counts only when it is the source upscaled: the chunk script measures each source and output with ffmpeg
+right after the model ran (`Media`), and `media_mismatch` fails an output whose resolution is not the model's scale
+of the source's, whose video is shorter or longer than the source's by more than the tolerance, or that has fewer
+audio streams than its source.
+
 A chunk's script rewrites its results object as each file ends, so a chunk whose command was cancelled or timed out
 (SSM kills it with SIGKILL: nothing runs at its end) still credits every file it finished. Only when a chunk's results
 lack some of its files does verify ask SSM about the chunk's command: the `VODSR-RESULT` lines of its output fill in
@@ -12,6 +17,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -25,11 +31,88 @@ log = logging.getLogger(__name__)
 
 # The first line of a chunk's script (`script.script_header`), found in ListCommands' copy of the script.
 _SCRIPT_HEADER = re.compile(r"# vod-sr run (\S+) chunk (\d+):")
+_SIZE = re.compile(r"(\d+)x(\d+)")
+# Encoders round odd sizes to even ones (yuv420p), so a scaled size may be off by a pixel or two.
+_RESOLUTION_SLACK = 2
 # SSM's clock (RequestedDateTime) against S3's (the chunk list's LastModified, written just before SendCommand).
 _CLOCK_MARGIN = timedelta(minutes=10)
 
 
-def file_record(job: FileJob, status: str, reason: str = "", bytes_written: int = 0) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Media:
+    """A video as the chunk script measured it with ffmpeg: its first video stream's size and duration (None where
+    ffmpeg found no video stream) and how many audio streams it has."""
+
+    width: int | None
+    height: int | None
+    seconds: float | None
+    audio_streams: int
+
+    @classmethod
+    def parse(cls, text: str) -> Media | None:
+        """The script's `WIDTHxHEIGHT SECONDS AUDIO-STREAMS` ("-" for what ffmpeg did not report); None when the
+        figures are missing (the file failed before they were taken) or garbled."""
+        parts = text.split()
+        if len(parts) != 3 or not parts[2].isdigit():
+            return None
+        size = _SIZE.fullmatch(parts[0])
+        if size is None and parts[0] != "-":
+            return None
+        try:
+            seconds = None if parts[1] == "-" else float(parts[1])
+        except ValueError:
+            return None
+        width, height = (int(size[1]), int(size[2])) if size else (None, None)
+        return cls(width, height, seconds, int(parts[2]))
+
+    def __str__(self) -> str:
+        size = f"{self.width}x{self.height}" if self.width is not None else "no video"
+        seconds = f"{self.seconds:.2f} s" if self.seconds is not None else "duration unknown"
+        return f"{size}, {seconds}, {self.audio_streams} audio"
+
+
+def media_mismatch(source: Media | None, output: Media | None, *, scale: float, duration_tolerance: float) -> str:
+    """Why `output` is not `source` upscaled `scale` times, naming each mismatch; "" when it is."""
+    if source is None or output is None:
+        return "no media figures from the instance: the output could not be checked"
+    if output.width is None or output.height is None:
+        return "output has no video stream"
+    problems = []
+    if source.width is None or source.height is None:
+        problems.append("the source's resolution is unknown")
+    else:
+        expected = (round(source.width * scale), round(source.height * scale))
+        # Either orientation: ffmpeg applies a source's rotation metadata, so a portrait phone clip comes out upright.
+        if not any(
+            abs(output.width - width) <= _RESOLUTION_SLACK and abs(output.height - height) <= _RESOLUTION_SLACK
+            for width, height in (expected, expected[::-1])
+        ):
+            problems.append(
+                f"output resolution {output.width}x{output.height}, expected {expected[0]}x{expected[1]} "
+                f"({scale:g}x the source's {source.width}x{source.height})"
+            )
+    if output.seconds is None or source.seconds is None:
+        problems.append("the video's duration is unknown")
+    elif abs(output.seconds - source.seconds) > duration_tolerance:
+        problems.append(
+            f"output video lasts {output.seconds:.2f} s, the source's {source.seconds:.2f} s "
+            f"(tolerance {duration_tolerance:g} s)"
+        )
+    if output.audio_streams < source.audio_streams:
+        problems.append(
+            f"output lost audio: {output.audio_streams} audio stream(s), the source has {source.audio_streams}"
+        )
+    return "; ".join(problems)
+
+
+def file_record(
+    job: FileJob,
+    status: str,
+    reason: str = "",
+    bytes_written: int = 0,
+    source_media: Media | None = None,
+    output_media: Media | None = None,
+) -> dict[str, Any]:
     return {
         "index": job.index,
         "source": job.source.uri,
@@ -37,7 +120,17 @@ def file_record(job: FileJob, status: str, reason: str = "", bytes_written: int 
         "status": status,
         "reason": reason,
         "bytes": bytes_written,
+        "source_media": asdict(source_media) if source_media else None,
+        "output_media": asdict(output_media) if output_media else None,
     }
+
+
+def media_summary(record: Mapping[str, Any]) -> str:
+    """A record's figures for a report table: `640x480, 10.00 s, 1 audio -> 1280x960, 10.00 s, 1 audio`."""
+    figures = [record.get("source_media"), record.get("output_media")]
+    if not any(figures):
+        return ""
+    return " -> ".join(str(Media(**f)) if f else "-" for f in figures)
 
 
 def unfinished_reason(invocation: Mapping[str, Any] | None) -> str:
@@ -69,24 +162,37 @@ def verify_file(
     listed: Mapping[str, Any] | None,
     sent_at: datetime | None,
     unfinished: str = "no result from the instance: its chunk command did not finish",
+    *,
+    scale: float = 2.0,
+    duration_tolerance: float = 0.5,
 ) -> dict[str, Any]:
-    """One output: the script reported it written, it exists, is non-empty, has the size the script wrote and was
-    written after this run sent its chunk (`sent_at`: the chunk list's LastModified, S3's own clock). `unfinished`
-    is the reason given when the instance reported nothing for the file."""
+    """One output: the script reported it written, it exists, is non-empty, has the size the script wrote, was
+    written after this run sent its chunk (`sent_at`: the chunk list's LastModified, S3's own clock) and is its
+    source upscaled `scale` times (`media_mismatch`). `unfinished` is the reason given when the instance reported
+    nothing for the file."""
     if reported is None:
         return file_record(job, "failed", unfinished)
+    source = Media.parse(str(reported.get("source_media") or ""))
+    output = Media.parse(str(reported.get("output_media") or ""))
+
+    def record(status: str, reason: str = "", size: int = 0) -> dict[str, Any]:
+        return file_record(job, status, reason, size, source, output)
+
     if reported["status"] != "ok":
-        return file_record(job, "failed", f"{reported['stage'] or 'processing'} failed on the instance")
+        return record("failed", f"{reported['stage'] or 'processing'} failed on the instance")
     if listed is None:
-        return file_record(job, "failed", "output object missing")
+        return record("failed", "output object missing")
     size = listed["Size"]
     if sent_at is None or listed["LastModified"] < sent_at:
-        return file_record(job, "failed", "output was not written by this run (it predates the chunk)", size)
+        return record("failed", "output was not written by this run (it predates the chunk)", size)
     if size == 0:
-        return file_record(job, "failed", "output object is empty", size)
+        return record("failed", "output object is empty", size)
     if size != reported["bytes"]:
-        return file_record(job, "failed", f"output is {size} bytes; the instance wrote {reported['bytes']}", size)
-    return file_record(job, "ok", "", size)
+        return record("failed", f"output is {size} bytes; the instance wrote {reported['bytes']}", size)
+    mismatch = media_mismatch(source, output, scale=scale, duration_tolerance=duration_tolerance)
+    if mismatch:
+        return record("failed", mismatch, size)
+    return record("ok", "", size)
 
 
 def chunk_commands(ssm: Any, instance_id: str, run_token: str, since: datetime) -> dict[int, str]:
@@ -129,11 +235,18 @@ def _incomplete_chunks_from_ssm(
 
 
 def verify_chunks(
-    s3: Any, bucket: str, run_token: str, chunks: list[Chunk], *, ssm: Any = None
+    s3: Any,
+    bucket: str,
+    run_token: str,
+    chunks: list[Chunk],
+    *,
+    ssm: Any = None,
+    scale: float = 2.0,
+    duration_tolerance: float = 0.5,
 ) -> list[dict[str, Any]]:
-    """Every file of `chunks`. S3 calls: one GetObject per chunk's results, listings for the rest. SSM calls (with
-    `ssm`), only for chunks whose results lack some of their files: one ListCommands per instance and one
-    GetCommandInvocation per such chunk."""
+    """Every file of `chunks`, made by a model of `scale` (see `verify_file`). S3 calls: one GetObject per chunk's
+    results, listings for the rest. SSM calls (with `ssm`), only for chunks whose results lack some of their files:
+    one ListCommands per instance and one GetCommandInvocation per such chunk."""
     run_objects = {
         obj.key: item
         for obj, item in existing_objects(
@@ -169,6 +282,14 @@ def verify_chunks(
             unfinished = unfinished_reason(invocation)
         for job in chunk.files:
             records.append(
-                verify_file(job, reported.get(job.index), outputs.get(job.output), sent_at.get(chunk.index), unfinished)
+                verify_file(
+                    job,
+                    reported.get(job.index),
+                    outputs.get(job.output),
+                    sent_at.get(chunk.index),
+                    unfinished,
+                    scale=scale,
+                    duration_tolerance=duration_tolerance,
+                )
             )
     return records

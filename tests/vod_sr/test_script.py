@@ -65,6 +65,11 @@ case "$src" in
 esac
 """
 STUB_FFMPEG = r"""#!/bin/bash
+if [ "$1" = -hide_banner ]; then  # the script's measurement: the report of a 2 s 64x48 clip with one audio stream
+    printf '  Duration: 00:00:02.00\n  Stream #0:0: Video: h264 (avc1 / 0x31637661), yuv420p, 64x48, 25 fps\n'
+    printf '  Stream #0:1: Audio: aac\nOutput #0, null:\n  Stream #0:0: Video: h264, 64x48\nout_time=00:00:01.960000\n'
+    exit 0
+fi
 printf '%s\0' ffmpeg "$@" > "$STUB_LOG/$(date +%s%N)-$$"
 args=("$@"); input=${args[2]}; output=${args[-1]}
 sleep "${STUB_FFMPEG_SECONDS:-0}"
@@ -271,6 +276,15 @@ class TestChunkLoop:
         assert {i: r["status"] for i, r in stored.items()} == {0: "ok", 1: "failed", 2: "failed", 3: "ok"}
         assert stored[3]["bytes"] == len(b"good-2.mp4" * 2)
 
+    def test_source_and_output_are_measured_from_ffmpegs_report(self, instance):
+        instance.prepare(chunk_of(*self.KEYS), missing=("missing.mp4",))
+
+        result = instance.run(sr_script())
+
+        printed = parse_result_lines(result.stdout)
+        assert (printed[0]["source_media"], printed[0]["output_media"]) == ("64x48 1.96 1", "64x48 1.96 1")
+        assert (printed[1]["source_media"], printed[1]["output_media"]) == ("", "")  # ffmpeg failed: nothing to measure
+
     def test_downloads_and_uploads_overlap_with_ffmpeg(self, instance):
         instance.prepare(chunk_of("a.mp4", "b.mp4", "c.mp4"))
 
@@ -320,9 +334,22 @@ class TestChunkLoop:
         assert (instance.tmp / "vod-sr-cli.12345678").is_dir()
 
     def test_result_lines_ignore_other_output(self):
-        stdout = "noise\nVODSR-RESULT\t7\tok\t12\t3\t\nVODSR-RESULT\tx\tok\t1\t1\t\n"
+        stdout = (
+            "noise\nVODSR-RESULT\t7\tok\t12\t3\t\t64x48 2.00 1\t128x96 2.00 1\n"
+            "VODSR-RESULT\tx\tok\t1\t1\t\t\t\nVODSR-RESULT\t8\tok\t1\t1\t\n"
+        )
 
-        assert parse_result_lines(stdout) == {7: {"status": "ok", "bytes": 12, "seconds": 3, "stage": ""}}
+        assert parse_result_lines(stdout) == {
+            7: {
+                "status": "ok",
+                "bytes": 12,
+                "seconds": 3,
+                "stage": "",
+                "source_media": "64x48 2.00 1",
+                "output_media": "128x96 2.00 1",
+            },
+            8: {"status": "ok", "bytes": 1, "seconds": 1, "stage": "", "source_media": "", "output_media": ""},
+        }
 
 
 class TestInstallCli:
@@ -500,6 +527,7 @@ class TestHostileKeysWithTheRealAwsCli:
             assert head["Metadata"] == {"vod-sr-run": RUN_TOKEN}
             video = probe_video(real_instance.download(key, tmp_path / f"out-{n}.mp4"))
             assert video.width == 128, key  # the cpu model's 2x of the 64x48 clip
+            assert results[n]["output_media"].startswith("128x96 "), key  # as the instance measured it
         assert not marker.exists()
 
     def test_missing_source_with_a_dash_key_is_reported_by_name(self, real_instance, tiny_clip):

@@ -9,17 +9,20 @@ import pytest
 from botocore.exceptions import ClientError
 from moto import mock_aws
 
+from include.vod_sr.catalog import ModelError, SrModel, parse_custom_models
 from include.vod_sr.plan import Chunk, FileJob
 from include.vod_sr.report import BatchFailed, build_report, format_table, raise_if_failed, write_report
 from include.vod_sr.script import as_run_shell_command, chunk_keys, chunk_list, script_header
 from include.vod_sr.sources import S3Object
-from include.vod_sr.verify import unfinished_reason, verify_chunks
+from include.vod_sr.verify import Media, media_mismatch, media_summary, unfinished_reason, verify_chunks
 
 OUTPUT = "out-bucket"
 TOKEN = "1111222233334444"
 JOB = FileJob(0, S3Object("src", "a.mp4"), S3Object(OUTPUT, "a_sr.mp4"))
 CHUNK = Chunk(0, "i-1", (JOB,))
 FILES_KEY, RESULTS_KEY = chunk_keys(TOKEN, 0)
+# What the chunk script records for a 10 s 640x480 source with one audio stream and the cpu model's 2x output.
+SOURCE_MEDIA, OUTPUT_MEDIA = "640x480 9.92 1", "1280x960 9.92 1"
 
 
 @pytest.fixture
@@ -35,18 +38,20 @@ def send_chunk(s3) -> None:
     s3.put_object(Bucket=OUTPUT, Key=FILES_KEY, Body=chunk_list(CHUNK))
 
 
-def instance_writes(s3, body: bytes | None, result: str = "ok", reported_bytes: int | None = None) -> None:
+def instance_writes(
+    s3, body: bytes | None, result: str = "ok", reported_bytes: int | None = None, output_media: str = OUTPUT_MEDIA
+) -> None:
     """What the chunk script does: upload the output, then the results file."""
     if body is not None:
         s3.put_object(Bucket=OUTPUT, Key="a_sr.mp4", Body=body)
     size = len(body or b"") if reported_bytes is None else reported_bytes
     stage = "" if result == "ok" else "ffmpeg"
-    line = f"VODSR-RESULT\t0\t{result}\t{size}\t3\t{stage}\n"
+    line = f"VODSR-RESULT\t0\t{result}\t{size}\t3\t{stage}\t{SOURCE_MEDIA}\t{output_media}\n"
     s3.put_object(Bucket=OUTPUT, Key=RESULTS_KEY, Body=line.encode())
 
 
-def verify(s3) -> dict:
-    (record,) = verify_chunks(s3, OUTPUT, TOKEN, [CHUNK])
+def verify(s3, **options) -> dict:
+    (record,) = verify_chunks(s3, OUTPUT, TOKEN, [CHUNK], **options)
     return record
 
 
@@ -75,7 +80,7 @@ class TestVerify:
         s3.put_object(Bucket=OUTPUT, Key="a_sr.mp4", Body=b"old output")
         time.sleep(1.1)  # S3 LastModified has one-second resolution
         send_chunk(s3)
-        s3.put_object(Bucket=OUTPUT, Key=RESULTS_KEY, Body=b"VODSR-RESULT\t0\tok\t10\t3\t\n")
+        s3.put_object(Bucket=OUTPUT, Key=RESULTS_KEY, Body=result_line(0, 10).encode())
 
         record = verify(s3)
 
@@ -118,7 +123,7 @@ COMMAND_ID = "11111111-2222-3333-4444-555555555555"
 
 
 def result_line(index: int, size: int) -> str:
-    return f"VODSR-RESULT\t{index}\tok\t{size}\t3\t\n"
+    return f"VODSR-RESULT\t{index}\tok\t{size}\t3\t\t{SOURCE_MEDIA}\t{OUTPUT_MEDIA}\n"
 
 
 class StubSsm:
@@ -240,6 +245,106 @@ class TestKilledChunk:
     )
     def test_reason_says_how_the_command_ended(self, status, details, words):
         assert words in unfinished_reason({"Status": status, "StatusDetails": details, "ResponseCode": -1})
+
+
+def media(text: str) -> Media:
+    parsed = Media.parse(text)
+    assert parsed is not None
+    return parsed
+
+
+class TestMediaChecks:
+    def test_figures_parse_with_unknowns(self):
+        assert Media.parse("1280x960 9.92 2") == Media(1280, 960, 9.92, 2)
+        assert Media.parse("- - 0") == Media(None, None, None, 0)
+
+    @pytest.mark.parametrize("text", ["", "1280x960 9.92", "1280 x 960 1", "axb 1 1", "1x1 soon 1", "1x1 1 -"])
+    def test_missing_or_garbled_figures_are_none(self, text):
+        assert Media.parse(text) is None
+
+    def test_source_upscaled_passes(self):
+        assert media_mismatch(media(SOURCE_MEDIA), media(OUTPUT_MEDIA), scale=2, duration_tolerance=0.5) == ""
+
+    def test_duration_within_the_tolerance_passes(self):
+        assert media_mismatch(media(SOURCE_MEDIA), media("1280x960 9.50 1"), scale=2, duration_tolerance=0.5) == ""
+
+    def test_rotated_source_passes_upright(self):
+        # ffmpeg applies a portrait phone clip's rotation: stored 640x480, played and upscaled as 960x1280.
+        assert media_mismatch(media(SOURCE_MEDIA), media("960x1280 9.92 1"), scale=2, duration_tolerance=0.5) == ""
+
+    def test_cut_short_output_names_both_durations(self):
+        reason = media_mismatch(media("640x480 4.92 1"), media("1280x960 0.92 1"), scale=2, duration_tolerance=0.5)
+
+        assert reason == "output video lasts 0.92 s, the source's 4.92 s (tolerance 0.5 s)"
+
+    def test_output_at_the_sources_size_names_the_expected_one(self):
+        reason = media_mismatch(media(SOURCE_MEDIA), media("640x480 9.92 1"), scale=2, duration_tolerance=0.5)
+
+        assert reason == "output resolution 640x480, expected 1280x960 (2x the source's 640x480)"
+
+    def test_resolution_follows_the_models_scale(self):
+        assert media_mismatch(media(SOURCE_MEDIA), media("2560x1920 9.92 1"), scale=4, duration_tolerance=0.5) == ""
+        assert "expected 2560x1920" in media_mismatch(
+            media(SOURCE_MEDIA), media(OUTPUT_MEDIA), scale=4, duration_tolerance=0.5
+        )
+
+    def test_lost_audio_stream_is_named(self):
+        reason = media_mismatch(media("640x480 9.92 2"), media(OUTPUT_MEDIA), scale=2, duration_tolerance=0.5)
+
+        assert reason == "output lost audio: 1 audio stream(s), the source has 2"
+
+    def test_every_mismatch_is_named(self):
+        reason = media_mismatch(media(SOURCE_MEDIA), media("640x480 1.00 0"), scale=2, duration_tolerance=0.5)
+
+        assert reason.count("; ") == 2
+
+    @pytest.mark.parametrize(
+        ("output", "reason"),
+        [
+            pytest.param("- - 1", "output has no video stream", id="no-video"),
+            pytest.param("1280x960 - 1", "the video's duration is unknown", id="no-duration"),
+        ],
+    )
+    def test_unmeasurable_output_fails(self, output, reason):
+        assert media_mismatch(media(SOURCE_MEDIA), media(output), scale=2, duration_tolerance=0.5) == reason
+
+    def test_result_without_figures_fails(self):
+        assert media_mismatch(None, None, scale=2, duration_tolerance=0.5).startswith("no media figures")
+
+    def test_verify_fails_a_cut_short_output_and_records_the_figures(self, s3):
+        send_chunk(s3)
+        instance_writes(s3, b"x" * 100, output_media="1280x960 0.92 1")
+
+        record = verify(s3)
+
+        assert (record["status"], record["reason"]) == (
+            "failed",
+            "output video lasts 0.92 s, the source's 9.92 s (tolerance 0.5 s)",
+        )
+        assert record["source_media"] == {"width": 640, "height": 480, "seconds": 9.92, "audio_streams": 1}
+        assert media_summary(record) == "640x480, 9.92 s, 1 audio -> 1280x960, 0.92 s, 1 audio"
+
+    def test_verify_takes_the_tolerance_and_scale_it_is_given(self, s3):
+        send_chunk(s3)
+        instance_writes(s3, b"x" * 100, output_media="2560x1920 8.92 1")
+
+        assert verify(s3)["status"] == "failed"
+        assert verify(s3, scale=4, duration_tolerance=1.5)["status"] == "ok"
+
+    def test_custom_model_states_its_scale_and_it_survives_xcom(self):
+        spec = {"title": "4x", "video_filter": "scale=iw*4:ih*4", "output_args": ["-c:v", "libx264"]}
+
+        models = parse_custom_models(json.dumps({"x4": {**spec, "scale": 4}, "unstated": spec}))
+
+        assert SrModel.from_xcom(models["x4"].to_xcom()).scale == 4
+        assert models["unstated"].scale == 2
+
+    @pytest.mark.parametrize("scale", [0, -2, 100, "2", True, None])
+    def test_bad_scale_is_refused(self, scale):
+        spec = {"title": "t", "video_filter": "scale=iw*2:ih*2", "output_args": ["-c:v", "libx264"], "scale": scale}
+
+        with pytest.raises(ModelError, match="scale must be a number"):
+            parse_custom_models(json.dumps({"bad": spec}))
 
 
 class TestReport:
