@@ -1,8 +1,9 @@
 """The local AWS emulator: moto's server, plus an extension for what moto lacks.
 
 Requests pass through `Extension`, a WSGI layer in front of moto's own application. It records every call,
-injects throttling, answers the SSM Run Command actions with `SsmAgent` (which really runs the commands), and
-adds time to EC2 start/stop. Everything else (S3, EC2, IAM, ...) is moto, unchanged.
+injects throttling, server errors and dropped connections, answers the SSM Run Command actions with `SsmAgent`
+(which really runs the commands), and adds time to EC2 start/stop. Everything else (S3, EC2, IAM, ...) is moto,
+unchanged.
 
 Control endpoints, for tests and benchmarks:
     GET  /_local_aws/calls            every AWS call served: [{"service", "action", "time", "caller"}]
@@ -19,6 +20,7 @@ import json
 import random
 import re
 import shutil
+import socket
 import sys
 import tempfile
 import threading
@@ -30,7 +32,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from include.local_aws.ec2_lifecycle import Ec2Error, Ec2Lifecycle
-from include.local_aws.faults import FaultPlan, InstanceFaults
+from include.local_aws.faults import INVOCATION_READ_ERRORS, FaultPlan, InstanceFaults
 from include.local_aws.ssm_agent import SsmAgent, SsmError
 
 # Not secrets: moto accepts any credentials, and botocore and the AWS CLI refuse to sign without some.
@@ -113,6 +115,10 @@ class Extension:
             and self._random.random() < self.faults.throttle_fraction
         ):
             return self._throttled(service, start_response)
+        if service == "ssm" and action == "GetCommandInvocation":
+            instance_id = json.loads(body or b"{}").get("InstanceId", "")
+            if (error := self.faults.invocation_read_error(instance_id)) is not None:
+                return self._injected_error(error, environ, start_response)
         if service == "ssm" and action in SSM_ACTIONS:
             return self._ssm(action, body, start_response)
         if service == "ec2" and action in ("StartInstances", "StopInstances"):
@@ -165,6 +171,16 @@ class Extension:
         return self._ec2_error(
             start_response, "503 Service Unavailable", "RequestLimitExceeded", "Request limit exceeded."
         )
+
+    def _injected_error(self, error: str, environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
+        answer = INVOCATION_READ_ERRORS[error]
+        if answer is None:  # close the connection without a response, as a load balancer dropping it would
+            connection = environ.get("werkzeug.socket")
+            if connection is not None:
+                connection.shutdown(socket.SHUT_RDWR)
+            raise ConnectionAbortedError("fault injection: connection dropped")  # werkzeug ignores dropped ones
+        status, message = answer
+        return self._json(start_response, status, {"__type": error, "message": message})
 
     def _ssm(self, action: str, body: bytes, start_response: StartResponse) -> list[bytes]:
         assert self.agent is not None

@@ -8,19 +8,53 @@ success in that case, before the command ran. Here a missing invocation is pendi
 from __future__ import annotations
 
 import enum
+import logging
+import time
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from botocore.config import Config
-from botocore.exceptions import ClientError, WaiterError
+from botocore.exceptions import ClientError, HTTPClientError, WaiterError
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from include.vod_sr.instance import waiter_config
 from include.vod_sr.limits import MAX_COMMENT_LENGTH
 from include.vod_sr.script import as_run_shell_command
 
+log = logging.getLogger(__name__)
+
 DOCUMENT_NAME = "AWS-RunShellScript"
 TAIL_LINES = 20
 # SendCommand is throttled ("Rate exceeded"); adaptive retries back off client-side instead of failing a task.
 BOTO_CONFIG = Config(retries={"mode": "adaptive", "max_attempts": 10})
+# The trigger polls again every poll interval until each command's deadline, so one poll needs few retries: a poll
+# that still fails is logged, counted and retried by the loop. Short retries also keep on_kill's cancels inside the
+# triggerer's on_kill timeout (30 s by default).
+POLL_MAX_ATTEMPTS = 3
+POLL_CONFIG = Config(
+    retries={"mode": "adaptive", "total_max_attempts": POLL_MAX_ATTEMPTS}, connect_timeout=10, read_timeout=30
+)
+# Error codes that mean "try again later" (botocore's throttling and transient codes, plus 5xx codes by name).
+TRANSIENT_ERROR_CODES = frozenset(
+    {
+        "Throttling",
+        "ThrottlingException",
+        "ThrottledException",
+        "RequestThrottled",
+        "RequestThrottledException",
+        "TooManyRequestsException",
+        "RequestLimitExceeded",
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "PriorRequestNotComplete",
+        "InternalError",
+        "InternalFailure",
+        "InternalServerError",
+        "ServiceUnavailable",
+        "ServiceUnavailableException",
+        "SlowDown",
+    }
+)
 
 
 class CommandFailed(RuntimeError):
@@ -51,6 +85,50 @@ def invocation_outcome(status: str | None) -> Outcome:
 
 def is_invocation_missing(error: ClientError) -> bool:
     return error.response.get("Error", {}).get("Code") == "InvocationDoesNotExist"
+
+
+def is_transient_response(response: Mapping[str, Any]) -> bool:
+    """Whether an AWS error response (a ClientError's `response`) is throttling or a server-side failure."""
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+    return response.get("Error", {}).get("Code") in TRANSIENT_ERROR_CODES or status >= 500
+
+
+def is_transient_error(error: BaseException) -> bool:
+    """Whether `error` may go away by itself: throttling, a 5xx, a dropped connection or a timeout.
+
+    AccessDenied, InvalidInstanceId, an expired token and the like are not: no amount of waiting fixes them.
+    """
+    if isinstance(error, ClientError):
+        return is_transient_response(error.response)
+    # EndpointConnectionError, ConnectTimeoutError (ConnectionError); ConnectionClosedError, ReadTimeoutError
+    # (HTTPClientError): the classes botocore's own retry modes treat as transient.
+    return isinstance(error, (BotoConnectionError, HTTPClientError))
+
+
+def describe_error(error: BaseException) -> str:
+    """A one-line description of an AWS call's error, for the log."""
+    if isinstance(error, ClientError):
+        detail = error.response.get("Error", {})
+        status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return f"{detail.get('Code')} (HTTP {status}): {detail.get('Message', '')}".rstrip(": ")
+    return f"{type(error).__name__}: {error}"
+
+
+def cancel_commands(ssm: Any, commands: Iterable[Mapping[str, Any]]) -> list[str]:
+    """Cancel each of `commands` (dicts with `command_id` and `instance_id`), going on past a cancel that fails.
+
+    Returns the ids of the commands whose cancel failed; each failure is logged.
+    """
+    failed = []
+    for command in commands:
+        try:
+            ssm.cancel_command(CommandId=command["command_id"], InstanceIds=[command["instance_id"]])
+        except Exception as error:
+            log.error("Could not cancel SSM command %s on %s: %s", command["command_id"], command["instance_id"], error)
+            failed.append(command["command_id"])
+        else:
+            log.warning("Cancelled SSM command %s on %s", command["command_id"], command["instance_id"])
+    return failed
 
 
 def send_command(
@@ -111,17 +189,36 @@ def run_and_wait(
     poll_interval: int,
     delivery_timeout: int,
 ) -> dict[str, Any]:
-    """Send a short script and block until it ends (botocore's CommandExecuted waiter); raise on failure."""
+    """Send a short script and block until it ends (botocore's CommandExecuted waiter); raise on failure.
+
+    A throttling or 5xx answer that outlasts the client's retries ends botocore's waiter, not the command: the wait
+    goes on until `timeout` has passed.
+    """
     command_id = send_command(
         ssm, instance_id, script_body, comment=comment, execution_timeout=timeout, delivery_timeout=delivery_timeout
     )
-    try:
-        ssm.get_waiter("command_executed").wait(
-            CommandId=command_id, InstanceId=instance_id, WaiterConfig=waiter_config(timeout, poll_interval)
-        )
-    except WaiterError:
+    if not _wait_until_executed(ssm, command_id, instance_id, time.monotonic() + timeout, poll_interval):
         invocation = get_invocation(ssm, command_id, instance_id)
         if invocation is None:
-            raise CommandFailed(f"SSM command {command_id} was never delivered to {instance_id}") from None
-        raise CommandFailed(describe_invocation(invocation)) from None
+            raise CommandFailed(f"SSM command {command_id} was never delivered to {instance_id}")
+        raise CommandFailed(describe_invocation(invocation))
     return ssm.get_command_invocation(CommandId=command_id, InstanceId=instance_id)
+
+
+def _wait_until_executed(ssm: Any, command_id: str, instance_id: str, deadline: float, poll_interval: int) -> bool:
+    """botocore's CommandExecuted waiter, started again after a transient error until `deadline` (monotonic);
+    True when the command succeeded."""
+    while True:
+        remaining = max(poll_interval, round(deadline - time.monotonic()))
+        try:
+            ssm.get_waiter("command_executed").wait(
+                CommandId=command_id, InstanceId=instance_id, WaiterConfig=waiter_config(remaining, poll_interval)
+            )
+            return True
+        except WaiterError as error:  # the waiter turns error responses into WaiterError
+            transient, reason = is_transient_response(error.last_response or {}), str(error)
+        except (BotoConnectionError, HTTPClientError) as error:  # and lets connection errors through
+            transient, reason = True, describe_error(error)
+        if not transient or time.monotonic() >= deadline:
+            return False
+        log.warning("Waiting for SSM command %s on %s: %s; still waiting", command_id, instance_id, reason)

@@ -13,6 +13,8 @@ from typing import Any
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
+TRANSIENT_ERRORS_XCOM_KEY = "transient_aws_errors"
+
 
 class RunChunksOperator(BaseOperator):
     """Run one instance's chunks, one SSM command per chunk, waiting deferred (no worker slot held).
@@ -22,6 +24,11 @@ class RunChunksOperator(BaseOperator):
     the one after. A failed chunk does not stop the others; the task fails at the end, with each failed command's
     Status, StatusDetails, exit code and output tails in its log. When the last command ends it releases the
     instance at once (see `_release_early`).
+
+    Transient AWS errors (throttling, 5xx, dropped connections) never fail the task: the trigger keeps polling until
+    each command's deadline, and the reads after a command ended log them and go on. Each chunk's entry in the
+    returned list counts them (`transient_errors`); the task logs the lane's total and pushes it to XCom under
+    `TRANSIENT_ERRORS_XCOM_KEY` for the report.
 
     :param lane: the plan's work for one instance: `instance_id`, `run_token`, `model`, `output_bucket`,
         `execution_timeout` (SSM executionTimeout of each command) and `chunks`.
@@ -55,6 +62,7 @@ class RunChunksOperator(BaseOperator):
         self.delivery_timeout = delivery_timeout
         self.aws_conn_id = aws_conn_id
         self.region_name = region_name
+        self._sent: list[dict[str, Any]] = []
 
     @cached_property
     def ssm(self) -> Any:
@@ -69,18 +77,38 @@ class RunChunksOperator(BaseOperator):
         return aws_client("s3", self.aws_conn_id)
 
     def execute(self, context: Any) -> list[dict[str, Any]]:
-        return self._advance([])
+        return self._advance(context, [])
 
     def resume(self, context: Any, event: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-        if not event or event.get("status") != "ended" or not isinstance(event.get("resume_state"), list):
+        if (
+            not event
+            or event.get("status") not in ("ended", "error")
+            or not isinstance(event.get("resume_state"), list)
+        ):
             raise AirflowException(f"unexpected trigger event: {event!r}")
         sent: list[dict[str, Any]] = event["resume_state"]
+        self._sent = sent
+        polled = event.get("transient_errors") or {}
+        for entry in sent:
+            entry["transient_errors"] = entry.get("transient_errors", 0) + polled.get(entry["command_id"], 0)
+        if event["status"] == "error":
+            self._push_transient_errors(context, sent)
+            raise AirflowFailException(
+                f"{event.get('message')}. The run's teardown cancels this run's commands still running."
+            )
         ended = {command["command_id"]: command for command in event["commands"]}
         for entry in sent:
             if entry["command_id"] in ended and entry["outcome"] is None:
                 entry["outcome"] = ended[entry["command_id"]]["outcome"]
                 self._report_end(entry)
-        return self._advance(sent)
+        return self._advance(context, sent)
+
+    def on_kill(self) -> None:
+        """Killed between two deferrals (sending the next chunk): cancel every command of this task still live,
+        going on past a cancel that fails (the run's teardown cancels what is left)."""
+        from include.vod_sr.commands import cancel_commands
+
+        cancel_commands(self.ssm, [entry for entry in self._sent if entry["outcome"] is None])
 
     def _send(self, chunk_data: Mapping[str, Any]) -> dict[str, Any]:
         from include.vod_sr.catalog import SrModel
@@ -120,15 +148,32 @@ class RunChunksOperator(BaseOperator):
             "deadline": now + lane["execution_timeout"] + self.delivery_timeout,
             "delivery_deadline": now + self.delivery_timeout,
             "outcome": None,
+            "transient_errors": 0,
         }
 
     def _report_end(self, entry: dict[str, Any]) -> None:
-        from include.vod_sr.commands import describe_invocation, get_invocation
+        """Log how a chunk's command ended. The outcome is already known: a read that fails with a transient error
+        (after the client's retries with backoff) is logged and counted, and the task goes on."""
+        from include.vod_sr.commands import describe_error, describe_invocation, get_invocation, is_transient_error
 
-        if entry["outcome"] == "timeout":
-            self.log.error("Cancelling command %s: it outlived its execution timeout", entry["command_id"])
-            self.ssm.cancel_command(CommandId=entry["command_id"], InstanceIds=[entry["instance_id"]])
-        invocation = get_invocation(self.ssm, entry["command_id"], entry["instance_id"])
+        try:
+            if entry["outcome"] == "timeout":
+                self.log.error("Cancelling command %s: it outlived its execution timeout", entry["command_id"])
+                self.ssm.cancel_command(CommandId=entry["command_id"], InstanceIds=[entry["instance_id"]])
+            invocation = get_invocation(self.ssm, entry["command_id"], entry["instance_id"])
+        except Exception as error:
+            if not is_transient_error(error):
+                raise
+            entry["transient_errors"] = entry.get("transient_errors", 0) + 1
+            self.log.warning(
+                "Chunk %s ended %s; reading its command %s failed (%s), so its output is not shown here "
+                "(verify reads its per-file results from S3)",
+                entry["chunk"],
+                entry["outcome"],
+                entry["command_id"],
+                describe_error(error),
+            )
+            return
         if invocation is None:
             self.log.error("Chunk %s: SSM never listed command %s", entry["chunk"], entry["command_id"])
         elif entry["outcome"] == "success":
@@ -136,28 +181,54 @@ class RunChunksOperator(BaseOperator):
         else:
             self.log.error("Chunk %s: %s", entry["chunk"], describe_invocation(invocation))
 
-    def _release_early(self) -> None:
+    def _release_early(self) -> int:
         """Every command has ended: stop paying for the GPU now rather than after the next scheduling round.
-        The lane's teardown still runs (and is what stops the instance when this task dies or is killed)."""
+        The lane's teardown still runs (and is what stops the instance when this task dies or is killed), so a
+        transient error here is logged and counted (the return value), not fatal."""
         from include.vod_sr.aws import aws_client
+        from include.vod_sr.commands import describe_error, is_transient_error
         from include.vod_sr.instance import release
 
         lane = self.lane
-        outcome = release(
-            aws_client("ec2", self.aws_conn_id),
-            self.ssm,
-            lane["instance_id"],
-            lane["run_token"],
-            stop=lane["stop_when_done"],
-            timeout=self.release_timeout,
-            poll_interval=int(self.poll_interval),
-            wait=False,
-        )
+        try:
+            outcome = release(
+                aws_client("ec2", self.aws_conn_id),
+                self.ssm,
+                lane["instance_id"],
+                lane["run_token"],
+                stop=lane["stop_when_done"],
+                timeout=self.release_timeout,
+                poll_interval=int(self.poll_interval),
+                wait=False,
+            )
+        except Exception as error:
+            if not is_transient_error(error):
+                raise
+            self.log.warning(
+                "All chunks ended; releasing instance %s failed (%s): the lane's teardown releases it",
+                lane["instance_id"],
+                describe_error(error),
+            )
+            return 1
         self.log.info("All chunks ended; instance %s: %s", lane["instance_id"], outcome)
+        return 0
 
-    def _advance(self, sent: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def _push_transient_errors(self, context: Any, sent: list[dict[str, Any]], extra: int = 0) -> int:
+        total = extra + sum(entry.get("transient_errors", 0) for entry in sent)
+        if total:
+            self.log.warning(
+                "Transient AWS errors on %s's chunks: %s (throttling, 5xx or dropped connections that outlasted the "
+                "client's retries; the wait went on each time)",
+                self.lane["instance_id"],
+                total,
+            )
+        context["ti"].xcom_push(key=TRANSIENT_ERRORS_XCOM_KEY, value=total)
+        return total
+
+    def _advance(self, context: Any, sent: list[dict[str, Any]]) -> list[dict[str, Any]]:
         from include.vod_sr.triggers import SsmCommandsTrigger
 
+        self._sent = sent
         chunks = self.lane["chunks"]
         while sum(entry["outcome"] is None for entry in sent) < self.in_flight and len(sent) < len(chunks):
             sent.append(self._send(chunks[len(sent)]))
@@ -175,7 +246,7 @@ class RunChunksOperator(BaseOperator):
                 ),
                 method_name="resume",
             )
-        self._release_early()
+        self._push_transient_errors(context, sent, extra=self._release_early())
         failed = [entry for entry in sent if entry["outcome"] != "success"]
         if failed:
             raise AirflowFailException(

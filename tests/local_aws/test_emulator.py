@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import time
+import urllib.error
 
 import pytest
 from botocore.config import Config
-from botocore.exceptions import ClientError
+from botocore.exceptions import ClientError, ConnectionClosedError
 
 from include.local_aws.world import boto_client
 
@@ -198,6 +199,42 @@ class TestFaults:
             ssm.get_command_invocation(CommandId=command_id, InstanceId=running_instance)
         time.sleep(2)
         assert wait_for_invocation(ssm, command_id, running_instance)["Status"] == "Success"
+
+    @pytest.mark.e2e
+    @pytest.mark.parametrize(
+        ("error", "expected", "http_status"),
+        [
+            pytest.param("InternalServerError", "InternalServerError", 500, id="500"),
+            pytest.param("ServiceUnavailable", "ServiceUnavailable", 503, id="503"),
+            pytest.param("ThrottlingException", "ThrottlingException", 400, id="throttled"),
+            pytest.param("AccessDeniedException", "AccessDeniedException", 400, id="denied"),
+            pytest.param("connection_drop", "ConnectionClosedError", None, id="connection-drop"),
+        ],
+    )
+    def test_invocation_reads_fail_as_injected_then_recover(
+        self, clients, running_instance, emulator_env, error, expected, http_status
+    ):
+        _, ssm, _ = clients
+        strict = boto_client("ssm", emulator_env.endpoint_url, Config(retries={"total_max_attempts": 1}))
+        command_id = send(ssm, running_instance, "true")
+        emulator_env.set_faults(
+            {"instances": {running_instance: {"invocation_read_errors": 2, "invocation_read_error": error}}}
+        )
+
+        failures = []
+        for _ in range(2):
+            with pytest.raises((ClientError, ConnectionClosedError)) as failure:
+                strict.get_command_invocation(CommandId=command_id, InstanceId=running_instance)
+            response = getattr(failure.value, "response", None) or {}
+            failures.append((type(failure.value).__name__, response.get("ResponseMetadata", {}).get("HTTPStatusCode")))
+
+        expected_class = "ClientError" if error == "ServiceUnavailable" else expected  # not in SSM's error model
+        assert failures == [(expected_class, http_status)] * 2
+        assert wait_for_invocation(strict, command_id, running_instance)["Status"] == "Success"
+
+    def test_unknown_injected_error_is_refused(self, emulator_env):
+        with pytest.raises(urllib.error.HTTPError, match="400"):
+            emulator_env.set_faults({"instances": {"i-1": {"invocation_read_error": "Gremlins"}}})
 
     def test_throttling_is_absorbed_by_botocore_adaptive_retries(self, emulator_env):
         emulator_env.set_faults({"throttle_fraction": 1.0})

@@ -4,15 +4,25 @@ import asyncio
 import time
 
 import pytest
-from botocore.exceptions import ClientError
+from botocore.config import Config
+from botocore.exceptions import (
+    ClientError,
+    ConnectionClosedError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    NoCredentialsError,
+    ReadTimeoutError,
+)
 
 from include.local_aws.world import boto_client
 from include.vod_sr.commands import (
+    POLL_MAX_ATTEMPTS,
     CommandFailed,
     Outcome,
     describe_invocation,
     get_invocation,
     invocation_outcome,
+    is_transient_error,
     run_and_wait,
     send_command,
 )
@@ -21,6 +31,35 @@ from include.vod_sr.triggers import SsmCommandsTrigger
 COMMAND_ID = "11111111-2222-3333-4444-555555555555"
 INSTANCE_ID = "i-0123456789abcdef0"
 MISSING = ClientError({"Error": {"Code": "InvocationDoesNotExist", "Message": ""}}, "GetCommandInvocation")
+ENDPOINT = "https://ssm.us-east-1.amazonaws.com"
+
+
+def aws_error(code: str, http_status: int, message: str = "") -> ClientError:
+    return ClientError(
+        {"Error": {"Code": code, "Message": message}, "ResponseMetadata": {"HTTPStatusCode": http_status}},
+        "GetCommandInvocation",
+    )
+
+
+THROTTLED = aws_error("ThrottlingException", 400, "Rate exceeded")
+TRANSIENT_ERRORS = [
+    pytest.param(THROTTLED, id="ThrottlingException"),
+    pytest.param(aws_error("Throttling", 400), id="Throttling"),
+    pytest.param(aws_error("RequestLimitExceeded", 503), id="RequestLimitExceeded"),
+    pytest.param(aws_error("InternalServerError", 500), id="InternalServerError"),
+    pytest.param(aws_error("ServiceUnavailable", 503), id="ServiceUnavailable"),
+    pytest.param(aws_error("SomethingNew", 502), id="any-5xx"),
+    pytest.param(EndpointConnectionError(endpoint_url=ENDPOINT), id="EndpointConnectionError"),
+    pytest.param(ConnectionClosedError(endpoint_url=ENDPOINT), id="ConnectionClosedError"),
+    pytest.param(ReadTimeoutError(endpoint_url=ENDPOINT), id="ReadTimeoutError"),
+    pytest.param(ConnectTimeoutError(endpoint_url=ENDPOINT), id="ConnectTimeoutError"),
+]
+PERMANENT_ERRORS = [
+    pytest.param(aws_error("AccessDeniedException", 400, "not authorized"), id="AccessDeniedException"),
+    pytest.param(aws_error("InvalidInstanceId", 400), id="InvalidInstanceId"),
+    pytest.param(aws_error("ExpiredTokenException", 400), id="ExpiredTokenException"),
+    pytest.param(NoCredentialsError(), id="NoCredentialsError"),
+]
 
 
 def collect_events(trigger) -> list[dict]:
@@ -32,11 +71,14 @@ def collect_events(trigger) -> list[dict]:
 
 class StubAsyncSsm:
     """Stub aiobotocore SSM client: answers GetCommandInvocation from a script of statuses per command
-    (None: not known yet); the last status of a script repeats."""
+    (None: not known yet; an exception: raised); the last status of a script repeats. CancelCommand raises for
+    the commands in `failing_cancels` and records the others."""
 
-    def __init__(self, statuses: dict[str, list[str | None]]) -> None:
+    def __init__(self, statuses: dict[str, list], failing_cancels: tuple[str, ...] = ()) -> None:
         self.statuses = {command_id: list(script) for command_id, script in statuses.items()}
         self.polls = 0
+        self.failing_cancels = failing_cancels
+        self.cancelled: list[str] = []
 
     async def __aenter__(self):
         return self
@@ -50,7 +92,14 @@ class StubAsyncSsm:
         status = script.pop(0) if len(script) > 1 else script[0]
         if status is None:
             raise MISSING
+        if isinstance(status, Exception):
+            raise status
         return {"Status": status}
+
+    async def cancel_command(self, CommandId, InstanceIds):
+        if CommandId in self.failing_cancels:
+            raise aws_error("InternalServerError", 500, "cancel failed")
+        self.cancelled.append(CommandId)
 
 
 def stub_trigger(monkeypatch, client: StubAsyncSsm, **bounds) -> SsmCommandsTrigger:
@@ -136,6 +185,59 @@ class TestSsmCommandsTrigger:
 
         assert [(c["outcome"], c["invocation_status"]) for c in event["commands"]] == [("timeout", "InProgress")]
 
+    @pytest.mark.parametrize("error", TRANSIENT_ERRORS)
+    def test_transient_errors_while_the_command_runs_are_pending_and_counted(self, monkeypatch, error):
+        client = StubAsyncSsm({COMMAND_ID: ["InProgress", error, error, error, "InProgress", "Success"]})
+
+        (event,) = collect_events(stub_trigger(monkeypatch, client))
+
+        assert event["status"] == "ended"
+        assert [c["outcome"] for c in event["commands"]] == ["success"]
+        assert event["transient_errors"] == {COMMAND_ID: 3}
+
+    def test_transient_errors_after_the_delivery_bound_do_not_make_a_running_command_undelivered(self, monkeypatch):
+        client = StubAsyncSsm({COMMAND_ID: ["InProgress", THROTTLED, THROTTLED, "Success"]})
+
+        (event,) = collect_events(stub_trigger(monkeypatch, client, delivery_deadline=time.time() - 1))
+
+        assert [c["outcome"] for c in event["commands"]] == ["success"]
+
+    def test_transient_errors_are_counted_per_command_also_for_those_still_running(self, monkeypatch):
+        client = StubAsyncSsm({"running": ["InProgress", THROTTLED, "InProgress"], "ends": ["InProgress", "Success"]})
+
+        (event,) = collect_events(stub_trigger(monkeypatch, client))
+
+        assert event["transient_errors"] == {"running": 1, "ends": 0}
+
+    def test_transient_errors_until_the_deadline_end_in_timeout(self, monkeypatch):
+        client = StubAsyncSsm({COMMAND_ID: ["InProgress", aws_error("InternalServerError", 500)]})
+
+        (event,) = collect_events(stub_trigger(monkeypatch, client, deadline=time.time() + 0.1))
+
+        assert [(c["outcome"], c["invocation_status"]) for c in event["commands"]] == [("timeout", None)]
+        assert event["transient_errors"][COMMAND_ID] >= 1
+
+    @pytest.mark.parametrize("error", PERMANENT_ERRORS)
+    def test_an_error_no_retry_fixes_ends_the_wait_at_once_with_a_clear_message(self, monkeypatch, error):
+        client = StubAsyncSsm({COMMAND_ID: [error, "Success"]})
+
+        (event,) = collect_events(stub_trigger(monkeypatch, client))
+
+        assert event["status"] == "error"
+        assert client.polls == 1
+        assert f"cannot read SSM command {COMMAND_ID} on {INSTANCE_ID}" in event["message"]
+        assert (error.response["Error"]["Code"] if isinstance(error, ClientError) else "NoCredentialsError") in (
+            event["message"]
+        )
+
+    def test_on_kill_cancels_every_command_even_when_one_cancel_fails(self, monkeypatch):
+        client = StubAsyncSsm({"a": ["InProgress"], "b": ["InProgress"], "c": ["InProgress"]}, failing_cancels=("a",))
+        trigger = stub_trigger(monkeypatch, client)
+
+        asyncio.run(trigger.on_kill())
+
+        assert client.cancelled == ["b", "c"]
+
     def test_serializes_to_its_own_arguments(self):
         commands = [{"command_id": "c", "instance_id": "i", "deadline": 2.0, "delivery_deadline": 1.0}]
         trigger = SsmCommandsTrigger(
@@ -150,6 +252,137 @@ class TestSsmCommandsTrigger:
 
         assert path == "include.vod_sr.triggers.SsmCommandsTrigger"
         assert SsmCommandsTrigger(**kwargs).serialize() == (path, kwargs)
+
+
+class TestIsTransientError:
+    @pytest.mark.parametrize("error", TRANSIENT_ERRORS)
+    def test_transient(self, error):
+        assert is_transient_error(error)
+
+    @pytest.mark.parametrize("error", [*PERMANENT_ERRORS, pytest.param(MISSING, id="InvocationDoesNotExist")])
+    def test_not_transient(self, error):
+        assert not is_transient_error(error)
+
+
+class StubSsm:
+    """Stub boto3 SSM client for the operator: GetCommandInvocation answers Success or raises `read_error`;
+    CancelCommand raises for `failing_cancels` and records the others."""
+
+    def __init__(self, read_error: Exception | None = None, failing_cancels: tuple[str, ...] = ()) -> None:
+        self.read_error = read_error
+        self.failing_cancels = failing_cancels
+        self.cancelled: list[str] = []
+
+    def get_command_invocation(self, CommandId, InstanceId):
+        if self.read_error is not None:
+            raise self.read_error
+        return {"CommandId": CommandId, "InstanceId": InstanceId, "Status": "Success", "ResponseCode": 0}
+
+    def cancel_command(self, CommandId, InstanceIds):
+        if CommandId in self.failing_cancels:
+            raise aws_error("ThrottlingException", 400, "Rate exceeded")
+        self.cancelled.append(CommandId)
+
+
+class RecordingTi:
+    def __init__(self) -> None:
+        self.xcom: dict[str, object] = {}
+
+    def xcom_push(self, key, value):
+        self.xcom[key] = value
+
+
+def sent_entry(command_id: str, outcome: str | None = None, transient_errors: int = 0) -> dict:
+    return {
+        "chunk": int(command_id[-1]) if command_id[-1].isdigit() else 0,
+        "command_id": command_id,
+        "instance_id": INSTANCE_ID,
+        "deadline": time.time() + 60,
+        "delivery_deadline": time.time() + 60,
+        "outcome": outcome,
+        "transient_errors": transient_errors,
+    }
+
+
+def chunks_operator(ssm, chunk_count: int, monkeypatch):
+    from include.vod_sr.operators import RunChunksOperator
+
+    lane = {"instance_id": INSTANCE_ID, "run_token": "run-a", "stop_when_done": True, "chunks": [{}] * chunk_count}
+    operator = RunChunksOperator(task_id="run_chunks", lane=lane)
+    operator.ssm = ssm
+    monkeypatch.setattr(operator, "_release_early", lambda: 0)
+    return operator
+
+
+class TestRunChunksOperatorAndAwsErrors:
+    def test_a_transient_error_reading_an_ended_command_is_logged_and_counted_not_fatal(self, monkeypatch, capsys):
+        operator = chunks_operator(StubSsm(read_error=THROTTLED), 1, monkeypatch)
+        entry = sent_entry("c0", outcome="success")
+
+        operator._report_end(entry)
+
+        assert entry["transient_errors"] == 1
+        assert (
+            "reading its command c0 failed (ThrottlingException (HTTP 400): Rate exceeded)" in capsys.readouterr().out
+        )
+
+    def test_a_permanent_error_reading_an_ended_command_still_fails(self, monkeypatch):
+        operator = chunks_operator(StubSsm(read_error=aws_error("AccessDeniedException", 400)), 1, monkeypatch)
+
+        with pytest.raises(ClientError, match="AccessDenied"):
+            operator._report_end(sent_entry("c0", outcome="success"))
+
+    def test_resume_adds_the_triggers_counts_and_pushes_the_lanes_total(self, monkeypatch):
+        operator = chunks_operator(StubSsm(), 2, monkeypatch)
+        sent = [sent_entry("c0", outcome="success", transient_errors=1), sent_entry("c1")]
+        event = {
+            "status": "ended",
+            "commands": [{**sent[1], "outcome": "success", "invocation_status": "Success"}],
+            "transient_errors": {"c1": 4},
+            "resume_state": sent,
+        }
+        ti = RecordingTi()
+
+        result = operator.resume({"ti": ti}, event)
+
+        assert [(e["outcome"], e["transient_errors"]) for e in result] == [("success", 1), ("success", 4)]
+        assert ti.xcom == {"transient_aws_errors": 5}
+
+    def test_an_error_event_fails_the_task_with_the_triggers_message(self, monkeypatch):
+        from airflow.sdk.exceptions import AirflowFailException
+
+        operator = chunks_operator(StubSsm(), 1, monkeypatch)
+        event = {
+            "status": "error",
+            "message": "cannot read SSM command c0 on i-1: AccessDeniedException (HTTP 400)",
+            "commands": [],
+            "transient_errors": {"c0": 2},
+            "resume_state": [sent_entry("c0")],
+        }
+        ti = RecordingTi()
+
+        with pytest.raises(AirflowFailException, match="AccessDeniedException"):
+            operator.resume({"ti": ti}, event)
+        assert ti.xcom == {"transient_aws_errors": 2}
+
+    def test_on_kill_cancels_every_live_command_even_when_one_cancel_fails(self, monkeypatch):
+        ssm = StubSsm(failing_cancels=("c0",))
+        operator = chunks_operator(ssm, 4, monkeypatch)
+        operator._sent = [sent_entry("c0"), sent_entry("c1"), sent_entry("c2", outcome="success"), sent_entry("c3")]
+
+        operator.on_kill()
+
+        assert ssm.cancelled == ["c1", "c3"]
+
+    def test_the_report_shows_the_lanes_transient_errors(self):
+        from include.vod_sr.report import build_report, format_table
+
+        report = build_report(
+            run_id="r", run_token="t", params={}, planned=[], verified=[], skipped=[], transient_aws_errors=[3, None, 1]
+        )
+
+        assert report["transient_aws_errors"] == 4
+        assert format_table(report).splitlines()[-1] == "transient AWS errors: 4"
 
 
 class TestDescribeInvocation:
@@ -230,6 +463,80 @@ class TestAgainstTheEmulator:
 
         invocation = run_and_wait(
             ssm, running_instance, "echo ok", comment="t", timeout=30, poll_interval=1, delivery_timeout=30
+        )
+
+        assert (invocation["Status"], invocation["StandardOutputContent"]) == ("Success", "ok\n")
+
+    @pytest.mark.e2e
+    @pytest.mark.parametrize(
+        "error", ["InternalServerError", "ServiceUnavailable", "ThrottlingException", "connection_drop"]
+    )
+    def test_trigger_outlasts_transient_errors_while_the_command_runs(self, running_instance, emulator_env, error):
+        ssm = boto_client("ssm", emulator_env.endpoint_url)
+        command_id = send_command(
+            ssm, running_instance, "sleep 2; echo done", comment="t", execution_timeout=60, delivery_timeout=30
+        )
+        # Two polls' worth: the trigger's client tries each poll POLL_MAX_ATTEMPTS times before the loop sees an error.
+        emulator_env.set_faults(
+            {
+                "instances": {
+                    running_instance: {"invocation_read_errors": 2 * POLL_MAX_ATTEMPTS, "invocation_read_error": error}
+                }
+            }
+        )
+        emulator_env.reset_calls()
+        command = {
+            "command_id": command_id,
+            "instance_id": running_instance,
+            "deadline": time.time() + 60,
+            "delivery_deadline": time.time() + 30,
+        }
+
+        (event,) = collect_events(SsmCommandsTrigger(commands=[command], poll_interval=0.5))
+
+        assert (event["status"], [c["outcome"] for c in event["commands"]]) == ("ended", ["success"])
+        assert event["transient_errors"] == {command_id: 2}
+        reads = [c for c in emulator_env.calls() if c["action"] == "GetCommandInvocation"]
+        assert len(reads) > 2 * POLL_MAX_ATTEMPTS  # every injected error was served over HTTP, then a real answer
+
+    @pytest.mark.e2e
+    def test_trigger_ends_at_once_on_an_error_no_retry_fixes(self, running_instance, emulator_env):
+        ssm = boto_client("ssm", emulator_env.endpoint_url)
+        command_id = send_command(
+            ssm, running_instance, "sleep 30", comment="t", execution_timeout=60, delivery_timeout=30
+        )
+        denied = {"invocation_read_errors": 1000, "invocation_read_error": "AccessDeniedException"}
+        emulator_env.set_faults({"instances": {running_instance: denied}})
+        command = {
+            "command_id": command_id,
+            "instance_id": running_instance,
+            "deadline": time.time() + 60,
+            "delivery_deadline": time.time() + 30,
+        }
+        started = time.monotonic()
+        try:
+            (event,) = collect_events(SsmCommandsTrigger(commands=[command], poll_interval=0.5))
+        finally:
+            emulator_env.set_faults({"instances": {running_instance: {"invocation_read_errors": 0}}})
+            ssm.cancel_command(CommandId=command_id)
+
+        assert event["status"] == "error"
+        assert "AccessDeniedException" in event["message"] and command_id in event["message"]
+        assert time.monotonic() - started < 5  # not after the command's 30 s, nor its 60 s deadline
+
+    @pytest.mark.e2e
+    def test_run_and_wait_outlasts_transient_errors_that_end_botocores_waiter(self, running_instance, emulator_env):
+        ssm = boto_client("ssm", emulator_env.endpoint_url, Config(retries={"total_max_attempts": 1}))
+        emulator_env.set_faults(
+            {
+                "instances": {
+                    running_instance: {"invocation_read_errors": 3, "invocation_read_error": "ServiceUnavailable"}
+                }
+            }
+        )
+
+        invocation = run_and_wait(
+            ssm, running_instance, "sleep 1; echo ok", comment="t", timeout=30, poll_interval=1, delivery_timeout=30
         )
 
         assert (invocation["Status"], invocation["StandardOutputContent"]) == ("Success", "ok\n")
