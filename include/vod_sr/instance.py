@@ -174,24 +174,29 @@ def release(
     poll_interval: int,
     wait: bool = True,
 ) -> str:
-    """Drop this run's lease; stop the instance if asked and nobody else uses it, waiting for `stopped` unless
-    `wait` is off. Idempotent: a second call finds the lease gone and the instance stopping or stopped."""
+    """Cancel this run's live commands, drop its lease; stop the instance if asked and nobody else uses it, waiting
+    for `stopped` unless `wait` is off. Idempotent: a second call finds no command of ours live, the lease gone and
+    the instance stopping or stopped.
+
+    The cancel comes first, whether or not the instance is stopped: the teardown runs once every task of this run
+    has ended (the early release once all its chunks have), so a command of ours still live is orphaned (a killed
+    wait, a run marked failed, a worker that died between SendCommand and deferring, a duplicate of a SendCommand
+    retried after a read timeout) and would hold the GPU and the instance lock for up to 48 h. Every cancel is
+    tried; if one failed and the instance stays up, its error is raised once the lease is dropped, so the teardown
+    fails visibly and is retried.
+    """
+    commands = live_commands(ssm, instance_id)
+    ours = [c for c in commands if c.get("Comment", "").startswith(command_comment(lease_id, ""))]
+    cancel_errors = _cancel_orphans(ssm, instance_id, ours)
     drop_lease(ec2, instance_id, lease_id)
     if not stop:
-        return "left running (stop_when_done is off)"
+        return _left_running("left running (stop_when_done is off)", cancel_errors)
     other_leases = live_leases(ec2, instance_id)
     if other_leases:
-        return f"left running: leased by {', '.join(sorted(other_leases.values()))}"
-    commands = live_commands(ssm, instance_id)
-    # The teardown runs once every task of this run has ended: a command of ours still live is orphaned (its wait
-    # was killed or the run marked failed), so cancel it rather than keep a GPU busy for nobody.
-    ours = [c for c in commands if c.get("Comment", "").startswith(command_comment(lease_id, ""))]
-    for command in ours:
-        log.warning("Cancelling orphaned command %s (%s)", command["CommandId"], command.get("Comment"))
-        ssm.cancel_command(CommandId=command["CommandId"], InstanceIds=[instance_id])
+        return _left_running(f"left running: leased by {', '.join(sorted(other_leases.values()))}", cancel_errors)
     other_commands = [c["CommandId"] for c in commands if c not in ours]
     if other_commands:
-        return f"left running: SSM commands still live: {', '.join(other_commands)}"
+        return _left_running(f"left running: SSM commands still live: {', '.join(other_commands)}", cancel_errors)
     state = instance_state(ec2, instance_id)
     if state in ("stopped", "terminated"):
         return f"already {state}"
@@ -204,3 +209,26 @@ def release(
         return "stopping"
     ec2.get_waiter("instance_stopped").wait(InstanceIds=[instance_id], WaiterConfig=config)
     return "stopped"
+
+
+def _cancel_orphans(ssm: Any, instance_id: str, commands: list[dict[str, Any]]) -> list[Exception]:
+    """Cancel each of this run's live commands, going on past a cancel that fails; returns the errors."""
+    errors = []
+    for command in commands:
+        if command.get("Status") == "Cancelling":
+            continue
+        log.warning("Cancelling orphaned command %s (%s)", command["CommandId"], command.get("Comment"))
+        try:
+            ssm.cancel_command(CommandId=command["CommandId"], InstanceIds=[instance_id])
+        except Exception as error:
+            log.error("Could not cancel command %s on %s: %s", command["CommandId"], instance_id, error)
+            errors.append(error)
+    return errors
+
+
+def _left_running(outcome: str, cancel_errors: list[Exception]) -> str:
+    """The instance stays up, so an orphan whose cancel failed would go on running there: raise (the teardown is
+    retried). When the instance stops instead, the stop ends the orphan."""
+    if cancel_errors:
+        raise cancel_errors[0]
+    return outcome

@@ -3,6 +3,7 @@ so those come from `StubSsm`, a small explicit stub; tests/local_aws and tests/e
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime, timedelta
 
 import boto3
@@ -10,6 +11,7 @@ import pytest
 from botocore.exceptions import ClientError
 from moto import mock_aws
 
+from include.local_aws.world import boto_client
 from include.vod_sr.instance import (
     LEASE_TTL,
     Action,
@@ -31,12 +33,20 @@ from include.vod_sr.instance import (
 class StubSsm:
     """Stub for the SSM calls moto lacks: DescribeInstanceInformation, and ListCommands with live commands."""
 
-    def __init__(self, ping: dict[str, str] | None = None, commands: list[dict] | None = None) -> None:
+    def __init__(
+        self,
+        ping: dict[str, str] | None = None,
+        commands: list[dict] | None = None,
+        failing_cancels: tuple[str, ...] = (),
+    ) -> None:
         self.ping = ping or {}
         self.commands = commands or []
+        self.failing_cancels = failing_cancels
         self.cancelled: list[str] = []
 
     def cancel_command(self, CommandId, InstanceIds):
+        if CommandId in self.failing_cancels:
+            raise ClientError({"Error": {"Code": "ThrottlingException", "Message": "Rate exceeded"}}, "CancelCommand")
         self.cancelled.append(CommandId)
 
     def describe_instance_information(self, Filters):
@@ -256,3 +266,131 @@ class TestLeasesAndRelease:
         drop_lease(ec2, instance_id, "never-taken")
 
         assert live_leases(ec2, instance_id) == {}
+
+
+def live_command(instance_id: str, command_id: str, run: str, status: str = "InProgress") -> dict:
+    return {
+        "CommandId": command_id,
+        "InstanceIds": [instance_id],
+        "Status": status,
+        "Comment": command_comment(run, "chunk 0 (3 files)"),
+    }
+
+
+class TestReleaseCancelsOrphans:
+    """This run's live commands are cancelled first, whatever else release decides (issue 8, point 3)."""
+
+    def test_stop_when_done_off_still_cancels_this_runs_live_command(self, ec2):
+        instance_id = new_instance(ec2)
+        take_lease(ec2, instance_id, "run-a", "manual__a")
+        ssm = StubSsm(commands=[live_command(instance_id, "c-mine", "run-a")])
+
+        outcome = release(ec2, ssm, instance_id, "run-a", stop=False, timeout=10, poll_interval=1)
+
+        assert ssm.cancelled == ["c-mine"]
+        assert outcome == "left running (stop_when_done is off)"
+        assert instance_state(ec2, instance_id) == "running"
+
+    def test_another_runs_lease_still_cancels_this_runs_command_and_not_the_others(self, ec2):
+        instance_id = new_instance(ec2)
+        take_lease(ec2, instance_id, "run-a", "manual__a")
+        take_lease(ec2, instance_id, "run-b", "manual__b")
+        ssm = StubSsm(
+            commands=[live_command(instance_id, "c-mine", "run-a"), live_command(instance_id, "c-theirs", "run-b")]
+        )
+
+        outcome = release(ec2, ssm, instance_id, "run-a", stop=True, timeout=10, poll_interval=1)
+
+        assert ssm.cancelled == ["c-mine"]
+        assert outcome == "left running: leased by manual__b"
+
+    def test_a_run_whose_token_extends_ours_is_not_ours(self, ec2):
+        instance_id = new_instance(ec2)
+        ssm = StubSsm(commands=[live_command(instance_id, "c-other", "run-ab")])
+
+        outcome = release(ec2, ssm, instance_id, "run-a", stop=True, timeout=10, poll_interval=1)
+
+        assert (ssm.cancelled, outcome) == ([], "left running: SSM commands still live: c-other")
+
+    def test_a_failing_cancel_does_not_stop_the_other_cancels_and_fails_when_the_instance_stays_up(self, ec2):
+        instance_id = new_instance(ec2)
+        take_lease(ec2, instance_id, "run-a", "manual__a")
+        ssm = StubSsm(
+            commands=[live_command(instance_id, f"c-{n}", "run-a") for n in range(3)], failing_cancels=("c-0",)
+        )
+
+        with pytest.raises(ClientError, match="ThrottlingException"):
+            release(ec2, ssm, instance_id, "run-a", stop=False, timeout=10, poll_interval=1)
+
+        assert ssm.cancelled == ["c-1", "c-2"]
+        assert live_leases(ec2, instance_id) == {}  # the lease is dropped before the error is raised
+
+    def test_a_failing_cancel_is_ended_by_the_stop(self, ec2):
+        instance_id = new_instance(ec2)
+        ssm = StubSsm(commands=[live_command(instance_id, "c-0", "run-a")], failing_cancels=("c-0",))
+
+        assert release(ec2, ssm, instance_id, "run-a", stop=True, timeout=10, poll_interval=1) == "stopped"
+
+    def test_a_command_already_cancelling_is_not_cancelled_again_nor_keeps_the_instance_up(self, ec2):
+        instance_id = new_instance(ec2)
+        ssm = StubSsm(commands=[live_command(instance_id, "c-0", "run-a", status="Cancelling")])
+
+        assert release(ec2, ssm, instance_id, "run-a", stop=True, timeout=10, poll_interval=1) == "stopped"
+        assert ssm.cancelled == []
+
+
+def status_of(ssm, command_id: str, instance_id: str) -> str:
+    return ssm.get_command_invocation(CommandId=command_id, InstanceId=instance_id)["Status"]
+
+
+def wait_for_status(ssm, command_id: str, instance_id: str, wanted: str, timeout: float = 20) -> str:
+    deadline = time.monotonic() + timeout
+    while (status := status_of(ssm, command_id, instance_id)) != wanted and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return status
+
+
+@pytest.mark.e2e
+class TestReleaseCancelsOrphansOnTheEmulator:
+    """Real SSM commands on the emulated instance: release's ListCommands and CancelCommand over HTTP."""
+
+    @pytest.fixture
+    def clients(self, emulator_env):
+        return boto_client("ec2", emulator_env.endpoint_url), boto_client("ssm", emulator_env.endpoint_url)
+
+    @staticmethod
+    def send(ssm, instance_id: str, run: str) -> str:
+        command_id = ssm.send_command(
+            InstanceIds=[instance_id],
+            DocumentName="AWS-RunShellScript",
+            Comment=command_comment(run, "chunk 0 (1 files)"),
+            Parameters={"commands": ["sleep 120"]},
+        )["Command"]["CommandId"]
+        assert wait_for_status(ssm, command_id, instance_id, "InProgress") == "InProgress"
+        return command_id
+
+    def test_stop_when_done_off_cancels_this_runs_live_command(self, clients, running_instance):
+        ec2, ssm = clients
+        take_lease(ec2, running_instance, "run-a", "manual__a")
+        orphan = self.send(ssm, running_instance, "run-a")
+
+        outcome = release(ec2, ssm, running_instance, "run-a", stop=False, timeout=10, poll_interval=1)
+
+        assert outcome == "left running (stop_when_done is off)"
+        assert wait_for_status(ssm, orphan, running_instance, "Cancelled") == "Cancelled"
+        assert instance_state(ec2, running_instance) == "running"
+
+    def test_another_runs_lease_cancels_this_runs_command_but_not_the_other_runs(self, clients, running_instance):
+        ec2, ssm = clients
+        take_lease(ec2, running_instance, "run-a", "manual__a")
+        take_lease(ec2, running_instance, "run-b", "manual__b")
+        orphan, theirs = self.send(ssm, running_instance, "run-a"), self.send(ssm, running_instance, "run-b")
+        try:
+            outcome = release(ec2, ssm, running_instance, "run-a", stop=True, timeout=10, poll_interval=1)
+
+            assert outcome == "left running: leased by manual__b"
+            assert wait_for_status(ssm, orphan, running_instance, "Cancelled") == "Cancelled"
+            assert status_of(ssm, theirs, running_instance) == "InProgress"
+            assert set(live_leases(ec2, running_instance)) == {"run-b"}
+        finally:
+            ssm.cancel_command(CommandId=theirs)
