@@ -194,15 +194,23 @@ def vod_sr_batch() -> None:
         verified: list[dict[str, Any]] | dict[str, Any] | None,
     ) -> dict[str, Any]:
         """Log a row per file, store the JSON report in S3, fail the run if any file failed."""
+        from airflow.configuration import conf
         from airflow.sdk.exceptions import AirflowFailException
 
         from include.vod_sr.aws import aws_client
+        from include.vod_sr.operators import TRANSIENT_ERRORS_XCOM_KEY
         from include.vod_sr.plan import Chunk, FileJob
-        from include.vod_sr.report import BatchFailed, build_report, format_table, raise_if_failed, write_report
+        from include.vod_sr.report import (
+            BatchFailed,
+            build_report,
+            format_table,
+            per_lane,
+            raise_if_failed,
+            write_report,
+        )
 
         context = get_current_context()
-        # Airflow 3.3 hands over a mapped task's only result unwrapped when it has a single map index.
-        verified_lanes = [verified] if isinstance(verified, dict) else list(verified or [])
+        verified_lanes = per_lane(verified)
         result = build_report(
             run_id=context["run_id"],
             run_token=summary["run_token"],
@@ -210,6 +218,11 @@ def vod_sr_batch() -> None:
             planned=[job for lane in lanes for c in lane["chunks"] for job in Chunk.from_xcom(c).files],
             verified=[lane_result["files"] for lane_result in verified_lanes],
             skipped=[FileJob.from_xcom(f) for f in summary["skipped"]],
+            transient_aws_errors=per_lane(
+                context["ti"].xcom_pull(task_ids="lane.run_chunks", key=TRANSIENT_ERRORS_XCOM_KEY)
+            ),
+            dag_id=context["dag"].dag_id,
+            ui_base_url=conf.get("api", "base_url", fallback="") or "",
         )
         print(format_table(result))
         s3 = aws_client("s3", SETTINGS.aws_conn_id)

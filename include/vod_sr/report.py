@@ -7,14 +7,25 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from include.vod_sr.links import prefilled_trigger_link
 from include.vod_sr.plan import FileJob
-from include.vod_sr.verify import file_record
+from include.vod_sr.verify import file_record, media_summary
 
 REPORT_PREFIX = "vod-sr-reports/"
 
 
 class BatchFailed(RuntimeError):
     """At least one file of the run has no verified output."""
+
+
+def per_lane(value: Any) -> list[Any]:
+    """A mapped lane task's results, one per lane. Airflow 3.3 hands over the only result of a single map index
+    unwrapped, and None when no lane produced one."""
+    if value is None:
+        return []
+    if isinstance(value, Mapping | int | str):
+        return [value]
+    return list(value)
 
 
 def build_report(
@@ -26,12 +37,15 @@ def build_report(
     verified: Iterable[Iterable[Mapping[str, Any]]],
     skipped: Iterable[FileJob],
     transient_aws_errors: Iterable[int | None] | None = None,
+    dag_id: str = "",
+    ui_base_url: str = "",
 ) -> dict[str, Any]:
     """One record per file: verified ones as verify judged them, planned ones nobody verified as failed (their
     instance's lane stopped before verification, e.g. it could not be started), skipped ones as skipped.
 
     `transient_aws_errors`: each lane's count of throttling/5xx/connection errors that outlasted the client's retries
     (run_chunks' XCom `transient_aws_errors`); each was retried, and a count above zero says AWS was struggling.
+    `dag_id` and `ui_base_url` (the Airflow UI's base URL, may be empty): for the one-click re-run link.
     """
     records = {record["index"]: dict(record) for lane in verified for record in lane}
     for job in planned:
@@ -42,13 +56,16 @@ def build_report(
         records[job.index] = file_record(job, "skipped", "output already exists (overwrite is off)")
     files = sorted(records.values(), key=lambda record: record["index"])
     retry_sources = [record["source"] for record in files if record["status"] == "failed"]
-    retry_conf = {**dict(params), "sources": retry_sources, "prefixes": [], "manifest": None}
+    # Overwrite: a failed file's output may exist (a broken output, or an upload that ended just before a kill);
+    # without it the re-run would skip that file as done and succeed. Only the failed files are listed.
+    retry_conf = {**dict(params), "sources": retry_sources, "prefixes": [], "manifest": None, "overwrite": True}
     report = {
         "run_id": run_id,
         "run_token": run_token,
         "counts": dict(Counter(record["status"] for record in files)),
         "files": files,
         "retry_conf": retry_conf if retry_sources else None,
+        "rerun_link": prefilled_trigger_link(ui_base_url, dag_id, retry_conf) if retry_sources and dag_id else None,
     }
     if transient_aws_errors is not None:
         report["transient_aws_errors"] = sum(count or 0 for count in transient_aws_errors)
@@ -56,9 +73,17 @@ def build_report(
 
 
 def format_table(report: Mapping[str, Any]) -> str:
-    rows = [("#", "status", "bytes", "source", "output", "reason")]
+    rows = [("#", "status", "bytes", "figures (source -> output)", "source", "output", "reason")]
     rows += [
-        (str(r["index"]), r["status"], str(r.get("bytes", "")), r.get("source", ""), r.get("output", ""), r["reason"])
+        (
+            str(r["index"]),
+            r["status"],
+            str(r.get("bytes", "")),
+            media_summary(r),
+            r.get("source", ""),
+            r.get("output", ""),
+            r["reason"],
+        )
         for r in report["files"]
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
@@ -86,8 +111,10 @@ def raise_if_failed(report: Mapping[str, Any]) -> None:
     if failed:
         lines = [f"{r['source']}: {r['reason']}" for r in failed[:20]]
         retry = json.dumps(report["retry_conf"], ensure_ascii=False) if report["retry_conf"] else "n/a"
+        link = report.get("rerun_link")
         raise BatchFailed(
             f"{len(failed)} file(s) failed:\n"
             + "\n".join(lines)
-            + f"\nTo re-run only the failed files, trigger with: {retry}"
+            + (f"\nTo re-run only the failed files, open {link}" if link else "")
+            + f"\n{'or ' if link else 'To re-run only the failed files, '}trigger with: {retry}"
         )

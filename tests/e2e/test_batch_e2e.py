@@ -59,6 +59,11 @@ def test_corrupt_file_fails_the_run_keeps_the_other_output_and_stops_the_instanc
     assert files["good.mp4"]["status"] == "ok"
     assert files["corrupt.mp4"]["status"] == "failed"
     assert world.instance_state() == "stopped"
+    report = stored_report(world, run)
+    assert report["transient_aws_errors"] == 0  # pulled from every lane's run_chunks
+    assert report["retry_conf"]["sources"] == ["s3://vod-sr-demo-source/corrupt.mp4"]
+    assert report["rerun_link"].startswith("/vod-sr/dags/vod_sr_batch/trigger?conf=")
+    assert f"open {report['rerun_link']}" in task_log
 
 
 def test_bad_input_fails_in_plan_before_any_instance_starts(world):

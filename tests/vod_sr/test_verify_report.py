@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.parse
 from datetime import UTC, datetime
 
 import boto3
@@ -375,7 +376,13 @@ class TestReport:
         report = self.build([[self.OK, self.BAD]])
 
         assert report["counts"] == {"ok": 1, "failed": 1, "skipped": 1}
-        assert report["retry_conf"] == {**self.PARAMS, "sources": ["s3://src/b.mp4"], "prefixes": [], "manifest": None}
+        assert report["retry_conf"] == {
+            **self.PARAMS,
+            "sources": ["s3://src/b.mp4"],
+            "prefixes": [],
+            "manifest": None,
+            "overwrite": True,  # b's output may exist, broken: a re-run must redo it, not skip it
+        }
 
     def test_failed_run_names_files_and_gives_a_paste_ready_conf(self):
         report = self.build([[self.OK, self.BAD]])
@@ -387,6 +394,35 @@ class TestReport:
         assert "s3://src/b.mp4: ffmpeg failed" in message
         conf = json.loads(message.split("trigger with: ", 1)[1])
         assert conf["sources"] == ["s3://src/b.mp4"] and conf["model"] == "A" and conf["prefixes"] == []
+
+    def test_failed_run_gives_a_one_click_link_that_carries_the_retry_conf(self):
+        report = build_report(
+            run_id="r1",
+            run_token=TOKEN,
+            params=self.PARAMS,
+            planned=self.PLANNED[:2],
+            verified=[[self.OK, self.BAD]],
+            skipped=[],
+            dag_id="vod_sr_batch",
+            ui_base_url="https://airflow.example.com/",
+        )
+
+        with pytest.raises(BatchFailed) as failure:
+            raise_if_failed(report)
+
+        link = urllib.parse.urlsplit(report["rerun_link"])
+        assert (link.netloc, link.path) == ("airflow.example.com", "/vod-sr/dags/vod_sr_batch/trigger")
+        assert json.loads(urllib.parse.parse_qs(link.query)["conf"][0]) == report["retry_conf"]
+        assert f"open {report['rerun_link']}" in str(failure.value)
+
+    def test_a_conf_too_long_for_a_link_gives_the_conf_only(self):
+        many = [FileJob(n, S3Object("src", f"{n:05d}-{'x' * 40}.mp4"), S3Object("o", f"{n}.mp4")) for n in range(300)]
+
+        report = build_report(
+            run_id="r1", run_token=TOKEN, params=self.PARAMS, planned=many, verified=[], skipped=[], dag_id="d"
+        )
+
+        assert report["rerun_link"] is None and len(report["retry_conf"]["sources"]) == 300
 
     def test_files_of_a_lane_that_never_verified_are_failed_by_name(self):
         report = self.build([[self.OK, self.BAD]], planned=self.PLANNED)
