@@ -103,19 +103,24 @@ def vod_sr_batch() -> None:
         def wait_for_agent(acquired: dict[str, str]) -> PokeReturnValue:
             """Done when EC2 reports running and the SSM agent reports Online."""
             from include.vod_sr.aws import aws_client
-            from include.vod_sr.instance import is_ready
+            from include.vod_sr.instance import is_ready, refresh_lease
 
             ec2, ssm = aws_client("ec2", SETTINGS.aws_conn_id), aws_client("ssm", SETTINGS.aws_conn_id)
-            return PokeReturnValue(is_done=is_ready(ec2, ssm, acquired["instance_id"]), xcom_value=acquired)
+            ready = is_ready(ec2, ssm, acquired["instance_id"])
+            if ready:
+                refresh_lease(ec2, acquired["instance_id"], acquired["lease_id"], get_current_context()["run_id"])
+            return PokeReturnValue(is_done=ready, xcom_value=acquired)
 
         @task
         def install_cli(acquired: dict[str, str]) -> None:
             """Install the AWS CLI on the instance unless `aws --version` already works there."""
             from include.vod_sr.aws import aws_client
             from include.vod_sr.commands import run_and_wait
-            from include.vod_sr.instance import command_comment
+            from include.vod_sr.instance import command_comment, refresh_lease
             from include.vod_sr.script import INSTALL_CLI_SCRIPT
 
+            ec2 = aws_client("ec2", SETTINGS.aws_conn_id)
+            refresh_lease(ec2, acquired["instance_id"], acquired["lease_id"], get_current_context()["run_id"])
             invocation = run_and_wait(
                 aws_client("ssm", SETTINGS.aws_conn_id),
                 acquired["instance_id"],

@@ -9,6 +9,8 @@ from __future__ import annotations
 import enum
 import logging
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -17,7 +19,10 @@ from botocore.exceptions import ClientError
 log = logging.getLogger(__name__)
 
 LEASE_TAG_PREFIX = "vod-sr:lease:"
-LEASE_TTL = timedelta(hours=49)  # longer than SSM's 48 h execution ceiling: a lease past this is abandoned
+LEASE_TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+# Longer than SSM's 48 h execution ceiling. A working run refreshes its lease at every step (acquire, readiness,
+# install, every chunk sent), and no step outlasts one command, so a lease not refreshed for this long is abandoned.
+LEASE_TTL = timedelta(hours=49)
 LIVE_COMMAND_STATES = ("Pending", "InProgress", "Delayed", "Cancelling")
 
 
@@ -116,30 +121,105 @@ def lease_tag_key(lease_id: str) -> str:
     return f"{LEASE_TAG_PREFIX}{lease_id}"
 
 
-def take_lease(ec2: Any, instance_id: str, lease_id: str, holder: str, *, now: datetime | None = None) -> None:
-    """Record that a run uses the instance until it releases it (or the lease expires)."""
-    taken = (now or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
-    ec2.create_tags(
-        Resources=[instance_id], Tags=[{"Key": lease_tag_key(lease_id), "Value": f"{taken} {holder}"[:256]}]
-    )
+@dataclass(frozen=True)
+class Lease:
+    """A run's claim on the instance: the tag `vod-sr:lease:<lease id>` = "<taken or last refreshed, UTC> <holder>"."""
+
+    lease_id: str
+    holder: str
+    refreshed: datetime | None  # None when the tag's time cannot be read
+    value: str
+
+    @classmethod
+    def from_tag(cls, tag: dict[str, str]) -> Lease:
+        value = tag.get("Value", "")
+        time_text, _, holder = value.partition(" ")
+        try:
+            refreshed: datetime | None = datetime.strptime(time_text, LEASE_TIME_FORMAT).replace(tzinfo=UTC)
+        except ValueError:
+            refreshed = None
+        return cls(tag["Key"][len(LEASE_TAG_PREFIX) :], holder, refreshed, value)
+
+    def expired(self, now: datetime) -> bool:
+        # An unreadable time counts as live: better an instance left up than someone's work stopped.
+        return self.refreshed is not None and now - self.refreshed >= LEASE_TTL
+
+    def describe(self, now: datetime) -> str:
+        """Which lease this is, for the log and the report: id, holder and age."""
+        age = "at an unreadable time" if self.refreshed is None else f"{_age(now - self.refreshed)} ago"
+        return f"lease {self.lease_id} held by {self.holder or '?'}, taken or refreshed {age}"
 
 
-def live_leases(ec2: Any, instance_id: str, *, now: datetime | None = None) -> dict[str, str]:
-    """Leases on the instance that have not expired, as lease id -> holder."""
+def _age(delta: timedelta) -> str:
+    seconds = max(0, int(delta.total_seconds()))
+    if seconds < 120:
+        return f"{seconds} s"
+    if seconds < 7200:
+        return f"{seconds // 60} min"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+
+
+def _lease_tag(lease_id: str, holder: str, now: datetime | None) -> dict[str, str]:
+    taken = (now or datetime.now(UTC)).strftime(LEASE_TIME_FORMAT)
+    return {"Key": lease_tag_key(lease_id), "Value": f"{taken} {holder}"[:256]}
+
+
+def leases(ec2: Any, instance_id: str, *, now: datetime | None = None) -> list[Lease]:
+    """The live leases on the instance. Expired ones (a run that died without releasing) are deleted here, so
+    leaked tags never pile up toward EC2's 50-tag limit, where `CreateTags` and with it every acquire would fail."""
     now = now or datetime.now(UTC)
     tags = ec2.describe_tags(
         Filters=[{"Name": "resource-id", "Values": [instance_id]}, {"Name": "key", "Values": [f"{LEASE_TAG_PREFIX}*"]}]
     )["Tags"]
-    leases = {}
-    for tag in tags:
-        taken_text, _, holder = tag.get("Value", "").partition(" ")
-        try:
-            taken = datetime.strptime(taken_text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
-        except ValueError:
-            taken = now  # unreadable: treat as live rather than stop someone's work
-        if now - taken < LEASE_TTL:
-            leases[tag["Key"][len(LEASE_TAG_PREFIX) :]] = holder
-    return leases
+    live = []
+    for lease in sorted((Lease.from_tag(tag) for tag in tags), key=lambda lease: lease.lease_id):
+        if not lease.expired(now):
+            live.append(lease)
+            continue
+        log.warning(
+            "Deleting the expired %s on %s: its run ended without releasing it", lease.describe(now), instance_id
+        )
+        try:  # with its value: a lease refreshed since it was read is not deleted
+            ec2.delete_tags(
+                Resources=[instance_id], Tags=[{"Key": lease_tag_key(lease.lease_id), "Value": lease.value}]
+            )
+        except Exception as error:
+            log.warning("Could not delete the expired lease %s on %s: %s", lease.lease_id, instance_id, error)
+    return live
+
+
+def live_leases(ec2: Any, instance_id: str, *, now: datetime | None = None) -> dict[str, str]:
+    """Leases on the instance that have not expired, as lease id -> holder (expired ones are deleted)."""
+    return {lease.lease_id: lease.holder for lease in leases(ec2, instance_id, now=now)}
+
+
+def take_lease(ec2: Any, instance_id: str, lease_id: str, holder: str, *, now: datetime | None = None) -> None:
+    """Record that a run uses the instance until it releases it (or the lease expires), first deleting expired
+    leases so the new tag fits under EC2's 50-tag limit."""
+    others = [lease for lease in leases(ec2, instance_id, now=now) if lease.lease_id != lease_id]
+    if others:
+        when = now or datetime.now(UTC)
+        log.info("Instance %s is also used by: %s", instance_id, "; ".join(lease.describe(when) for lease in others))
+    ec2.create_tags(Resources=[instance_id], Tags=[_lease_tag(lease_id, holder, now)])
+
+
+def refresh_lease(ec2: Any, instance_id: str, lease_id: str, holder: str, *, now: datetime | None = None) -> bool:
+    """Mark this run's lease as still in use (it expires LEASE_TTL after its last refresh), re-creating it if it was
+    deleted. Never raises: a failed refresh is logged and the next one makes up for it, so it never fails GPU work."""
+    try:
+        ec2.create_tags(Resources=[instance_id], Tags=[_lease_tag(lease_id, holder, now)])
+    except Exception as error:
+        log.warning("Could not refresh lease %s on %s (retried at the next step): %s", lease_id, instance_id, error)
+        return False
+    log.info("Refreshed lease %s of %s on %s", lease_id, holder, instance_id)
+    return True
+
+
+def refresh_lane_lease(lane: Mapping[str, Any], holder: str, aws_conn_id: str | None) -> bool:
+    """`refresh_lease` for a lane of the plan (`instance_id`, `run_token`), through the Airflow AWS connection."""
+    from include.vod_sr.aws import aws_client
+
+    return refresh_lease(aws_client("ec2", aws_conn_id), lane["instance_id"], lane["run_token"], holder)
 
 
 def drop_lease(ec2: Any, instance_id: str, lease_id: str) -> None:
@@ -191,9 +271,12 @@ def release(
     drop_lease(ec2, instance_id, lease_id)
     if not stop:
         return _left_running("left running (stop_when_done is off)", cancel_errors)
-    other_leases = live_leases(ec2, instance_id)
+    now = datetime.now(UTC)
+    other_leases = leases(ec2, instance_id, now=now)
     if other_leases:
-        return _left_running(f"left running: leased by {', '.join(sorted(other_leases.values()))}", cancel_errors)
+        why = "; ".join(lease.describe(now) for lease in other_leases)
+        log.info("Instance %s stays up for another run: %s", instance_id, why)
+        return _left_running(f"left running: {why}", cancel_errors)
     other_commands = [c["CommandId"] for c in commands if c not in ours]
     if other_commands:
         return _left_running(f"left running: SSM commands still live: {', '.join(other_commands)}", cancel_errors)

@@ -226,10 +226,13 @@ class RunChunksOperator(BaseOperator):
         return total
 
     def _advance(self, context: Any, sent: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        from include.vod_sr.instance import refresh_lane_lease
         from include.vod_sr.triggers import SsmCommandsTrigger
 
         self._sent = sent
         chunks = self.lane["chunks"]
+        if len(sent) < len(chunks):  # still working on the instance: keep this run's lease fresh (never raises)
+            refresh_lane_lease(self.lane, context["run_id"], self.aws_conn_id)
         while sum(entry["outcome"] is None for entry in sent) < self.in_flight and len(sent) < len(chunks):
             sent.append(self._send(chunks[len(sent)]))
         live = [entry for entry in sent if entry["outcome"] is None]

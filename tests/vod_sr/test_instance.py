@@ -24,7 +24,9 @@ from include.vod_sr.instance import (
     instance_action,
     instance_state,
     is_ready,
+    leases,
     live_leases,
+    refresh_lease,
     release,
     take_lease,
 )
@@ -185,7 +187,7 @@ class TestLeasesAndRelease:
 
         outcome = release(ec2, StubSsm(), instance_id, "run-a", stop=True, timeout=10, poll_interval=1)
 
-        assert outcome == "left running: leased by manual__b"
+        assert outcome == "left running: lease run-b held by manual__b, taken or refreshed 0 s ago"
         assert instance_state(ec2, instance_id) == "running"
         assert set(live_leases(ec2, instance_id)) == {"run-b"}
 
@@ -268,6 +270,90 @@ class TestLeasesAndRelease:
         assert live_leases(ec2, instance_id) == {}
 
 
+def lease_tags(ec2, instance_id: str) -> dict[str, str]:
+    tags = ec2.describe_tags(Filters=[{"Name": "resource-id", "Values": [instance_id]}])["Tags"]
+    return {tag["Key"]: tag["Value"] for tag in tags if tag["Key"].startswith("vod-sr:lease:")}
+
+
+LONG_AGO = datetime(2020, 1, 1, tzinfo=UTC)
+
+
+class TestLeasesCleanUpAfterThemselves:
+    """Expired leases are deleted where they are read; a working run refreshes its own (issue 8, point 4)."""
+
+    def test_an_expired_lease_is_deleted_when_the_leases_are_read(self, ec2):
+        instance_id = new_instance(ec2)
+        take_lease(ec2, instance_id, "crashed", "manual__old", now=LONG_AGO)
+        take_lease(ec2, instance_id, "run-b", "manual__b")
+
+        assert live_leases(ec2, instance_id) == {"run-b": "manual__b"}
+        assert set(lease_tags(ec2, instance_id)) == {"vod-sr:lease:run-b"}
+
+    def test_a_lease_refreshed_after_it_was_read_is_not_deleted(self, ec2):
+        instance_id = new_instance(ec2)
+        take_lease(ec2, instance_id, "slow", "manual__slow", now=LONG_AGO)
+        # The run refreshes its lease between our DescribeTags and our DeleteTags.
+        ec2.meta.events.register(
+            "before-call.ec2.DeleteTags",
+            lambda **_: ec2.create_tags(
+                Resources=[instance_id],
+                Tags=[{"Key": "vod-sr:lease:slow", "Value": f"{datetime.now(UTC):%Y-%m-%dT%H:%M:%SZ} manual__slow"}],
+            ),
+            unique_id="refresh-in-between",
+        )
+
+        leases(ec2, instance_id)
+
+        assert set(lease_tags(ec2, instance_id)) == {"vod-sr:lease:slow"}
+
+    def test_leaked_leases_at_the_tag_limit_do_not_block_the_next_run(self, ec2):
+        instance_id = new_instance(ec2)
+        leaked = [{"Key": f"vod-sr:lease:crashed-{n}", "Value": "2020-01-01T00:00:00Z manual__old"} for n in range(50)]
+        ec2.create_tags(Resources=[instance_id], Tags=leaked)  # EC2's limit: 50 tags per resource
+
+        take_lease(ec2, instance_id, "run-a", "manual__a")
+
+        assert set(lease_tags(ec2, instance_id)) == {"vod-sr:lease:run-a"}
+
+    def test_a_refreshed_lease_outlives_the_ttl_counted_from_when_it_was_taken(self, ec2):
+        instance_id = new_instance(ec2)
+        taken = datetime.now(UTC) - LEASE_TTL + timedelta(minutes=5)
+        take_lease(ec2, instance_id, "long-run", "backfill__1", now=taken)
+
+        assert refresh_lease(ec2, instance_id, "long-run", "backfill__1") is True
+
+        later = datetime.now(UTC) + timedelta(minutes=10)  # past the TTL of the first take
+        assert live_leases(ec2, instance_id, now=later) == {"long-run": "backfill__1"}
+
+    def test_a_refresh_re_creates_a_deleted_lease(self, ec2):
+        instance_id = new_instance(ec2)
+
+        refresh_lease(ec2, instance_id, "run-a", "manual__a")
+
+        assert live_leases(ec2, instance_id) == {"run-a": "manual__a"}
+
+    def test_a_failed_refresh_is_logged_not_raised(self, ec2, caplog):
+        instance_id = new_instance(ec2)
+
+        def throttled(**_):
+            raise ClientError({"Error": {"Code": "RequestLimitExceeded", "Message": "Rate exceeded"}}, "CreateTags")
+
+        ec2.meta.events.register("before-call.ec2.CreateTags", throttled)
+
+        assert refresh_lease(ec2, instance_id, "run-a", "manual__a") is False
+        assert "Could not refresh lease run-a" in caplog.text
+
+    def test_the_lease_that_keeps_the_instance_up_is_named_with_its_holder_and_age(self, ec2, caplog):
+        instance_id = new_instance(ec2)
+        take_lease(ec2, instance_id, "run-b", "manual__b", now=datetime.now(UTC) - timedelta(minutes=42))
+
+        with caplog.at_level("INFO", logger="include.vod_sr.instance"):
+            outcome = release(ec2, StubSsm(), instance_id, "run-a", stop=True, timeout=10, poll_interval=1)
+
+        assert outcome == "left running: lease run-b held by manual__b, taken or refreshed 42 min ago"
+        assert "stays up for another run: lease run-b held by manual__b" in caplog.text
+
+
 def live_command(instance_id: str, command_id: str, run: str, status: str = "InProgress") -> dict:
     return {
         "CommandId": command_id,
@@ -302,7 +388,7 @@ class TestReleaseCancelsOrphans:
         outcome = release(ec2, ssm, instance_id, "run-a", stop=True, timeout=10, poll_interval=1)
 
         assert ssm.cancelled == ["c-mine"]
-        assert outcome == "left running: leased by manual__b"
+        assert outcome == "left running: lease run-b held by manual__b, taken or refreshed 0 s ago"
 
     def test_a_run_whose_token_extends_ours_is_not_ours(self, ec2):
         instance_id = new_instance(ec2)
@@ -388,7 +474,7 @@ class TestReleaseCancelsOrphansOnTheEmulator:
         try:
             outcome = release(ec2, ssm, running_instance, "run-a", stop=True, timeout=10, poll_interval=1)
 
-            assert outcome == "left running: leased by manual__b"
+            assert outcome.startswith("left running: lease run-b held by manual__b")
             assert wait_for_status(ssm, orphan, running_instance, "Cancelled") == "Cancelled"
             assert status_of(ssm, theirs, running_instance) == "InProgress"
             assert set(live_leases(ec2, running_instance)) == {"run-b"}

@@ -1,0 +1,114 @@
+"""An instance shared by several runs, and starts that go wrong, end to end: dag.test() + the emulator + the real
+AWS CLI and ffmpeg on the "instance" (issue 8, points 4, 5 and 6).
+
+The other run is played by the test: its lease is an EC2 tag, its release a StopInstances at the worst moment.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from include.local_aws.world import OUTPUT_BUCKET, make_sample_clip
+from include.vod_sr.report import REPORT_PREFIX
+
+pytestmark = pytest.mark.e2e
+
+LEASE = "vod-sr:lease:"
+
+
+@pytest.fixture(scope="module")
+def short_clip(tmp_path_factory):
+    """A 2 s clip: these tests are about the instance, not the video, so each file should cost little GPU time."""
+    return make_sample_clip(tmp_path_factory.mktemp("short") / "short.mp4", seconds=2, size="320x240")
+
+
+def upload(world, short_clip, count: int) -> list[str]:
+    keys = [f"shared/{n}.mp4" for n in range(count)]
+    for key in keys:
+        world.upload(key, short_clip)
+    return keys
+
+
+def task_log(caplog, capfd) -> str:
+    captured = capfd.readouterr()
+    return caplog.text + captured.out + captured.err
+
+
+def lease_tags(world) -> dict[str, str]:
+    tags = world.ec2.describe_tags(Filters=[{"Name": "resource-id", "Values": [world.instance_id]}])["Tags"]
+    return {tag["Key"]: tag["Value"] for tag in tags if tag["Key"].startswith(LEASE)}
+
+
+def stored_report(world) -> dict[str, Any]:
+    (item,) = world.s3.list_objects_v2(Bucket=OUTPUT_BUCKET, Prefix=REPORT_PREFIX)["Contents"]
+    return json.loads(world.s3.get_object(Bucket=OUTPUT_BUCKET, Key=item["Key"])["Body"].read())
+
+
+def now_text() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def calls(world, action: str) -> list[dict[str, Any]]:
+    return [call for call in world.emulator.calls() if call["action"] == action]
+
+
+def in_background(until: Callable[[], bool], then: Callable[[], None], timeout: float = 120) -> threading.Thread:
+    """Run `then` once `until()` holds (polled every 0.1 s), in a thread, as another actor would."""
+
+    def watch() -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if until():
+                then()
+                return
+            time.sleep(0.1)
+
+    thread = threading.Thread(target=watch, name="other-actor", daemon=True)
+    thread.start()
+    return thread
+
+
+def try_numbers(run, task_id: str) -> list[int]:
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        tis = session.query(TaskInstance).filter_by(dag_id="vod_sr_batch", run_id=run.run_id, task_id=task_id).all()
+        return [ti.try_number for ti in tis]
+
+
+class TestLeases:
+    """Point 4: leases clean up after themselves, a working run refreshes its own, the log names the one that
+    keeps an instance up."""
+
+    def test_expired_lease_deleted_own_lease_refreshed_and_the_other_runs_lease_named(
+        self, world, short_clip, caplog, capfd
+    ):
+        keys = upload(world, short_clip, 3)
+        world.ec2.create_tags(
+            Resources=[world.instance_id],
+            Tags=[
+                {"Key": f"{LEASE}crashed", "Value": "2020-01-01T00:00:00Z manual__crashed_long_ago"},
+                {"Key": f"{LEASE}other-run", "Value": f"{now_text()} manual__other"},
+            ],
+        )
+
+        run = world.run(sources=keys, chunk_size=1)
+
+        assert run.state == "success", run.task_states
+        assert set(lease_tags(world)) == {f"{LEASE}other-run"}  # the expired one deleted, ours released
+        log = task_log(caplog, capfd)
+        assert "Deleting the expired lease crashed held by manual__crashed_long_ago" in log
+        # The other run's lease keeps the instance up, and the log says which lease, whose, and how old.
+        assert world.instance_state() == "running"
+        assert "left running: lease other-run held by manual__other, taken or refreshed" in log
+        # Refreshed while the run works: a CreateTags after chunks were already sent (3 chunks, 2 in flight).
+        sends = [call["time"] for call in calls(world, "SendCommand")]
+        assert any(call["time"] > sends[1] for call in calls(world, "CreateTags")), "lease never refreshed mid-run"
