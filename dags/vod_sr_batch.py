@@ -113,18 +113,22 @@ def vod_sr_batch() -> None:
 
         @task
         def install_cli(acquired: dict[str, str]) -> None:
-            """Install the AWS CLI on the instance unless `aws --version` already works there."""
+            """Install the AWS CLI on the instance unless `aws --version` already works there (with
+            VOD_SR_SKIP_CLI_INSTALL, only check that it does). A retry first cancels the earlier try's command."""
             from include.vod_sr.aws import aws_client
             from include.vod_sr.commands import run_and_wait
             from include.vod_sr.instance import command_comment, refresh_lease
-            from include.vod_sr.script import INSTALL_CLI_SCRIPT
+            from include.vod_sr.script import CHECK_CLI_SCRIPT, install_cli_script
 
             ec2 = aws_client("ec2", SETTINGS.aws_conn_id)
             refresh_lease(ec2, acquired["instance_id"], acquired["lease_id"], get_current_context()["run_id"])
             invocation = run_and_wait(
                 aws_client("ssm", SETTINGS.aws_conn_id),
                 acquired["instance_id"],
-                INSTALL_CLI_SCRIPT,
+                # apt may wait two thirds of the timeout for its locks; the rest is for the download and the install.
+                CHECK_CLI_SCRIPT
+                if SETTINGS.skip_cli_install
+                else install_cli_script(lock_wait=SETTINGS.install_cli_timeout * 2 // 3),
                 comment=command_comment(acquired["lease_id"], "install AWS CLI"),
                 timeout=SETTINGS.install_cli_timeout,
                 poll_interval=SETTINGS.poll_interval,

@@ -17,7 +17,7 @@ from botocore.config import Config
 from botocore.exceptions import ClientError, HTTPClientError, WaiterError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from include.vod_sr.instance import waiter_config
+from include.vod_sr.instance import live_commands, waiter_config
 from include.vod_sr.limits import MAX_COMMENT_LENGTH
 from include.vod_sr.script import as_run_shell_command
 
@@ -191,13 +191,27 @@ def run_and_wait(
 ) -> dict[str, Any]:
     """Send a short script and block until it ends (botocore's CommandExecuted waiter); raise on failure.
 
-    A throttling or 5xx answer that outlasts the client's retries ends botocore's waiter, not the command: the wait
-    goes on until `timeout` has passed.
+    `timeout` is the script's execution timeout. SSM starts that clock when it delivers the command, which may take
+    up to `delivery_timeout` (an agent that has just come Online), so the wait allows both: it never gives up on a
+    command SSM would still run. A throttling or 5xx answer that outlasts the client's retries ends botocore's
+    waiter, not the command: the wait goes on until then.
+
+    A command with the same `comment` still live on the instance (an earlier try of the same task, whose worker died
+    or gave up waiting) is cancelled first, so a retry never runs beside it.
     """
+    cancel_commands(
+        ssm,
+        [
+            {"command_id": command["CommandId"], "instance_id": instance_id}
+            for command in live_commands(ssm, instance_id)
+            if command.get("Comment") == comment[:MAX_COMMENT_LENGTH]
+        ],
+    )
     command_id = send_command(
         ssm, instance_id, script_body, comment=comment, execution_timeout=timeout, delivery_timeout=delivery_timeout
     )
-    if not _wait_until_executed(ssm, command_id, instance_id, time.monotonic() + timeout, poll_interval):
+    deadline = time.monotonic() + delivery_timeout + timeout
+    if not _wait_until_executed(ssm, command_id, instance_id, deadline, poll_interval):
         invocation = get_invocation(ssm, command_id, instance_id)
         if invocation is None:
             raise CommandFailed(f"SSM command {command_id} was never delivered to {instance_id}")

@@ -23,8 +23,11 @@ RESULT_MARKER = "VODSR-RESULT"
 RUNS_PREFIX = "vod-sr-runs/"  # in the output bucket: each chunk's file list and results
 _VAR_REFERENCE = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?")
 
-INSTALL_CLI_SCRIPT = """\
-set -euo pipefail
+# install_cli: seconds apt may wait in all for its locks, and between two tries (see `install_cli_script`).
+APT_LOCK_WAIT = 600
+APT_RETRY_DELAY = 10
+
+_INSTALL_CLI_BODY = r"""
 if command -v aws >/dev/null 2>&1 && aws --version; then
     echo "vod-sr: AWS CLI already installed; nothing to do"
     exit 0
@@ -32,12 +35,81 @@ fi
 workdir=$(mktemp -d "${TMPDIR:-/var/tmp}/vod-sr-cli.XXXXXXXX")
 trap 'rm -rf -- "$workdir"' EXIT
 cd "$workdir"
-export DEBIAN_FRONTEND=noninteractive
-sudo apt-get update -q
-sudo apt-get install -y -q unzip curl
-curl -fsSL "https://awscli.amazonaws.com/awscli-exe-linux-$(uname -m).zip" -o awscliv2.zip
+lock_deadline=$((SECONDS + lock_wait))
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+# Right after a boot apt-daily and unattended-upgrades hold apt's locks, often for minutes. apt >= 1.9.11 waits for
+# the dpkg lock itself (DPkg::Lock::Timeout); the package lists' lock (apt-get update) and older apt fail at once
+# with "Could not get lock", so those tries are repeated here, all within lock_wait seconds.
+apt_get() {
+    local status left repaired=0
+    while true; do
+        left=$((lock_deadline - SECONDS))
+        if [ "$left" -lt 0 ]; then left=0; fi
+        status=0
+        as_root env LC_ALL=C DEBIAN_FRONTEND=noninteractive apt-get -q -o DPkg::Lock::Timeout="$left" "$@" \
+            2>"$workdir/apt.err" || status=$?
+        if [ "$status" -ne 0 ] && [ "$repaired" -eq 0 ] && grep -q 'dpkg was interrupted' "$workdir/apt.err"; then
+            # An earlier attempt was killed mid-install (a retry of install_cli cancels it): finish dpkg's work.
+            echo "vod-sr: an earlier dpkg run was interrupted; running dpkg --configure -a"
+            repaired=1
+            as_root env LC_ALL=C DEBIAN_FRONTEND=noninteractive dpkg --configure -a || true
+            continue
+        fi
+        if [ "$status" -eq 0 ] || ! grep -q 'Could not get lock' "$workdir/apt.err"; then
+            cat "$workdir/apt.err" >&2
+            return "$status"
+        fi
+        if [ "$SECONDS" -ge "$lock_deadline" ]; then
+            cat "$workdir/apt.err" >&2
+            echo "vod-sr: gave up after waiting ${lock_wait} s for apt's lock: another apt or dpkg run (usually" \
+                "apt-daily or unattended-upgrades right after a boot) still holds it. Retry install_cli when it is" \
+                "done, or bake the AWS CLI into the AMI and set VOD_SR_SKIP_CLI_INSTALL=true." >&2
+            return "$status"
+        fi
+        echo "vod-sr: apt's lock is busy ($(grep -m 1 -o 'held by process.*' "$workdir/apt.err" || echo 'held by' \
+            'another apt or dpkg run')); waiting, $((lock_deadline - SECONDS)) s left"
+        sleep "$retry_delay"
+    done
+}
+
+if command -v unzip >/dev/null 2>&1 && command -v curl >/dev/null 2>&1; then
+    echo "vod-sr: unzip and curl are installed; apt is not needed"
+else
+    apt_get update
+    apt_get install -y unzip curl
+fi
+curl -fsSL --retry 3 "https://awscli.amazonaws.com/awscli-exe-linux-$(uname -m).zip" -o awscliv2.zip
 unzip -q awscliv2.zip
-sudo ./aws/install --update
+as_root ./aws/install --update
+aws --version
+"""
+
+
+def install_cli_script(lock_wait: int = APT_LOCK_WAIT, retry_delay: int = APT_RETRY_DELAY) -> str:
+    """The script install_cli sends: AWS CLI v2 the seed's way, unless `aws --version` already works.
+
+    apt runs only when `unzip` or `curl` is missing. It waits up to `lock_wait` seconds in all for apt's locks
+    (trying again every `retry_delay` seconds), then fails saying which process holds them; keep `lock_wait` below
+    the command's execution timeout so that message, not SSM's kill, ends the wait. A dpkg run that an earlier,
+    cancelled attempt interrupted is finished first (`dpkg --configure -a`).
+    """
+    return f"set -euo pipefail\nlock_wait={int(lock_wait)}\nretry_delay={int(retry_delay)}{_INSTALL_CLI_BODY}"
+
+
+INSTALL_CLI_SCRIPT = install_cli_script()
+
+# install_cli with VOD_SR_SKIP_CLI_INSTALL: the AMI has the CLI baked in; only check that it runs.
+CHECK_CLI_SCRIPT = """\
+set -euo pipefail
+if ! command -v aws >/dev/null 2>&1; then
+    echo "vod-sr: no AWS CLI on this instance's PATH, and VOD_SR_SKIP_CLI_INSTALL=true tells vod-sr not to install" \\
+        "it: bake the AWS CLI into the AMI, or set VOD_SR_SKIP_CLI_INSTALL=false" >&2
+    exit 1
+fi
 aws --version
 """
 

@@ -36,6 +36,17 @@ def _env_float(name: str, default: float) -> float:
     return value
 
 
+def _env_bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    if raw.lower() in ("true", "1", "yes", "on"):
+        return True
+    if raw.lower() in ("false", "0", "no", "off"):
+        return False
+    raise ValueError(f"{name}={raw!r} is not true or false")
+
+
 @dataclass(frozen=True)
 class Settings:
     """Deployment-wide defaults for `vod_sr_batch`; see the README's Configuration table."""
@@ -50,6 +61,8 @@ class Settings:
     instance_state_timeout: int = 600
     agent_online_timeout: int = 600
     install_cli_timeout: int = 900
+    # For AMIs with the AWS CLI baked in: install_cli only checks `aws --version` (and fails clearly without it).
+    skip_cli_install: bool = False
     poll_interval: int = 15
     command_delivery_timeout: int = 300
     # Retry delay for starting the instance (doubles each retry): EC2 capacity often returns within minutes.
@@ -77,6 +90,7 @@ class Settings:
             instance_state_timeout=_env_int("VOD_SR_INSTANCE_STATE_TIMEOUT", defaults.instance_state_timeout),
             agent_online_timeout=_env_int("VOD_SR_AGENT_ONLINE_TIMEOUT", defaults.agent_online_timeout),
             install_cli_timeout=_env_int("VOD_SR_INSTALL_CLI_TIMEOUT", defaults.install_cli_timeout),
+            skip_cli_install=_env_bool("VOD_SR_SKIP_CLI_INSTALL", defaults.skip_cli_install),
             poll_interval=_env_int("VOD_SR_POLL_INTERVAL", defaults.poll_interval),
             command_delivery_timeout=_env_int("VOD_SR_COMMAND_DELIVERY_TIMEOUT", defaults.command_delivery_timeout),
             start_retry_delay=_env_int("VOD_SR_START_RETRY_DELAY", defaults.start_retry_delay),

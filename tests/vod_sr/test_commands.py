@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import pytest
@@ -26,6 +27,7 @@ from include.vod_sr.commands import (
     run_and_wait,
     send_command,
 )
+from include.vod_sr.instance import command_comment
 from include.vod_sr.triggers import SsmCommandsTrigger
 
 COMMAND_ID = "11111111-2222-3333-4444-555555555555"
@@ -466,6 +468,49 @@ class TestAgainstTheEmulator:
         )
 
         assert (invocation["Status"], invocation["StandardOutputContent"]) == ("Success", "ok\n")
+
+    def test_run_and_wait_allows_delivery_plus_execution(self, running_instance, emulator_env):
+        # The agent is offline when the command is sent (the instance is booting): SSM delivers it about 3 s later,
+        # and its execution timeout (3 s) starts only then.
+        ec2, ssm = boto_client("ec2", emulator_env.endpoint_url), boto_client("ssm", emulator_env.endpoint_url)
+        ec2.stop_instances(InstanceIds=[running_instance])
+        ec2.get_waiter("instance_stopped").wait(InstanceIds=[running_instance], WaiterConfig={"Delay": 0.2})
+        boot = threading.Timer(2, lambda: ec2.start_instances(InstanceIds=[running_instance]))
+        boot.start()
+        started = time.monotonic()
+        try:
+            invocation = run_and_wait(
+                ssm, running_instance, "sleep 2; echo ok", comment="t", timeout=3, poll_interval=1, delivery_timeout=30
+            )
+        finally:
+            boot.join()
+
+        assert (invocation["Status"], invocation["StandardOutputContent"]) == ("Success", "ok\n")
+        assert time.monotonic() - started > 3  # longer than the execution timeout alone
+
+    def test_a_retry_cancels_the_earlier_attempt_before_sending_again(self, running_instance, emulator_env):
+        # install_cli's first try sent its command, then its worker died (or it gave up waiting) with it still running.
+        ssm = boto_client("ssm", emulator_env.endpoint_url)
+        ours, theirs = (command_comment(token, "install AWS CLI") for token in ("0123456789abcdef", "fedcba9876543210"))
+        first, other_run = (
+            send_command(ssm, running_instance, "sleep 60", comment=c, execution_timeout=120, delivery_timeout=30)
+            for c in (ours, theirs)
+        )
+        deadline = time.monotonic() + 20
+        while {get_invocation(ssm, c, running_instance)["Status"] for c in (first, other_run)} != {"InProgress"}:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+
+        try:
+            invocation = run_and_wait(
+                ssm, running_instance, "echo second try", comment=ours, timeout=30, poll_interval=1, delivery_timeout=30
+            )
+            statuses = [get_invocation(ssm, c, running_instance)["Status"] for c in (first, other_run)]
+        finally:
+            ssm.cancel_command(CommandId=other_run)
+
+        assert invocation["StandardOutputContent"] == "second try\n"
+        assert statuses == ["Cancelled", "InProgress"]  # another run's command is not this task's to cancel
 
     @pytest.mark.e2e
     @pytest.mark.parametrize(

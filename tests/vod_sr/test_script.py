@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,13 +28,16 @@ from include.vod_sr.catalog import BUILTIN_MODELS
 from include.vod_sr.commands import describe_invocation
 from include.vod_sr.plan import Chunk, FileJob
 from include.vod_sr.script import (
+    CHECK_CLI_SCRIPT,
     INSTALL_CLI_SCRIPT,
     RUNS_PREFIX,
     as_run_shell_command,
     chunk_list,
+    install_cli_script,
     parse_result_lines,
     render_sr_script,
 )
+from include.vod_sr.settings import Settings
 from include.vod_sr.sources import S3Object
 from tests.vod_sr.test_sources import HOSTILE_KEYS
 
@@ -177,7 +182,11 @@ class TestRenderedScriptsAreValidBash:
 
     @pytest.mark.parametrize(
         "body",
-        [pytest.param(sr_script("A"), id="sr-chunk"), pytest.param(INSTALL_CLI_SCRIPT, id="install-cli")],
+        [
+            pytest.param(sr_script("A"), id="sr-chunk"),
+            pytest.param(INSTALL_CLI_SCRIPT, id="install-cli"),
+            pytest.param(CHECK_CLI_SCRIPT, id="check-cli"),
+        ],
     )
     def test_shellcheck_is_clean(self, body, tmp_path):
         script = tmp_path / "script.sh"
@@ -352,6 +361,101 @@ class TestChunkLoop:
         }
 
 
+# The install's apt, dpkg, sudo, curl, unzip and installer cannot run here (no root, no network, and they would change
+# this machine): these stand-ins play them. apt-get fails as real apt does while apt-daily holds the lock, after a
+# killed dpkg run, or with another error; an `install` puts unzip and curl (stand-ins too) on PATH.
+APT_GET_STAND_IN = r"""#!/bin/bash
+echo "apt-get $*" >>"$STATE/steps"
+if [ -e "$STATE/dpkg-interrupted" ]; then
+    echo "E: dpkg was interrupted, you must manually run 'dpkg --configure -a' to correct the problem." >&2
+    exit 100
+fi
+busy=$(cat "$STATE/lock-busy" 2>/dev/null || echo 0)
+if [ "$busy" = always ] || [ "$busy" -gt 0 ]; then
+    [ "$busy" = always ] || echo $((busy - 1)) >"$STATE/lock-busy"
+    echo "E: Could not get lock /var/lib/dpkg/lock-frontend. It is held by process 1234 (unattended-upgr)" >&2
+    echo "E: Unable to acquire the dpkg frontend lock (/var/lib/dpkg/lock-frontend), is another process using it?" >&2
+    exit 100
+fi
+if [ -e "$STATE/apt-error" ]; then
+    cat "$STATE/apt-error" >&2
+    exit 100
+fi
+if [[ " $* " == *" install "* ]]; then
+    cp "$STATE/curl" "$STATE/unzip" "$STAND_IN_BIN/"
+fi
+"""
+INSTALL_STAND_INS = {
+    "sudo": 'exec "$@"',
+    "apt-get": APT_GET_STAND_IN,
+    "dpkg": 'echo "dpkg $*" >>"$STATE/steps"; rm -f "$STATE/dpkg-interrupted"',
+    "uname": "echo x86_64",
+    "aws.new": 'echo "aws-cli/2.x"',
+}
+# Outside PATH until a test (or the apt-get stand-in's install) puts them there.
+UNZIP_AND_CURL = {
+    "curl": 'echo "curl $*" >>"$STATE/steps"; while [ $# -gt 0 ]; do [ "$1" = -o ] && : >"$2"; shift; done',
+    "unzip": 'echo "unzip $*" >>"$STATE/steps"; mkdir -p aws; '
+    """printf '#!/bin/bash\\ncp "$STAND_IN_BIN/aws.new" "$STAND_IN_BIN/aws"\\n' >aws/install; chmod +x aws/install""",
+}
+# The real tools the install script needs besides bash's builtins; nothing else is on the stand-ins' PATH.
+REAL_TOOLS = ("cat", "chmod", "cp", "env", "grep", "id", "mkdir", "mktemp", "rm", "sleep")
+
+
+class InstallStandIns:
+    """A PATH of stand-ins for the CLI install (see APT_GET_STAND_IN) plus the few real tools it needs, without
+    `aws`, and without `unzip` and `curl` unless `unzip_and_curl`. `lock_busy`: how many apt-get calls find the lock
+    held ("always": every one); `apt_error`: apt-get fails with it; `dpkg_interrupted`: an earlier dpkg run was
+    killed (apt-get fails until `dpkg --configure -a` ran)."""
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        unzip_and_curl: bool,
+        lock_busy: str = "0",
+        apt_error: str = "",
+        dpkg_interrupted: bool = False,
+    ) -> None:
+        self.root, self.bin, self.state = root, root / "bin", root / "state"
+        self.bin.mkdir()
+        self.state.mkdir()
+        for tool in REAL_TOOLS:
+            (self.bin / tool).symlink_to(shutil.which(tool))
+        for directory, stand_ins in ((self.bin, INSTALL_STAND_INS), (self.state, UNZIP_AND_CURL)):
+            for name, body in stand_ins.items():
+                script = directory / name
+                script.write_text(body if body.startswith("#!") else f"#!/bin/bash\n{body}\n")
+                script.chmod(0o755)
+        if unzip_and_curl:
+            for name in UNZIP_AND_CURL:
+                shutil.copy(self.state / name, self.bin / name)
+        (self.state / "lock-busy").write_text(lock_busy)
+        if apt_error:
+            (self.state / "apt-error").write_text(apt_error + "\n")
+        if dpkg_interrupted:
+            (self.state / "dpkg-interrupted").touch()
+
+    def run(self, body: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["/bin/sh", "-c", as_run_shell_command(body)],
+            env={
+                "PATH": str(self.bin),
+                "TMPDIR": str(self.root),
+                "STATE": str(self.state),
+                "STAND_IN_BIN": str(self.bin),
+            },
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    def steps(self) -> list[str]:
+        """The stand-ins' argv, in the order they ran (the installer's own step is not logged)."""
+        steps = self.state / "steps"
+        return steps.read_text().splitlines() if steps.exists() else []
+
+
 class TestInstallCli:
     def test_noop_when_aws_already_works(self, instance):
         result = instance.run(INSTALL_CLI_SCRIPT)
@@ -360,53 +464,118 @@ class TestInstallCli:
         assert "already installed" in result.stdout
         assert instance.calls() == [["aws", "--version"]]
 
-    def test_installs_with_the_seed_steps_when_aws_is_missing(self, tmp_path):
-        bin_dir = tmp_path / "bin"
-        bin_dir.mkdir()
-        log = tmp_path / "log"
-        # sudo runs its arguments; apt-get, curl record themselves; unzip unpacks an installer that puts `aws` on PATH.
-        stubs = {
-            "sudo": '"$@"',
-            "apt-get": f'echo "apt-get $*" >> {log}',
-            "curl": f'echo "curl $*" >> {log}',
-            "unzip": f"mkdir -p aws && printf '#!/bin/bash\\ncp {bin_dir}/aws.new {bin_dir}/aws\\n' > aws/install "
-            f"&& chmod +x aws/install",
-            "aws.new": 'echo "aws-cli/2.x"',
-            "uname": "echo x86_64",
-        }
-        for name, body in stubs.items():
-            (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
-            (bin_dir / name).chmod(0o755)
+    def test_apt_is_skipped_when_unzip_and_curl_are_there(self, tmp_path):
+        stand_ins = InstallStandIns(tmp_path, unzip_and_curl=True)
 
-        result = subprocess.run(
-            ["/bin/sh", "-c", as_run_shell_command(INSTALL_CLI_SCRIPT)],
-            env={"PATH": f"{bin_dir}:/usr/bin:/bin", "TMPDIR": str(tmp_path)},
-            capture_output=True,
-            text=True,
-        )
+        result = stand_ins.run(INSTALL_CLI_SCRIPT)
 
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip().endswith("aws-cli/2.x")
-        steps = log.read_text().splitlines()
-        assert steps[0] == "apt-get update -q"
-        assert steps[1] == "apt-get install -y -q unzip curl"
-        assert steps[2].startswith("curl -fsSL https://awscli.amazonaws.com/awscli-exe-linux-x86_64.zip")
+        assert [step.split()[0] for step in stand_ins.steps()] == ["curl", "unzip"]
 
-    def test_failure_exits_non_zero_with_stderr(self, tmp_path):
-        bin_dir = tmp_path / "bin"
-        bin_dir.mkdir()
-        (bin_dir / "sudo").write_text('#!/bin/bash\necho "E: Could not get lock /var/lib/dpkg/lock" >&2\nexit 100\n')
-        (bin_dir / "sudo").chmod(0o755)
+    def test_apt_installs_unzip_and_curl_when_missing_then_the_seed_steps_run(self, tmp_path):
+        stand_ins = InstallStandIns(tmp_path, unzip_and_curl=False)
 
-        result = subprocess.run(
-            ["/bin/sh", "-c", as_run_shell_command(INSTALL_CLI_SCRIPT)],
-            env={"PATH": f"{bin_dir}:/usr/bin:/bin", "TMPDIR": str(tmp_path)},
-            capture_output=True,
-            text=True,
+        result = stand_ins.run(install_cli_script(lock_wait=600))
+
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip().endswith("aws-cli/2.x")
+        update, install, download, unpack = stand_ins.steps()
+        # Real apt (>= 1.9.11) waits for the dpkg lock itself, within what is left of the script's wait; the
+        # stand-in cannot show that, so the option is checked as passed.
+        assert re.fullmatch(r"apt-get -q -o DPkg::Lock::Timeout=(600|599) update", update)
+        assert re.fullmatch(r"apt-get -q -o DPkg::Lock::Timeout=\d+ install -y unzip curl", install)
+        assert download == (
+            "curl -fsSL --retry 3 https://awscli.amazonaws.com/awscli-exe-linux-x86_64.zip -o awscliv2.zip"
         )
+        assert unpack == "unzip -q awscliv2.zip"
+
+    def test_waits_while_apt_daily_holds_the_lock(self, tmp_path):
+        stand_ins = InstallStandIns(tmp_path, unzip_and_curl=False, lock_busy="2")
+        started = time.monotonic()
+
+        result = stand_ins.run(install_cli_script(lock_wait=30, retry_delay=1))
+
+        assert result.returncode == 0, result.stderr
+        assert time.monotonic() - started >= 2
+        assert [step.split()[-1] for step in stand_ins.steps() if step.startswith("apt-get")] == [
+            "update",
+            "update",
+            "update",
+            "curl",
+        ]
+        assert result.stdout.count("vod-sr: apt's lock is busy (held by process 1234 (unattended-upgr)); waiting") == 2
+
+    def test_fails_clearly_when_the_lock_never_frees(self, tmp_path):
+        stand_ins = InstallStandIns(tmp_path, unzip_and_curl=False, lock_busy="always")
+        started = time.monotonic()
+
+        result = stand_ins.run(install_cli_script(lock_wait=3, retry_delay=1))
+
+        assert 2 <= time.monotonic() - started < 20  # bash counts whole seconds: its 3 s can be 2.x s
+        assert result.returncode == 100
+        assert "E: Could not get lock /var/lib/dpkg/lock-frontend. It is held by process 1234" in result.stderr
+        assert "vod-sr: gave up after waiting 3 s for apt's lock" in result.stderr
+        assert "VOD_SR_SKIP_CLI_INSTALL=true" in result.stderr
+        assert not [step for step in stand_ins.steps() if not step.startswith("apt-get")]
+
+    def test_other_apt_errors_fail_at_once(self, tmp_path):
+        stand_ins = InstallStandIns(tmp_path, unzip_and_curl=False, apt_error="E: Unable to locate package unzip")
+
+        result = stand_ins.run(install_cli_script(lock_wait=30, retry_delay=1))
 
         assert result.returncode == 100
-        assert "Could not get lock" in result.stderr
+        assert "E: Unable to locate package unzip" in result.stderr
+        assert len(stand_ins.steps()) == 1
+
+    def test_finishes_a_dpkg_run_an_earlier_cancelled_attempt_interrupted(self, tmp_path):
+        stand_ins = InstallStandIns(tmp_path, unzip_and_curl=False, dpkg_interrupted=True)
+
+        result = stand_ins.run(install_cli_script(lock_wait=30, retry_delay=1))
+
+        assert result.returncode == 0, result.stderr
+        assert [" ".join(step.split()[:2]) for step in stand_ins.steps()] == [
+            "apt-get -q",
+            "dpkg --configure",
+            "apt-get -q",
+            "apt-get -q",
+            "curl -fsSL",
+            "unzip -q",
+        ]
+
+
+class TestCheckOnlyWhenTheCliIsBakedIn:
+    """VOD_SR_SKIP_CLI_INSTALL=true: install_cli sends CHECK_CLI_SCRIPT instead of the install."""
+
+    def test_reports_the_version_and_installs_nothing(self, instance):
+        result = instance.run(CHECK_CLI_SCRIPT)
+
+        assert (result.returncode, result.stdout) == (0, "aws-cli/stub\n")
+        assert instance.calls() == [["aws", "--version"]]
+
+    def test_fails_clearly_when_the_ami_lacks_the_cli(self, tmp_path):
+        stand_ins = InstallStandIns(tmp_path, unzip_and_curl=True)
+
+        result = stand_ins.run(CHECK_CLI_SCRIPT)
+
+        assert result.returncode == 1
+        assert "no AWS CLI on this instance's PATH, and VOD_SR_SKIP_CLI_INSTALL=true" in result.stderr
+        assert stand_ins.steps() == []
+
+    @pytest.mark.parametrize(
+        ("value", "expected"),
+        [("", False), ("true", True), ("TRUE", True), ("1", True), ("yes", True), ("false", False), ("0", False)],
+    )
+    def test_the_setting(self, monkeypatch, value, expected):
+        monkeypatch.setenv("VOD_SR_SKIP_CLI_INSTALL", value)
+
+        assert Settings.from_env().skip_cli_install is expected
+
+    def test_a_value_that_is_not_true_or_false_is_refused(self, monkeypatch):
+        monkeypatch.setenv("VOD_SR_SKIP_CLI_INSTALL", "sometimes")
+
+        with pytest.raises(ValueError, match="VOD_SR_SKIP_CLI_INSTALL='sometimes' is not true or false"):
+            Settings.from_env()
 
 
 # Keys S3 accepts that the AWS CLI or bash could misread: the shared hostile keys, plus option lookalikes, the
