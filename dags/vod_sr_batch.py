@@ -143,7 +143,9 @@ def vod_sr_batch() -> None:
             delivery_timeout=SETTINGS.command_delivery_timeout,
             release_timeout=SETTINGS.instance_state_timeout,
             aws_conn_id=SETTINGS.aws_conn_id,
-            retries=0,  # a retry would start the same files again on the GPU
+            # A worker lost mid-task is retried: the retry re-attaches to the chunks SSM already has for this run
+            # and sends only the others (RunChunksOperator._reattach). Failed chunks fail it for good.
+            retries=2,
         )
 
         @task(trigger_rule="all_done")

@@ -142,6 +142,33 @@ class AirflowStack:
         self.replacements.append(replacement)
         return replacement.pid
 
+    def pid_with_connection(self, local_port: int) -> int | None:
+        """Pid of this stack's process holding a TCP connection from `local_port`, or None.
+
+        A server that received a request knows the client's port: this finds the process behind it, e.g. the task
+        process that is making a given AWS call, to kill it at exactly that point."""
+        import psutil
+
+        assert self.process is not None
+        for child in psutil.Process(self.process.pid).children(recursive=True):
+            try:
+                connections = child.net_connections(kind="tcp")
+            except psutil.Error:
+                continue
+            if any(connection.laddr and connection.laddr.port == local_port for connection in connections):
+                return child.pid
+        return None
+
+    @staticmethod
+    def is_alive(pid: int) -> bool:
+        """Whether `pid` still runs (a killed process its parent has not reaped yet does not)."""
+        import psutil
+
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
     def tail(self, lines: int = 60) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 

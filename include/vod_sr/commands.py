@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import enum
 import logging
+import re
 import time
 from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from botocore.config import Config
@@ -70,6 +72,8 @@ class Outcome(enum.Enum):
 PENDING_STATES = ("Pending", "InProgress", "Delayed")
 # Cancelling always ends in Cancelled: the command will not succeed, so stop waiting.
 FAILED_STATES = ("Cancelled", "Cancelling", "TimedOut", "Failed")
+# SSM's clock (RequestedDateTime) against S3's (a chunk list's LastModified, written just before its SendCommand).
+CLOCK_MARGIN = timedelta(minutes=10)
 
 
 def invocation_outcome(status: str | None) -> Outcome:
@@ -149,6 +153,34 @@ def send_command(
         Parameters={"commands": [as_run_shell_command(script_body)], "executionTimeout": [str(execution_timeout)]},
     )
     return response["Command"]["CommandId"]
+
+
+def sent_chunk_commands(ssm: Any, instance_id: str, run_token: str, since: datetime) -> dict[int, list[dict[str, Any]]]:
+    """SSM's own record of this run's chunk commands on `instance_id` sent after `since`: chunk index -> its commands
+    (ListCommands entries: CommandId, Status, RequestedDateTime, Parameters, TimeoutSeconds), oldest first.
+
+    This is what lets a retry of run_chunks re-attach instead of sending again. SSM writes the record when it accepts
+    the SendCommand, so it also holds a command whose caller never learned its id (its worker died, or the answer
+    was lost to a read timeout: SendCommand has no idempotency token, and botocore itself resends it after one).
+    A chunk's command is recognised by the first line of its script (`script.script_header`), not by its comment.
+    One paginated ListCommands, bounded by `since`.
+    """
+    header = re.compile(rf"# vod-sr run {re.escape(run_token)} chunk (\d+):")
+    found: dict[int, list[dict[str, Any]]] = {}
+    pages = ssm.get_paginator("list_commands").paginate(
+        InstanceId=instance_id,
+        Filters=[
+            {"key": "InvokedAfter", "value": (since.astimezone(UTC) - CLOCK_MARGIN).strftime("%Y-%m-%dT%H:%M:%SZ")}
+        ],
+    )
+    for page in pages:
+        for command in page.get("Commands", []):
+            match = header.search("\n".join(command.get("Parameters", {}).get("commands", [])))
+            if match is not None:
+                found.setdefault(int(match.group(1)), []).append(command)
+    for commands in found.values():
+        commands.sort(key=lambda command: command["RequestedDateTime"])
+    return found
 
 
 def get_invocation(ssm: Any, command_id: str, instance_id: str) -> dict[str, Any] | None:

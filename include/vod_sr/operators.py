@@ -77,7 +77,95 @@ class RunChunksOperator(BaseOperator):
         return aws_client("s3", self.aws_conn_id)
 
     def execute(self, context: Any) -> list[dict[str, Any]]:
-        return self._advance(context, [])
+        return self._advance(context, self._reattach())
+
+    def _reattach(self) -> list[dict[str, Any]]:
+        """What earlier tries of this task sent, read from SSM's own record, so that a retry re-attaches instead of
+        sending again (a worker can die between two sends, or after a SendCommand whose answer it never read).
+
+        A chunk whose command still runs is waited on again, with the bounds of its send; a chunk whose command ended
+        is not sent again (its outcome stands, its per-file results are in S3); only chunks never sent are sent. A
+        chunk that SSM holds twice (a SendCommand resent after its answer was lost) keeps its first command and the
+        other live ones are cancelled.
+
+        A chunk's file list is written to S3 just before its SendCommand, so a lane with none has sent nothing and
+        SSM is not asked (a first try costs one S3 listing); otherwise one ListCommands, bounded by the oldest list.
+        Chunks are sent in the lane's order, so what was sent is the first part of the lane's chunks.
+        """
+        from include.vod_sr.commands import sent_chunk_commands
+        from include.vod_sr.plan import existing_objects
+        from include.vod_sr.script import chunk_keys
+        from include.vod_sr.sources import S3Object
+
+        lane, chunks = self.lane, self.lane["chunks"]
+        bucket, token = lane["output_bucket"], lane["run_token"]
+        lists = existing_objects(self.s3, [S3Object(bucket, chunk_keys(token, chunk["index"])[0]) for chunk in chunks])
+        if not lists:
+            return []
+        found = sent_chunk_commands(
+            self.ssm, lane["instance_id"], token, min(item["LastModified"] for item in lists.values())
+        )
+        sent_count = next((n for n, chunk in enumerate(chunks) if chunk["index"] not in found), len(chunks))
+        out_of_order = [chunk["index"] for chunk in chunks[sent_count:] if chunk["index"] in found]
+        if out_of_order:
+            raise AirflowFailException(
+                f"SSM has commands of chunks {out_of_order} on {lane['instance_id']} but none of chunk "
+                f"{chunks[sent_count]['index']}, which is sent before them: not sending anything rather than guessing. "
+                "The run's teardown cancels this run's commands still running."
+            )
+        if found:
+            self.log.info(
+                "An earlier try sent chunks %s to %s: re-attaching to them instead of sending them again",
+                [chunk["index"] for chunk in chunks[:sent_count]],
+                lane["instance_id"],
+            )
+        return [self._reattached(chunk, found[chunk["index"]]) for chunk in chunks[:sent_count]]
+
+    def _reattached(self, chunk: Mapping[str, Any], commands: list[dict[str, Any]]) -> dict[str, Any]:
+        """The entry `_send` made for `chunk`, rebuilt from its commands in SSM's record (oldest first)."""
+        from include.vod_sr.commands import Outcome, cancel_commands, invocation_outcome
+
+        def live(command: Mapping[str, Any]) -> bool:
+            return invocation_outcome(command["Status"]) is Outcome.PENDING
+
+        kept = (
+            next((command for command in commands if command["Status"] == "Success"), None)
+            or next((command for command in commands if live(command)), None)
+            or commands[-1]
+        )
+        duplicates = [command for command in commands if command is not kept and live(command)]
+        if duplicates:
+            self.log.warning(
+                "Chunk %s is in SSM %s times (a SendCommand resent after its answer was lost): keeping command %s, "
+                "cancelling %s",
+                chunk["index"],
+                len(commands),
+                kept["CommandId"],
+                ", ".join(command["CommandId"] for command in duplicates),
+            )
+            cancel_commands(
+                self.ssm, [{"command_id": c["CommandId"], "instance_id": chunk["instance_id"]} for c in duplicates]
+            )
+        requested = kept["RequestedDateTime"].timestamp()
+        execution_timeout = int(kept["Parameters"].get("executionTimeout", [self.lane["execution_timeout"]])[0])
+        delivery_timeout = int(kept.get("TimeoutSeconds") or self.delivery_timeout)
+        entry = {
+            "chunk": chunk["index"],
+            "command_id": kept["CommandId"],
+            "instance_id": chunk["instance_id"],
+            "deadline": requested + execution_timeout + delivery_timeout,
+            "delivery_deadline": requested + delivery_timeout,
+            "outcome": None if live(kept) else invocation_outcome(kept["Status"]).value,
+            "transient_errors": 0,
+        }
+        if entry["outcome"] is None:
+            self.log.info(
+                "Chunk %s: waiting again for command %s (%s)", chunk["index"], kept["CommandId"], kept["Status"]
+            )
+        else:
+            self.log.info("Chunk %s ended in an earlier try (%s): not sending it again", chunk["index"], kept["Status"])
+            self._report_end(entry)
+        return entry
 
     def resume(self, context: Any, event: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         if (

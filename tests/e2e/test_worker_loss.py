@@ -1,0 +1,181 @@
+"""A worker lost while run_chunks sends its chunks (issue 8, point 9): the retry re-attaches and sends each chunk once.
+
+The real Airflow components (`airflow standalone`) run the DAG against the emulator, with their AWS calls going
+through a proxy that holds the SendCommand of chunk 1. While it is held, the test SIGKILLs the process that made it:
+the task process, found by the TCP connection it holds open to the proxy, so the kill falls exactly between the
+send of chunk 0 and the answer to the send of chunk 1. The proxy then lets the held request through: SSM accepts
+chunk 1's command, whose id the dead worker never learned (SendCommand has no idempotency token). Airflow retries
+run_chunks, whose retry must find chunk 0 (ended by then) and chunk 1 (still running: its one file takes a minute)
+in SSM's own record, wait for chunk 1 again, and send only chunk 2.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import signal
+import threading
+import urllib.parse
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+from include.local_aws.airflow_stack import AirflowStack
+from include.local_aws.world import OUTPUT_BUCKET, airflow_env, boto_client, make_sample_clip
+from include.vod_sr.plan import run_token
+
+pytestmark = [pytest.mark.e2e, pytest.mark.fullstack]
+DAG_ID = "vod_sr_batch"
+# ffmpeg's `realtime` filter makes each file take as long as it plays, at almost no CPU cost.
+REALTIME_MODEL = {
+    "title": "cpu 2x at the source's playing speed",
+    "video_filter": "realtime,scale=iw*2:ih*2:flags=lanczos",
+    "output_args": ["-c:v", "libx264", "-preset", "veryfast", "-c:a", "copy"],
+}
+SOURCES = ["lost/0.mp4", "lost/1-long.mp4", "lost/2.mp4"]
+CHUNK_HEADER = re.compile(r"# vod-sr run (\S+) chunk (\d+):")
+
+
+class HoldingProxy(ThreadingHTTPServer):
+    """An HTTP proxy in front of the emulator that holds the first request matching `hold` until `release` is set;
+    `held` is set, with the client's address in `held_from`, once the request is held."""
+
+    daemon_threads = True
+
+    def __init__(self, upstream: str, hold: re.Pattern[bytes]) -> None:
+        super().__init__(("127.0.0.1", 0), _Forward)
+        parsed = urllib.parse.urlsplit(upstream)
+        self.upstream = (parsed.hostname, parsed.port)
+        self.hold = hold
+        self.held, self.release = threading.Event(), threading.Event()
+        self.held_from: tuple[str, int] | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def should_hold(self, body: bytes, client: tuple[str, int]) -> bool:
+        with self._lock:
+            if self.held.is_set() or not self.hold.search(body):
+                return False
+            self.held_from = client
+            self.held.set()
+            return True
+
+
+class _Forward(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: HoldingProxy
+
+    def log_message(self, format: str, *args: Any) -> None:  # quiet: the test asserts, not the proxy
+        pass
+
+    def _body(self) -> bytes:
+        if "chunked" in self.headers.get("Transfer-Encoding", ""):
+            parts = []
+            while size := int(self.rfile.readline().split(b";")[0], 16):
+                parts.append(self.rfile.read(size))
+                self.rfile.readline()
+            self.rfile.readline()
+            return b"".join(parts)
+        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+    def _forward(self) -> None:
+        body = self._body()
+        if self.server.should_hold(body, self.client_address):
+            self.server.release.wait(timeout=600)
+        upstream = http.client.HTTPConnection(*self.server.upstream, timeout=120)
+        skip = {"connection", "keep-alive", "transfer-encoding", "content-length"}
+        headers = {name: value for name, value in self.headers.items() if name.lower() not in skip}
+        headers["Content-Length"] = str(len(body))
+        upstream.request(self.command, self.path, body=body, headers=headers)
+        response = upstream.getresponse()
+        data = response.read()
+        upstream.close()
+        try:
+            self.send_response_only(response.status, response.reason)
+            for name, value in response.getheaders():
+                if name.lower() not in ("connection", "keep-alive", "transfer-encoding", "content-length"):
+                    self.send_header(name, value)
+            length = response.getheader("Content-Length") if self.command == "HEAD" else None
+            self.send_header("Content-Length", length or str(len(data)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(data)
+        except OSError:  # the client is gone (the killed task process)
+            self.close_connection = True
+
+    do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
+
+
+@pytest.fixture
+def proxy(world) -> Iterator[HoldingProxy]:
+    server = HoldingProxy(world.emulator.endpoint_url, re.compile(rb"# vod-sr run [0-9a-f]+ chunk 1:"))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.release.set()
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def airflow(world, proxy, tmp_path) -> Iterator[AirflowStack]:
+    env = {
+        **os.environ,
+        **airflow_env(proxy.url, world.instance_id),  # Airflow's AWS calls go through the proxy
+        "AIRFLOW_VAR_VOD_SR_MODELS": json.dumps({"rt": REALTIME_MODEL}),
+    }
+    stack = AirflowStack(tmp_path / "airflow-home", env).start()
+    yield stack
+    stack.stop()
+
+
+def chunk_commands(world, run_token: str) -> dict[int, list[dict[str, Any]]]:
+    ssm = boto_client("ssm", world.emulator.endpoint_url)
+    found: dict[int, list[dict[str, Any]]] = {}
+    for command in ssm.list_commands(InstanceId=world.instance_id)["Commands"]:
+        header = CHUNK_HEADER.search("\n".join(command["Parameters"]["commands"]))
+        if header and header.group(1) == run_token:
+            found.setdefault(int(header.group(2)), []).append(command)
+    return found
+
+
+def test_a_worker_killed_between_two_sends_is_retried_and_every_chunk_is_sent_once(airflow, proxy, world, tmp_path):
+    short, long = (make_sample_clip(tmp_path / f"{n}.mp4", seconds=n, size="320x240") for n in (2, 60))
+    for key in SOURCES:
+        world.upload(key, long if "long" in key else short)
+    run_id = airflow.trigger({"sources": SOURCES, "custom_model": "rt", "chunk_size": 1})
+
+    assert proxy.held.wait(timeout=300), "run_chunks never sent chunk 1\n" + airflow.tail()
+    task_process = airflow.pid_with_connection(proxy.held_from[1])
+    assert task_process is not None, "no process of the stack holds the held SendCommand's connection"
+    os.kill(task_process, signal.SIGKILL)  # the worker dies while chunk 1's SendCommand is on the wire
+    airflow.wait_until(lambda: not airflow.is_alive(task_process), 30, "the task process survived SIGKILL")
+    proxy.release.set()  # ... and SSM accepts it all the same
+
+    assert airflow.wait_for_run(run_id, 480) == "success", airflow.task_states(run_id)
+    run_chunks = airflow.api("GET", f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/lane.run_chunks/0")
+    assert run_chunks["try_number"] == 2  # the kill failed the first try; the retry finished the lane
+    commands = chunk_commands(world, run_token(DAG_ID, run_id))
+    assert {chunk: [c["Status"] for c in sent] for chunk, sent in commands.items()} == {
+        0: ["Success"],
+        1: ["Success"],
+        2: ["Success"],
+    }
+    # Every SendCommand the emulator served made one of the instance's commands: none was sent twice or unseen.
+    ssm = boto_client("ssm", world.emulator.endpoint_url)
+    all_commands = ssm.list_commands(InstanceId=world.instance_id)["Commands"]
+    assert sum(call["action"] == "SendCommand" for call in world.emulator.calls()) == len(all_commands) == 3 + 1
+    for key in SOURCES:
+        stem = key.rsplit(".", 1)[0]
+        assert world.s3.head_object(Bucket=OUTPUT_BUCKET, Key=f"{stem}_sr_rt.mp4")["ContentLength"] > 0
+    retry_log = (
+        airflow.home / "logs" / f"dag_id={DAG_ID}" / f"run_id={run_id}" / "task_id=lane.run_chunks" / "map_index=0"
+    ) / "attempt=2.log"
+    assert "re-attaching to them instead of sending them again" in retry_log.read_text()
