@@ -101,14 +101,22 @@ def vod_sr_batch() -> None:
 
         @task.sensor(poke_interval=SETTINGS.poll_interval, timeout=SETTINGS.agent_online_timeout, mode="reschedule")
         def wait_for_agent(acquired: dict[str, str]) -> PokeReturnValue:
-            """Done when EC2 reports running and the SSM agent reports Online."""
-            from include.vod_sr.aws import aws_client
-            from include.vod_sr.instance import is_ready, refresh_lease
+            """Done when EC2 reports running and the SSM agent reports Online. An instance stopped under this run
+            (another run's release) is started again, within this wait's bound."""
+            from airflow.sdk.exceptions import AirflowFailException
 
+            from include.vod_sr.aws import aws_client
+            from include.vod_sr.instance import InstanceUnusable, is_ready, refresh_lease
+
+            instance_id, lease_id = acquired["instance_id"], acquired["lease_id"]
+            holder = get_current_context()["run_id"]
             ec2, ssm = aws_client("ec2", SETTINGS.aws_conn_id), aws_client("ssm", SETTINGS.aws_conn_id)
-            ready = is_ready(ec2, ssm, acquired["instance_id"])
+            try:
+                ready = is_ready(ec2, ssm, instance_id, lease_id=lease_id, holder=holder)
+            except InstanceUnusable as error:
+                raise AirflowFailException(str(error)) from None
             if ready:
-                refresh_lease(ec2, acquired["instance_id"], acquired["lease_id"], get_current_context()["run_id"])
+                refresh_lease(ec2, instance_id, lease_id, holder)
             return PokeReturnValue(is_done=ready, xcom_value=acquired)
 
         @task
@@ -171,32 +179,42 @@ def vod_sr_batch() -> None:
 
         @task
         def release(acquired: dict[str, str], lane: dict[str, Any]) -> str:
-            """Drop this run's lease; stop the instance unless another run or command still uses it."""
+            """Drop this run's lease; stop the instance unless another vod-sr run's lease or command still uses it.
+            The outcome goes to XCom "release" for the report, which says when and why an instance was left up."""
             from include.vod_sr.aws import aws_client
+            from include.vod_sr.instance import RELEASE_XCOM_KEY
             from include.vod_sr.instance import release as release_instance
 
-            outcome = release_instance(
-                aws_client("ec2", SETTINGS.aws_conn_id),
-                aws_client("ssm", SETTINGS.aws_conn_id),
-                acquired["instance_id"],
-                acquired["lease_id"],
-                stop=lane["stop_when_done"],
-                timeout=SETTINGS.instance_state_timeout,
-                poll_interval=SETTINGS.poll_interval,
-            )
-            print(f"Instance {acquired['instance_id']}: {outcome}")
+            instance_id, ti = acquired["instance_id"], get_current_context()["ti"]
+            try:
+                outcome = release_instance(
+                    aws_client("ec2", SETTINGS.aws_conn_id),
+                    aws_client("ssm", SETTINGS.aws_conn_id),
+                    instance_id,
+                    acquired["lease_id"],
+                    stop=lane["stop_when_done"],
+                    timeout=SETTINGS.instance_state_timeout,
+                    poll_interval=SETTINGS.poll_interval,
+                )
+            except Exception as error:
+                outcome = f"not released, it may still be running: {type(error).__name__}: {error}"
+                ti.xcom_push(key=RELEASE_XCOM_KEY, value={"instance_id": instance_id, "outcome": outcome})
+                raise
+            print(f"Instance {instance_id}: {outcome}")
+            ti.xcom_push(key=RELEASE_XCOM_KEY, value={"instance_id": instance_id, "outcome": outcome})
             return outcome
 
         acquired = acquire(lane)
         install_cli(wait_for_agent(acquired)) >> run_chunks
         # The instance is released as soon as its commands end; verify needs only S3 and runs beside the stop.
-        # Verify stays outside the setup's scope so it still reports a lane whose instance never started, and
-        # nothing depends on the teardown: with on_failure_fail_dagrun a teardown downstream of the report would be
-        # the only task deciding the run's state, and a failed report would end in a successful run.
-        run_chunks >> release(acquired, lane).as_teardown(setups=acquired, on_failure_fail_dagrun=True)
+        # Verify stays outside the setup's scope so it still reports a lane whose instance never started. The
+        # teardown is never downstream of the report: with on_failure_fail_dagrun it would then be the only task
+        # deciding the run's state, and a failed report would end in a successful run. The report follows it.
+        released = release(acquired, lane).as_teardown(setups=acquired, on_failure_fail_dagrun=True)
+        run_chunks >> released
         verified = verify(lane)
         run_chunks >> verified
-        return verified
+        return {"verified": verified, "released": released}
 
     @task(trigger_rule="all_done", retries=0)
     def report(
@@ -209,6 +227,7 @@ def vod_sr_batch() -> None:
         from airflow.sdk.exceptions import AirflowFailException
 
         from include.vod_sr.aws import aws_client
+        from include.vod_sr.instance import RELEASE_XCOM_KEY
         from include.vod_sr.operators import TRANSIENT_ERRORS_XCOM_KEY
         from include.vod_sr.plan import Chunk, FileJob
         from include.vod_sr.report import (
@@ -232,6 +251,7 @@ def vod_sr_batch() -> None:
             transient_aws_errors=per_lane(
                 context["ti"].xcom_pull(task_ids="lane.run_chunks", key=TRANSIENT_ERRORS_XCOM_KEY)
             ),
+            released=per_lane(context["ti"].xcom_pull(task_ids="lane.release", key=RELEASE_XCOM_KEY)),
             dag_id=context["dag"].dag_id,
             ui_base_url=conf.get("api", "base_url", fallback="") or "",
         )
@@ -245,7 +265,10 @@ def vod_sr_batch() -> None:
         return result["counts"]
 
     planned = plan()
-    report(planned["summary"], planned, lane.expand(lane=planned))
+    lanes = lane.expand(lane=planned)
+    # The report says which instances were left running and why, so it waits for each lane's release (a teardown
+    # upstream of the report, never downstream: the report alone decides the run's state).
+    lanes["released"] >> report(planned["summary"], planned, lanes["verified"])
 
 
 vod_sr_batch()

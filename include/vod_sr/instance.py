@@ -24,6 +24,11 @@ LEASE_TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 # install, every chunk sent), and no step outlasts one command, so a lease not refreshed for this long is abandoned.
 LEASE_TTL = timedelta(hours=49)
 LIVE_COMMAND_STATES = ("Pending", "InProgress", "Delayed", "Cancelling")
+COMMAND_COMMENT_PREFIX = "vod-sr "
+RELEASE_XCOM_KEY = "release"  # the release task's {"instance_id", "outcome"}, read by the report
+STOPPED_OUTCOMES = ("stopped", "stopping", "already stopped", "already terminated")
+# SSM delivers a command to an Online agent within seconds; one Pending this long is not going anywhere soon.
+STUCK_PENDING_AFTER = timedelta(minutes=10)
 
 
 class InstanceUnusable(RuntimeError):
@@ -89,15 +94,20 @@ def ensure_started(ec2: Any, instance_id: str, *, timeout: int, poll_interval: i
         )
         action = Action.START
     if action is Action.START:
-        try:
-            ec2.start_instances(InstanceIds=[instance_id])
-        except ClientError as error:
-            if error.response["Error"]["Code"] == "InsufficientInstanceCapacity":
-                raise InstanceCapacityError(
-                    f"EC2 has no capacity to start {instance_id}: {error.response['Error'].get('Message', '')}"
-                ) from error
-            raise
+        start_instance(ec2, instance_id)
     return found
+
+
+def start_instance(ec2: Any, instance_id: str) -> None:
+    """StartInstances; EC2's capacity error becomes InstanceCapacityError (worth retrying later)."""
+    try:
+        ec2.start_instances(InstanceIds=[instance_id])
+    except ClientError as error:
+        if error.response["Error"]["Code"] == "InsufficientInstanceCapacity":
+            raise InstanceCapacityError(
+                f"EC2 has no capacity to start {instance_id}: {error.response['Error'].get('Message', '')}"
+            ) from error
+        raise
 
 
 def agent_online(ssm: Any, instance_id: str) -> bool:
@@ -109,12 +119,40 @@ def agent_online(ssm: Any, instance_id: str) -> bool:
     )
 
 
-def is_ready(ec2: Any, ssm: Any, instance_id: str) -> bool:
-    """True once the instance runs and its SSM agent is Online; raises if it can no longer get there."""
+def is_ready(ec2: Any, ssm: Any, instance_id: str, *, lease_id: str, holder: str) -> bool:
+    """One look for the readiness wait: True once EC2 says running and the SSM agent is Online.
+
+    The run holds a lease on the instance, so finding it stopping or stopped is not the end: another run's release
+    can stop it just after this run's acquire saw it running (that run saw no lease yet). Then the instance is
+    started again once stopped (re-taking the lease first, in case it was dropped) and the wait goes on, within the
+    sensor's bound. Raises InstanceUnusable when the instance can no longer get there (terminated).
+    """
     state = instance_state(ec2, instance_id)
-    if state in ("stopping", "stopped", "shutting-down", "terminated"):
-        raise InstanceUnusable(f"instance {instance_id} went {state} while waiting for it to become ready")
-    return state == "running" and agent_online(ssm, instance_id)
+    match state:
+        case "running":
+            return agent_online(ssm, instance_id)
+        case "pending":
+            return False
+        case "stopping":
+            log.warning(
+                "Instance %s is stopping under this run, which holds lease %s (another run's release, or someone, "
+                "stopped it): it is started again once stopped",
+                instance_id,
+                lease_id,
+            )
+            return False
+        case "stopped":
+            log.warning(
+                "Instance %s was stopped under this run, which holds lease %s: starting it again", instance_id, lease_id
+            )
+            refresh_lease(ec2, instance_id, lease_id, holder)
+            try:
+                start_instance(ec2, instance_id)
+            except InstanceCapacityError as error:
+                log.warning("%s; trying again at the next check", error)
+            return False
+        case _:
+            raise InstanceUnusable(f"instance {instance_id} went {state} while waiting for it to become ready")
 
 
 def lease_tag_key(lease_id: str) -> str:
@@ -240,7 +278,39 @@ def live_commands(ssm: Any, instance_id: str, *, now: datetime | None = None) ->
 
 def command_comment(lease_id: str, what: str) -> str:
     """The SendCommand comment for this run's commands: it names the run so its teardown can find them."""
-    return f"vod-sr {lease_id} {what}"
+    return f"{COMMAND_COMMENT_PREFIX}{lease_id} {what}"
+
+
+def keeping_commands(commands: list[dict[str, Any]], *, now: datetime | None = None) -> list[dict[str, Any]]:
+    """Of other runs' live commands, those that keep the instance up at release: only vod-sr's own, executing or
+    just sent. A foreign command (patching, State Manager, someone's shell) and one Pending or Delayed for longer
+    than STUCK_PENDING_AFTER do not: otherwise the instance would run on, unseen, while the run reports success.
+    The stop ends them."""
+    now = now or datetime.now(UTC)
+    keepers = []
+    for command in commands:
+        what = f"{command['CommandId']} ({command.get('DocumentName', '?')}, {command.get('Comment', '')!r})"
+        if not command.get("Comment", "").startswith(COMMAND_COMMENT_PREFIX):
+            log.warning("Not vod-sr's, so it does not keep the instance up (the stop ends it): command %s", what)
+        elif command.get("Status") == "Cancelling":
+            continue  # being cancelled: it ends anyway
+        elif command.get("Status") in ("Pending", "Delayed") and _waiting_for(command, now) > STUCK_PENDING_AFTER:
+            log.warning(
+                "Stuck %s for %s, so it does not keep the instance up (the stop ends it): command %s",
+                command.get("Status"),
+                _age(_waiting_for(command, now)),
+                what,
+            )
+        else:
+            keepers.append(command)
+    return keepers
+
+
+def _waiting_for(command: dict[str, Any], now: datetime) -> timedelta:
+    requested = command.get("RequestedDateTime")
+    if not isinstance(requested, datetime):
+        return timedelta(0)  # unknown: count it as just sent
+    return now - (requested if requested.tzinfo else requested.replace(tzinfo=UTC))
 
 
 def release(
@@ -277,9 +347,11 @@ def release(
         why = "; ".join(lease.describe(now) for lease in other_leases)
         log.info("Instance %s stays up for another run: %s", instance_id, why)
         return _left_running(f"left running: {why}", cancel_errors)
-    other_commands = [c["CommandId"] for c in commands if c not in ours]
-    if other_commands:
-        return _left_running(f"left running: SSM commands still live: {', '.join(other_commands)}", cancel_errors)
+    keepers = keeping_commands([c for c in commands if c not in ours], now=now)
+    if keepers:
+        why = "; ".join(f"{c['CommandId']} ({c.get('Comment', '')}, {c.get('Status')})" for c in keepers)
+        log.info("Instance %s stays up for another vod-sr run's command(s): %s", instance_id, why)
+        return _left_running(f"left running: another vod-sr run's command(s) still live: {why}", cancel_errors)
     state = instance_state(ec2, instance_id)
     if state in ("stopped", "terminated"):
         return f"already {state}"

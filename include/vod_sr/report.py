@@ -7,6 +7,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from include.vod_sr.instance import STOPPED_OUTCOMES
 from include.vod_sr.links import prefilled_trigger_link
 from include.vod_sr.plan import FileJob
 from include.vod_sr.verify import file_record, media_summary
@@ -37,6 +38,7 @@ def build_report(
     verified: Iterable[Iterable[Mapping[str, Any]]],
     skipped: Iterable[FileJob],
     transient_aws_errors: Iterable[int | None] | None = None,
+    released: Iterable[Mapping[str, str]] | None = None,
     dag_id: str = "",
     ui_base_url: str = "",
 ) -> dict[str, Any]:
@@ -45,6 +47,8 @@ def build_report(
 
     `transient_aws_errors`: each lane's count of throttling/5xx/connection errors that outlasted the client's retries
     (run_chunks' XCom `transient_aws_errors`); each was retried, and a count above zero says AWS was struggling.
+    `released`: each lane's release outcome (`{"instance_id", "outcome"}`); those that did not stop the instance are
+    listed under `instances_left_running` with the reason.
     `dag_id` and `ui_base_url` (the Airflow UI's base URL, may be empty): for the one-click re-run link.
     """
     records = {record["index"]: dict(record) for lane in verified for record in lane}
@@ -69,6 +73,10 @@ def build_report(
     }
     if transient_aws_errors is not None:
         report["transient_aws_errors"] = sum(count or 0 for count in transient_aws_errors)
+    if released is not None:
+        report["instances_left_running"] = {
+            r["instance_id"]: r["outcome"] for r in released if r["outcome"] not in STOPPED_OUTCOMES
+        }
     return report
 
 
@@ -92,6 +100,7 @@ def format_table(report: Mapping[str, Any]) -> str:
     ]
     if report.get("transient_aws_errors") is not None:
         lines.append(f"transient AWS errors: {report['transient_aws_errors']}")
+    lines += [f"instance {i} {why}" for i, why in (report.get("instances_left_running") or {}).items()]
     return "\n".join(lines)
 
 

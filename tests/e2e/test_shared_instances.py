@@ -112,3 +112,91 @@ class TestLeases:
         # Refreshed while the run works: a CreateTags after chunks were already sent (3 chunks, 2 in flight).
         sends = [call["time"] for call in calls(world, "SendCommand")]
         assert any(call["time"] > sends[1] for call in calls(world, "CreateTags")), "lease never refreshed mid-run"
+
+
+def start_and_wait_online(world) -> None:
+    """Start the world's instance as another run would have, and wait until its agent is Online."""
+    from include.local_aws.world import boto_client
+
+    ssm = boto_client("ssm", world.emulator.endpoint_url)
+    world.ec2.start_instances(InstanceIds=[world.instance_id])
+    deadline = time.monotonic() + 60
+    while not any(
+        item["PingStatus"] == "Online"
+        for item in ssm.describe_instance_information(Filters=[{"Key": "InstanceIds", "Values": [world.instance_id]}])[
+            "InstanceInformationList"
+        ]
+    ):
+        assert time.monotonic() < deadline, "the agent never came Online"
+        time.sleep(0.2)
+
+
+class TestStopRaces:
+    """Point 5: an instance stopped under a run is started again; only vod-sr's commands keep it up; the report
+    says when and why an instance was left running."""
+
+    def test_run_b_starts_its_instance_again_after_run_a_stopped_it_under_b_and_finishes(
+        self, world, short_clip, caplog, capfd
+    ):
+        keys = upload(world, short_clip, 1)
+        # Slow registration, so B is still waiting for the agent when A's stop lands.
+        world.emulator.set_faults({"instances": {world.instance_id: {"agent_registration_seconds": 4}}})
+        world.ec2.start_instances(InstanceIds=[world.instance_id])  # still running for run A
+        world.emulator.reset_calls()
+
+        def b_acquired_a_running_instance() -> bool:
+            actions = [call["action"] for call in world.emulator.calls()]
+            leased = "CreateTags" in actions and "DescribeInstances" in actions[actions.index("CreateTags") :]
+            return leased and world.instance_state() == "running"
+
+        # Run A's release saw no other lease a moment ago: it stops the instance right after B's acquire saw it up.
+        run_a = in_background(
+            b_acquired_a_running_instance, lambda: world.ec2.stop_instances(InstanceIds=[world.instance_id])
+        )
+        run = world.run(sources=keys)
+        run_a.join(timeout=1)
+
+        assert run.state == "success", run.task_states
+        # A's stop, then B's own at the end; one start, B's, once A's stop had landed (its acquire found it running).
+        assert len(calls(world, "StopInstances")) >= 2
+        assert len(calls(world, "StartInstances")) == 1
+        assert stored_report(world)["counts"] == {"ok": 1}
+        log = task_log(caplog, capfd)
+        assert "was stopped under this run, which holds lease" in log or "is stopping under this run" in log
+        assert world.instance_state() == "stopped"
+
+    def test_a_foreign_live_command_does_not_keep_the_instance_running(self, world, short_clip, caplog, capfd):
+        from include.local_aws.world import boto_client
+
+        keys = upload(world, short_clip, 1)
+        start_and_wait_online(world)
+        ssm = boto_client("ssm", world.emulator.endpoint_url)
+        patching = ssm.send_command(
+            InstanceIds=[world.instance_id],
+            DocumentName="AWS-RunShellScript",
+            Comment="Patch Manager: AWS-RunPatchBaseline",
+            Parameters={"commands": ["sleep 600"]},
+        )["Command"]["CommandId"]
+
+        run = world.run(sources=keys)
+
+        assert run.state == "success", run.task_states
+        assert world.instance_state() == "stopped"
+        assert stored_report(world)["instances_left_running"] == {}
+        invocation = ssm.get_command_invocation(CommandId=patching, InstanceId=world.instance_id)
+        assert (invocation["Status"], invocation["StatusDetails"]) == ("Failed", "Terminated")  # ended by the stop
+        assert f"Not vod-sr's, so it does not keep the instance up (the stop ends it): command {patching}" in (
+            task_log(caplog, capfd)
+        )
+
+    def test_the_report_says_when_and_why_an_instance_was_left_running(self, world, short_clip, caplog, capfd):
+        keys = upload(world, short_clip, 1)
+
+        run = world.run(sources=keys, stop_when_done=False)
+
+        assert run.state == "success", run.task_states
+        assert world.instance_state() == "running"
+        reason = "left running (stop_when_done is off)"
+        assert stored_report(world)["instances_left_running"] == {world.instance_id: reason}
+        assert f"instance {world.instance_id} {reason}" in task_log(caplog, capfd)  # the report's table
+        world.ec2.stop_instances(InstanceIds=[world.instance_id])

@@ -151,22 +151,84 @@ class TestEnsureStarted:
             ensure_started(ec2, instance_id, timeout=10, poll_interval=1)
 
 
+def ready(ec2, ssm, instance_id: str) -> bool:
+    return is_ready(ec2, ssm, instance_id, lease_id="run-b", holder="manual__b")
+
+
+def report_state(ec2, name: str, times: int = 1) -> None:
+    """Make DescribeInstances report `name` for the next `times` calls (moto flips states instantly)."""
+    states = iter([name] * times)
+
+    def rewrite(parsed, **_):
+        if (state := next(states, None)) is not None:
+            parsed["Reservations"][0]["Instances"][0]["State"]["Name"] = state
+
+    ec2.meta.events.register("after-call.ec2.DescribeInstances", rewrite)
+
+
+def ec2_calls(ec2) -> list[str]:
+    calls: list[str] = []
+    ec2.meta.events.register("before-call.ec2", lambda model, **_: calls.append(model.name))
+    return calls
+
+
 class TestReadiness:
     def test_running_is_not_ready_until_the_agent_is_online(self, ec2):
         instance_id = new_instance(ec2)
 
-        assert not is_ready(ec2, StubSsm({}), instance_id)
-        assert not is_ready(ec2, StubSsm({instance_id: "ConnectionLost"}), instance_id)
-        assert is_ready(ec2, StubSsm({instance_id: "Online"}), instance_id)
-
-    def test_instance_stopped_while_waiting_is_an_error(self, ec2):
-        instance_id = new_instance(ec2, "stopped")
-
-        with pytest.raises(InstanceUnusable, match="went stopped while waiting"):
-            is_ready(ec2, StubSsm({instance_id: "Online"}), instance_id)
+        assert not ready(ec2, StubSsm({}), instance_id)
+        assert not ready(ec2, StubSsm({instance_id: "ConnectionLost"}), instance_id)
+        assert ready(ec2, StubSsm({instance_id: "Online"}), instance_id)
 
     def test_other_instances_being_online_does_not_count(self):
         assert not agent_online(StubSsm({"i-other": "Online"}), "i-mine")
+
+    @pytest.mark.parametrize("state", ["terminated", "shutting-down"])
+    def test_an_instance_going_away_is_an_error(self, ec2, state):
+        instance_id = new_instance(ec2)
+        report_state(ec2, state)
+
+        with pytest.raises(InstanceUnusable, match=f"went {state} while waiting"):
+            ready(ec2, StubSsm({instance_id: "Online"}), instance_id)
+
+
+class TestStoppedUnderTheRun:
+    """Another run's release stopped the instance just after this run's acquire saw it running (issue 8, point 5)."""
+
+    def test_a_stopped_instance_is_started_again_under_the_runs_lease(self, ec2, caplog):
+        instance_id = new_instance(ec2, "stopped")
+        calls = ec2_calls(ec2)
+
+        assert not ready(ec2, StubSsm({instance_id: "Online"}), instance_id)
+
+        assert "StartInstances" in calls
+        assert instance_state(ec2, instance_id) in ("pending", "running")
+        assert live_leases(ec2, instance_id) == {"run-b": "manual__b"}  # re-taken in case it was dropped
+        assert "was stopped under this run, which holds lease run-b: starting it again" in caplog.text
+
+    def test_a_stopping_instance_is_waited_for_not_started_yet(self, ec2, caplog):
+        instance_id = new_instance(ec2)
+        report_state(ec2, "stopping")
+        calls = ec2_calls(ec2)
+
+        assert not ready(ec2, StubSsm({instance_id: "Online"}), instance_id)
+
+        assert "StartInstances" not in calls  # EC2 refuses to start a stopping instance
+        assert "is stopping under this run, which holds lease run-b" in caplog.text
+
+    def test_no_capacity_for_the_restart_is_tried_again_at_the_next_check(self, ec2, caplog):
+        instance_id = new_instance(ec2, "stopped")
+
+        def no_capacity(**_):
+            raise ClientError(
+                {"Error": {"Code": "InsufficientInstanceCapacity", "Message": "no g6e.xlarge capacity"}},
+                "StartInstances",
+            )
+
+        ec2.meta.events.register("before-call.ec2.StartInstances", no_capacity)
+
+        assert not ready(ec2, StubSsm({instance_id: "Online"}), instance_id)
+        assert "no g6e.xlarge capacity; trying again at the next check" in caplog.text
 
 
 class TestLeasesAndRelease:
@@ -207,7 +269,9 @@ class TestLeasesAndRelease:
 
         outcome = release(ec2, ssm, instance_id, "run-a", stop=True, timeout=10, poll_interval=1)
 
-        assert outcome == "left running: SSM commands still live: c-1"
+        assert outcome == (
+            "left running: another vod-sr run's command(s) still live: c-1 (vod-sr run-b chunk 0 (1 files), InProgress)"
+        )
         assert instance_state(ec2, instance_id) == "running"
         assert ssm.cancelled == []  # another run's command is not ours to cancel
 
@@ -363,6 +427,53 @@ def live_command(instance_id: str, command_id: str, run: str, status: str = "InP
     }
 
 
+class TestOnlyVodSrCommandsKeepTheInstanceUp:
+    """A foreign command or a stuck Pending one must not leave the instance running (issue 8, point 5)."""
+
+    def test_a_foreign_live_command_does_not_keep_the_instance_up(self, ec2, caplog):
+        instance_id = new_instance(ec2)
+        patching = {
+            "CommandId": "c-patch",
+            "InstanceIds": [instance_id],
+            "Status": "InProgress",
+            "DocumentName": "AWS-RunPatchBaseline",
+            "Comment": "",
+        }
+
+        outcome = release(
+            ec2, StubSsm(commands=[patching]), instance_id, "run-a", stop=True, timeout=10, poll_interval=1
+        )
+
+        assert outcome == "stopped"
+        assert "Not vod-sr's, so it does not keep the instance up (the stop ends it): command c-patch" in caplog.text
+
+    def test_a_stuck_pending_vod_sr_command_does_not_keep_the_instance_up(self, ec2, caplog):
+        instance_id = new_instance(ec2)
+        stuck = {
+            **live_command(instance_id, "c-stuck", "run-b", status="Pending"),
+            "RequestedDateTime": datetime.now(UTC) - timedelta(minutes=40),
+        }
+
+        outcome = release(ec2, StubSsm(commands=[stuck]), instance_id, "run-a", stop=True, timeout=10, poll_interval=1)
+
+        assert outcome == "stopped"
+        assert "Stuck Pending for 40 min" in caplog.text
+
+    def test_a_vod_sr_command_just_sent_keeps_the_instance_up(self, ec2):
+        instance_id = new_instance(ec2)
+        just_sent = {
+            **live_command(instance_id, "c-new", "run-b", status="Pending"),
+            "RequestedDateTime": datetime.now(UTC) - timedelta(seconds=20),
+        }
+
+        outcome = release(
+            ec2, StubSsm(commands=[just_sent]), instance_id, "run-a", stop=True, timeout=10, poll_interval=1
+        )
+
+        assert outcome.startswith("left running: another vod-sr run's command(s) still live: c-new")
+        assert instance_state(ec2, instance_id) == "running"
+
+
 class TestReleaseCancelsOrphans:
     """This run's live commands are cancelled first, whatever else release decides (issue 8, point 3)."""
 
@@ -396,7 +507,8 @@ class TestReleaseCancelsOrphans:
 
         outcome = release(ec2, ssm, instance_id, "run-a", stop=True, timeout=10, poll_interval=1)
 
-        assert (ssm.cancelled, outcome) == ([], "left running: SSM commands still live: c-other")
+        assert ssm.cancelled == []
+        assert outcome.startswith("left running: another vod-sr run's command(s) still live: c-other")
 
     def test_a_failing_cancel_does_not_stop_the_other_cancels_and_fails_when_the_instance_stays_up(self, ec2):
         instance_id = new_instance(ec2)
