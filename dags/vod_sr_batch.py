@@ -141,6 +141,9 @@ def vod_sr_batch() -> None:
                 timeout=SETTINGS.install_cli_timeout,
                 poll_interval=SETTINGS.poll_interval,
                 delivery_timeout=SETTINGS.command_delivery_timeout,
+                # SSM stores the whole output there; a failure shows its true end and the link (commands.py)
+                output_bucket=get_current_context()["params"]["output_bucket"],
+                s3=aws_client("s3", SETTINGS.aws_conn_id),
             )
             print(invocation["StandardOutputContent"])
 

@@ -64,3 +64,41 @@ def test_compose_file_defines_every_airflow_component():
     assert {"airflow-scheduler", "airflow-dag-processor", "airflow-triggerer", "airflow-apiserver"} <= set(
         compose["services"]
     )
+
+
+def test_the_instance_writes_the_whole_output_of_commands_and_airflow_reads_it():
+    # SendCommand names an output bucket (commands.send_command): SSM's agent writes each command's whole stdout and
+    # stderr there with the instance role, and Airflow reads their ends when a command fails.
+    from include.local_aws.ssm_agent import ssm_output_key
+    from include.vod_sr.commands import ssm_output_prefix
+
+    key = ssm_output_key(
+        ssm_output_prefix("0123456789abcdef"), "11111111-2222-3333-4444-555555555555", "i-0123456789abcdef0", "stderr"
+    )
+    resource = f"arn:aws:s3:::OUTPUT_BUCKET/{key}"
+
+    assert allows("instance-role-policy.json", "s3:PutObject", resource)
+    assert allows("airflow-principal-policy.json", "s3:GetObject", resource)
+
+
+def allows(name: str, action: str, resource: str) -> bool:
+    """Whether an Allow statement of the policy names `action` and a Resource pattern (IAM's `*` and `?`) matching
+    `resource`; these files have no Deny."""
+    import re
+
+    def matches(pattern: str) -> bool:
+        return (
+            re.fullmatch("".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern), resource)
+            is not None
+        )
+
+    policy = json.loads((REPO_ROOT / "iam" / name).read_text())
+    return any(
+        statement["Effect"] == "Allow"
+        and action in ([statement["Action"]] if isinstance(statement["Action"], str) else statement["Action"])
+        and any(
+            matches(r)
+            for r in ([statement["Resource"]] if isinstance(statement["Resource"], str) else statement["Resource"])
+        )
+        for statement in policy["Statement"]
+    )

@@ -5,11 +5,17 @@ moto marks every command "Success" at once without running it. Here `AWS-RunShel
 code, stdout and stderr, `executionTimeout` enforced, cancellation, and delivery only while the instance's agent
 is Online. The `aws` CLI inside the scripts reaches the emulator through the environment the agent sets, the way
 an instance profile gives the real CLI its credentials: nothing is put into the script.
+
+When SendCommand names `OutputS3BucketName`, the agent copies each invocation's whole stdout and stderr there when it
+ends, at the real agent's key layout (`ssm_output_key`), and GetCommandInvocation gives their addresses in
+`StandardOutputUrl` / `StandardErrorUrl`; its `StandardOutputContent` / `StandardErrorContent` stay truncated.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import posixpath
 import signal
 import subprocess
 import threading
@@ -27,6 +33,18 @@ STDOUT_LIMIT = 24_000  # GetCommandInvocation's limits
 STDERR_LIMIT = 8_000
 DEFAULT_EXECUTION_TIMEOUT = 3600
 LIVE = ("Pending", "InProgress", "Delayed", "Cancelling")
+STREAMS = ("stdout", "stderr")
+
+log = logging.getLogger(__name__)
+
+
+def ssm_output_key(prefix: str, command_id: str, instance_id: str, stream: str) -> str:
+    """Where the SSM agent writes a stream of an `AWS-RunShellScript` invocation under `OutputS3KeyPrefix`: the
+    agent joins the parts as Go's path.Join does (so a trailing `/` on the prefix makes no double slash), and the
+    plugin `aws:runShellScript` loses its colon."""
+    return posixpath.normpath(
+        posixpath.join(prefix, command_id, instance_id, "awsrunShellScript", "0.awsrunShellScript", stream)
+    ).lstrip("/")
 
 
 class SsmError(Exception):
@@ -53,6 +71,9 @@ class Invocation:
     process: subprocess.Popen[bytes] | None = None
     workdir: Path | None = None
     outcome_override: tuple[str, str] | None = None
+    output_bucket: str = ""  # SendCommand's OutputS3BucketName / OutputS3KeyPrefix
+    output_prefix: str = ""
+    output_urls: dict[str, str] = field(default_factory=dict)  # stream -> URL of its copy in S3, once stored
 
     def output(self, name: str, limit: int) -> str:
         if self.workdir is None or not (self.workdir / name).exists():
@@ -73,8 +94,8 @@ class Invocation:
             "StatusDetails": self.status_details,
             "StandardOutputContent": self.output("stdout", STDOUT_LIMIT),
             "StandardErrorContent": self.output("stderr", STDERR_LIMIT),
-            "StandardOutputUrl": "",
-            "StandardErrorUrl": "",
+            "StandardOutputUrl": self.output_urls.get("stdout", ""),
+            "StandardErrorUrl": self.output_urls.get("stderr", ""),
             "CloudWatchOutputConfig": {"CloudWatchLogGroupName": "", "CloudWatchOutputEnabled": False},
         }
 
@@ -87,6 +108,8 @@ class Command:
     requested: datetime
     timeout_seconds: int
     invocations: dict[str, Invocation] = field(default_factory=dict)
+    output_bucket: str = ""
+    output_prefix: str = ""
 
     @property
     def status(self) -> str:
@@ -111,6 +134,8 @@ class Command:
             "Status": self.status,
             "StatusDetails": self.status,
             "TimeoutSeconds": self.timeout_seconds,
+            "OutputS3BucketName": self.output_bucket,
+            "OutputS3KeyPrefix": self.output_prefix,
             "TargetCount": len(self.invocations),
             "CompletedCount": sum(1 for i in self.invocations.values() if i.status not in LIVE),
             "ErrorCount": counts["Failed"],
@@ -148,7 +173,16 @@ class SsmAgent:
         execution_timeout = int((parameters.get("executionTimeout") or [DEFAULT_EXECUTION_TIMEOUT])[0])
         delivery_timeout = int(body.get("TimeoutSeconds", 3600))
         now, requested = time.monotonic(), datetime.now(UTC)
-        command = Command(str(uuid.uuid4()), body.get("Comment", ""), parameters, requested, delivery_timeout)
+        output_bucket, output_prefix = body.get("OutputS3BucketName", ""), body.get("OutputS3KeyPrefix", "")
+        command = Command(
+            str(uuid.uuid4()),
+            body.get("Comment", ""),
+            parameters,
+            requested,
+            delivery_timeout,
+            output_bucket=output_bucket,
+            output_prefix=output_prefix,
+        )
         for instance_id in instance_ids:
             command.invocations[instance_id] = Invocation(
                 command_id=command.command_id,
@@ -158,6 +192,8 @@ class SsmAgent:
                 delivery_deadline=now + delivery_timeout,
                 visible_after=now + self._faults.for_instance(instance_id).invocation_visibility_seconds,
                 requested=requested,
+                output_bucket=output_bucket,
+                output_prefix=output_prefix,
             )
         with self._lock:
             self._commands[command.command_id] = command
@@ -349,6 +385,7 @@ class SsmAgent:
                 invocation.outcome_override = ("TimedOut", "ExecutionTimedOut")
             os.killpg(process.pid, signal.SIGKILL)
             code = process.wait()
+        self._store_output(invocation)  # before the status changes: whoever sees the end finds the copy
         with self._lock:
             invocation.response_code = code
             if invocation.outcome_override is not None:
@@ -358,6 +395,30 @@ class SsmAgent:
             else:
                 invocation.status = invocation.status_details = "Failed"
             invocation.ended = datetime.now(UTC)
+
+    def _store_output(self, invocation: Invocation) -> None:
+        """Copy the whole stdout and stderr to SendCommand's `OutputS3BucketName`, as the real agent does with the
+        instance's role. Written straight into moto's S3, so the emulator's call log keeps showing only the calls
+        made by the instance's own CLI and by the orchestrator. The real agent writes no object for an empty stream;
+        a bucket it cannot write to leaves no copy (and, here, no URL)."""
+        if not invocation.output_bucket or invocation.workdir is None:
+            return
+        from moto.s3.models import s3_backends
+
+        backends = [s3_backends[account]["aws"] for account in list(s3_backends.keys())]
+        backend = next((b for b in backends if invocation.output_bucket in b.buckets), None)
+        if backend is None:
+            log.warning("SSM output of %s not stored: no bucket %s", invocation.command_id, invocation.output_bucket)
+            return
+        instance = find_instance(invocation.instance_id)
+        region = instance.region_name if instance is not None else "us-east-1"
+        for stream in STREAMS:
+            key = ssm_output_key(invocation.output_prefix, invocation.command_id, invocation.instance_id, stream)
+            path = invocation.workdir / stream
+            data = path.read_bytes() if path.exists() else b""
+            if data:
+                backend.put_object(invocation.output_bucket, key, data)
+            invocation.output_urls[stream] = f"https://s3.{region}.amazonaws.com/{invocation.output_bucket}/{key}"
 
     def shutdown(self) -> None:
         self._stop.set()

@@ -14,19 +14,29 @@ import time
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from botocore.config import Config
-from botocore.exceptions import ClientError, HTTPClientError, WaiterError
+from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError, WaiterError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from include.vod_sr.instance import live_commands, waiter_config
 from include.vod_sr.limits import MAX_COMMENT_LENGTH
-from include.vod_sr.script import as_run_shell_command
+from include.vod_sr.script import RUNS_PREFIX, as_run_shell_command
+from include.vod_sr.settings import Settings
 
 log = logging.getLogger(__name__)
 
 DOCUMENT_NAME = "AWS-RunShellScript"
 TAIL_LINES = 20
+TAIL_CHARS = 4_000  # a tail made of a few very long lines stays readable
+# GetCommandInvocation returns only the first characters of each stream; the whole of it is in S3 (send_command).
+INVOCATION_OUTPUT_LIMITS = {"stderr": 8_000, "stdout": 24_000}
+TAIL_BYTES = 64 * 1024  # read from the end of a stream's copy in S3: plenty for TAIL_LINES lines
+_STREAM_FIELDS = {
+    "stderr": ("StandardErrorContent", "StandardErrorUrl"),
+    "stdout": ("StandardOutputContent", "StandardOutputUrl"),
+}
 # SendCommand is throttled ("Rate exceeded"); adaptive retries back off client-side instead of failing a task.
 BOTO_CONFIG = Config(retries={"mode": "adaptive", "max_attempts": 10})
 # The trigger polls again every poll interval until each command's deadline, so one poll needs few retries: a poll
@@ -135,6 +145,20 @@ def cancel_commands(ssm: Any, commands: Iterable[Mapping[str, Any]]) -> list[str
     return failed
 
 
+def ssm_output_prefix(run_token: str) -> str:
+    """SendCommand's OutputS3KeyPrefix for a run's commands, in the output bucket. SSM's agent writes each command's
+    whole stdout and stderr below it with the instance role, at
+    `<command id>/<instance id>/awsrunShellScript/0.awsrunShellScript/stdout` (and `stderr`)."""
+    return f"{RUNS_PREFIX}{run_token}/ssm-output/"
+
+
+def _run_named_by(comment: str) -> str | None:
+    """The run token a `instance.command_comment` names ("vod-sr <token> <what>"), or None."""
+    marker, _, rest = comment.partition(" ")
+    token = rest.partition(" ")[0]
+    return token if marker == "vod-sr" and token else None
+
+
 def send_command(
     ssm: Any,
     instance_id: str,
@@ -143,14 +167,29 @@ def send_command(
     comment: str,
     execution_timeout: int,
     delivery_timeout: int,
+    output_bucket: str | None = None,
 ) -> str:
-    """Send a bash script to one instance; returns the command id."""
+    """Send a bash script to one instance; returns the command id.
+
+    A command whose comment names a run (`instance.command_comment`) has SSM store its whole output in
+    `output_bucket` (None: the deployment's, VOD_SR_OUTPUT_BUCKET) under `ssm_output_prefix`: GetCommandInvocation
+    returns only the first 24,000 / 8,000 characters of stdout / stderr. Without a bucket or a run, SSM keeps only
+    that truncated text.
+    """
+    run_token = _run_named_by(comment)
+    bucket = Settings.from_env().output_bucket if output_bucket is None else output_bucket
+    output = (
+        {"OutputS3BucketName": bucket, "OutputS3KeyPrefix": ssm_output_prefix(run_token)}
+        if bucket and run_token
+        else {}
+    )
     response = ssm.send_command(
         InstanceIds=[instance_id],
         DocumentName=DOCUMENT_NAME,
         Comment=comment[:MAX_COMMENT_LENGTH],
         TimeoutSeconds=delivery_timeout,
         Parameters={"commands": [as_run_shell_command(script_body)], "executionTimeout": [str(execution_timeout)]},
+        **output,
     )
     return response["Command"]["CommandId"]
 
@@ -194,20 +233,69 @@ def get_invocation(ssm: Any, command_id: str, instance_id: str) -> dict[str, Any
 
 
 def _tail(text: str, lines: int = TAIL_LINES) -> str:
-    return "\n".join(text.rstrip().splitlines()[-lines:])
+    tail = "\n".join(text.rstrip().splitlines()[-lines:])
+    return tail if len(tail) <= TAIL_CHARS else "..." + tail[-TAIL_CHARS:]
 
 
-def describe_invocation(invocation: dict[str, Any]) -> str:
-    """Status, StatusDetails, exit code and the tails of stderr and stdout, for the task log."""
+def full_output_uri(invocation: Mapping[str, Any], stream: str) -> str | None:
+    """The s3:// address of the whole `stream` ("stdout" or "stderr") of an ended invocation, from the URL SSM gives
+    (`StandardOutputUrl` / `StandardErrorUrl`); None when the command named no output bucket."""
+    parts = urlsplit(invocation.get(_STREAM_FIELDS[stream][1]) or "")
+    host, path = parts.netloc, unquote(parts.path).lstrip("/")
+    if host.startswith(("s3.", "s3-")):  # path style: https://s3.<region>.amazonaws.com/<bucket>/<key>
+        bucket, _, key = path.partition("/")
+    else:  # virtual-hosted style: https://<bucket>.s3.<region>.amazonaws.com/<key>
+        bucket, key = host.partition(".s3")[0], path
+    return f"s3://{bucket}/{key}" if bucket and key else None
+
+
+def read_output_tail(s3: Any, uri: str) -> str | None:
+    """The end of the object at `uri` (its last TAIL_BYTES, one ranged GET, cut to whole lines); None when it cannot
+    be read, which is logged (the stream may have been empty, or the copy not written yet)."""
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    try:
+        response = s3.get_object(Bucket=bucket, Key=key, Range=f"bytes=-{TAIL_BYTES}")
+        data = response["Body"].read()
+    except (ClientError, BotoCoreError) as error:
+        log.warning("Could not read the command's output at %s: %s", uri, describe_error(error))
+        return None
+    text = data.decode("utf-8", errors="replace")
+    started_mid_way = not (response.get("ContentRange") or "bytes 0-").startswith("bytes 0-")
+    return text.partition("\n")[2] if started_mid_way else text
+
+
+def describe_invocation(invocation: dict[str, Any], s3: Any = None) -> str:
+    """Status, StatusDetails, exit code and the tails of stderr and stdout, for the task log.
+
+    GetCommandInvocation holds only the first 8,000 characters of stderr (24,000 of stdout): past that, its tail is
+    the middle of the output. With `s3` (a client) the tails are read from the whole output SSM stored in S3 (see
+    `send_command`), and the s3:// link to it is given; without a copy, a tail that may be cut says so.
+    """
     parts = [
         f"SSM command {invocation.get('CommandId')} on {invocation.get('InstanceId')}: "
         f"Status={invocation.get('Status')} StatusDetails={invocation.get('StatusDetails')} "
         f"exit code={invocation.get('ResponseCode')}"
     ]
-    for name, field in (("stderr", "StandardErrorContent"), ("stdout", "StandardOutputContent")):
-        text = invocation.get(field) or ""
-        if text.strip():
-            parts.append(f"--- last {TAIL_LINES} lines of {name} ---\n{_tail(text)}")
+    for stream, (content_field, _) in _STREAM_FIELDS.items():
+        text = invocation.get(content_field) or ""
+        if not text.strip():
+            continue
+        uri = full_output_uri(invocation, stream)
+        whole = read_output_tail(s3, uri) if s3 is not None and uri else None
+        limit = INVOCATION_OUTPUT_LIMITS[stream]
+        if whole is not None:
+            parts.append(f"--- last {TAIL_LINES} lines of {stream} (all of it: {uri}) ---\n{_tail(whole)}")
+        elif len(text) >= limit:
+            where = f"all of it: {uri}" if uri else "SSM stored no copy in S3"
+            parts.append(
+                f"--- last {TAIL_LINES} lines of the first {limit:,} characters of {stream}, all that "
+                f"GetCommandInvocation returns: the output is longer and this is not its end ({where}) ---\n"
+                f"{_tail(text)}"
+            )
+        else:
+            parts.append(
+                f"--- last {TAIL_LINES} lines of {stream}{f' (all of it: {uri})' if uri else ''} ---\n{_tail(text)}"
+            )
     return "\n".join(parts)
 
 
@@ -220,6 +308,8 @@ def run_and_wait(
     timeout: int,
     poll_interval: int,
     delivery_timeout: int,
+    output_bucket: str | None = None,
+    s3: Any = None,
 ) -> dict[str, Any]:
     """Send a short script and block until it ends (botocore's CommandExecuted waiter); raise on failure.
 
@@ -230,6 +320,9 @@ def run_and_wait(
 
     A command with the same `comment` still live on the instance (an earlier try of the same task, whose worker died
     or gave up waiting) is cancelled first, so a retry never runs beside it.
+
+    The failure names the true end of the output and where all of it is (`describe_invocation`): SSM stores it in
+    `output_bucket` (see `send_command`), and `s3`, a client, reads its tail.
     """
     cancel_commands(
         ssm,
@@ -240,14 +333,20 @@ def run_and_wait(
         ],
     )
     command_id = send_command(
-        ssm, instance_id, script_body, comment=comment, execution_timeout=timeout, delivery_timeout=delivery_timeout
+        ssm,
+        instance_id,
+        script_body,
+        comment=comment,
+        execution_timeout=timeout,
+        delivery_timeout=delivery_timeout,
+        output_bucket=output_bucket,
     )
     deadline = time.monotonic() + delivery_timeout + timeout
     if not _wait_until_executed(ssm, command_id, instance_id, deadline, poll_interval):
         invocation = get_invocation(ssm, command_id, instance_id)
         if invocation is None:
             raise CommandFailed(f"SSM command {command_id} was never delivered to {instance_id}")
-        raise CommandFailed(describe_invocation(invocation))
+        raise CommandFailed(describe_invocation(invocation, s3))
     return ssm.get_command_invocation(CommandId=command_id, InstanceId=instance_id)
 
 

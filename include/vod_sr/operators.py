@@ -266,8 +266,8 @@ class RunChunksOperator(BaseOperator):
             self.log.error("Chunk %s: SSM never listed command %s", entry["chunk"], entry["command_id"])
         elif entry["outcome"] == "success":
             self.log.info("Chunk %s: %s", entry["chunk"], describe_invocation(invocation))
-        else:
-            self.log.error("Chunk %s: %s", entry["chunk"], describe_invocation(invocation))
+        else:  # the true end of its output and where all of it is (GetCommandInvocation keeps only its start)
+            self.log.error("Chunk %s: %s", entry["chunk"], describe_invocation(invocation, self.s3))
 
     def _release_early(self) -> int:
         """Every command has ended: stop paying for the GPU now rather than after the next scheduling round.

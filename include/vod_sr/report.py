@@ -7,6 +7,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from include.vod_sr.commands import ssm_output_prefix
 from include.vod_sr.instance import STOPPED_OUTCOMES
 from include.vod_sr.links import prefilled_trigger_link
 from include.vod_sr.plan import FileJob
@@ -73,6 +74,9 @@ def build_report(
     }
     if transient_aws_errors is not None:
         report["transient_aws_errors"] = sum(count or 0 for count in transient_aws_errors)
+    if retry_sources and params.get("output_bucket"):
+        # Every SSM command's whole stdout and stderr, by command id; run_chunks' log links each failed one.
+        report["command_output"] = f"s3://{params['output_bucket']}/{ssm_output_prefix(run_token)}"
     if released is not None:
         report["instances_left_running"] = {
             r["instance_id"]: r["outcome"] for r in released if r["outcome"] not in STOPPED_OUTCOMES
@@ -100,6 +104,8 @@ def format_table(report: Mapping[str, Any]) -> str:
     ]
     if report.get("transient_aws_errors") is not None:
         lines.append(f"transient AWS errors: {report['transient_aws_errors']}")
+    if report.get("command_output"):
+        lines.append(f"whole output of the run's SSM commands: {report['command_output']}")
     lines += [f"instance {i} {why}" for i, why in (report.get("instances_left_running") or {}).items()]
     return "\n".join(lines)
 

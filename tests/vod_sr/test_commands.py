@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import threading
 import time
 
@@ -21,9 +22,11 @@ from include.vod_sr.commands import (
     CommandFailed,
     Outcome,
     describe_invocation,
+    full_output_uri,
     get_invocation,
     invocation_outcome,
     is_transient_error,
+    read_output_tail,
     run_and_wait,
     send_command,
 )
@@ -386,6 +389,57 @@ class TestRunChunksOperatorAndAwsErrors:
         assert report["transient_aws_errors"] == 4
         assert format_table(report).splitlines()[-1] == "transient AWS errors: 4"
 
+    def test_a_failed_runs_report_links_the_whole_output_of_its_commands(self):
+        from include.vod_sr.plan import FileJob
+        from include.vod_sr.report import build_report, format_table
+        from include.vod_sr.sources import S3Object
+
+        job = FileJob(0, S3Object("src-bucket", "a.mp4"), S3Object("out-bucket", "a_sr.mp4"))
+        params = {"output_bucket": "out-bucket"}
+
+        failed = build_report(run_id="r", run_token="tok", params=params, planned=[job], verified=[], skipped=[])
+        done = build_report(run_id="r", run_token="tok", params=params, planned=[], verified=[], skipped=[job])
+
+        assert failed["command_output"] == "s3://out-bucket/vod-sr-runs/tok/ssm-output/"
+        assert "whole output of the run's SSM commands: s3://out-bucket/vod-sr-runs/tok/ssm-output/" in format_table(
+            failed
+        )
+        assert "command_output" not in done
+
+
+KEY_URL = (
+    f"out-bucket/vod-sr-runs/tok/ssm-output/{COMMAND_ID}/{INSTANCE_ID}/awsrunShellScript/0.awsrunShellScript/stderr"
+)
+
+
+def failed_invocation(stderr: str, stderr_url: str = "") -> dict:
+    return {
+        "CommandId": COMMAND_ID,
+        "InstanceId": INSTANCE_ID,
+        "Status": "Failed",
+        "StatusDetails": "Failed",
+        "ResponseCode": 1,
+        "StandardErrorContent": stderr,
+        "StandardErrorUrl": stderr_url,
+    }
+
+
+class StubS3:
+    """Stub boto3 S3 client for the ranged GetObject that reads an output's tail: serves `body` as S3 does (a suffix
+    range gives the last bytes and their Content-Range), or raises `error`."""
+
+    def __init__(self, body: bytes = b"", error: Exception | None = None) -> None:
+        self.body, self.error = body, error
+
+    def get_object(self, Bucket, Key, Range):
+        if self.error is not None:
+            raise self.error
+        start = max(0, len(self.body) - int(Range.removeprefix("bytes=-")))
+        return {
+            "Body": io.BytesIO(self.body[start:]),
+            "ContentRange": f"bytes {start}-{len(self.body) - 1}/{len(self.body)}",
+        }
+
 
 class TestDescribeInvocation:
     def test_failure_detail_has_status_details_exit_code_and_tails(self):
@@ -404,6 +458,54 @@ class TestDescribeInvocation:
         assert "Status=Failed StatusDetails=Failed exit code=1" in text
         assert "err line 99" in text and "err line 79" not in text
         assert "VODSR-RESULT" in text
+
+    def test_the_tails_come_from_the_whole_output_in_s3_with_its_link(self):
+        whole = "".join(f"[h264] warning {n}\n" for n in range(2000)) + "THE REAL ERROR\n"
+        invocation = failed_invocation(stderr=whole[:8000], stderr_url=f"https://s3.eu-west-1.amazonaws.com/{KEY_URL}")
+
+        text = describe_invocation(invocation, StubS3(whole.encode()))
+
+        assert f"--- last 20 lines of stderr (all of it: s3://{KEY_URL}) ---" in text
+        assert text.endswith("[h264] warning 1999\nTHE REAL ERROR")
+
+    def test_without_a_copy_in_s3_a_cut_stderr_says_it_is_not_the_end(self):
+        text = describe_invocation(failed_invocation(stderr="x" * 8000), StubS3(b"unused"))
+
+        assert (
+            "--- last 20 lines of the first 8,000 characters of stderr, all that GetCommandInvocation returns: the "
+            "output is longer and this is not its end (SSM stored no copy in S3) ---"
+        ) in text
+
+    def test_an_unreadable_copy_falls_back_to_the_cut_text_and_still_links_it(self):
+        missing = ClientError({"Error": {"Code": "NoSuchKey", "Message": ""}}, "GetObject")
+        invocation = failed_invocation(stderr="x" * 8000, stderr_url=f"https://s3.amazonaws.com/{KEY_URL}")
+
+        text = describe_invocation(invocation, StubS3(error=missing))
+
+        assert f"the output is longer and this is not its end (all of it: s3://{KEY_URL}) ---" in text
+
+    def test_a_tail_read_from_the_middle_of_the_copy_starts_at_a_whole_line(self):
+        whole = "".join(f"{n:05d}" + "y" * 9994 + "\n" for n in range(20)).encode()  # 10,000 bytes a line
+
+        tail = read_output_tail(StubS3(whole), f"s3://{KEY_URL}")
+
+        assert [line[:5] for line in tail.splitlines()] == [f"{n:05d}" for n in range(14, 20)]
+
+    @pytest.mark.parametrize(
+        ("url", "uri"),
+        [
+            pytest.param(f"https://s3.eu-west-1.amazonaws.com/{KEY_URL}", f"s3://{KEY_URL}", id="path-style"),
+            pytest.param(f"https://s3.amazonaws.com/{KEY_URL}", f"s3://{KEY_URL}", id="us-east-1-global"),
+            pytest.param(
+                "https://out-bucket.s3.eu-west-1.amazonaws.com/" + KEY_URL.partition("/")[2],
+                f"s3://{KEY_URL}",
+                id="virtual-hosted",
+            ),
+            pytest.param("", None, id="no-output-bucket"),
+        ],
+    )
+    def test_the_link_is_ssms_own_url(self, url, uri):
+        assert full_output_uri({"StandardErrorUrl": url}, "stderr") == uri
 
 
 class TestAgainstTheEmulator:
