@@ -31,7 +31,7 @@ class RunChunksOperator(BaseOperator):
     `TRANSIENT_ERRORS_XCOM_KEY` for the report.
 
     :param lane: the plan's work for one instance: `instance_id`, `run_token`, `model`, `output_bucket`,
-        `execution_timeout` (SSM executionTimeout of each command) and `chunks`.
+        `execution_timeout` (each chunk's budget from taking the instance's lock), `file_timeout` and `chunks`.
     :param in_flight: commands out at once on the instance.
     :param poll_interval: seconds between status polls in the triggerer.
     :param delivery_timeout: seconds SSM may take to list an invocation after SendCommand.
@@ -199,6 +199,7 @@ class RunChunksOperator(BaseOperator):
         cancel_commands(self.ssm, [entry for entry in self._sent if entry["outcome"] is None])
 
     def _send(self, chunk_data: Mapping[str, Any]) -> dict[str, Any]:
+        from include.vod_sr.budget import chunk_limits
         from include.vod_sr.catalog import SrModel
         from include.vod_sr.commands import send_command
         from include.vod_sr.instance import command_comment
@@ -210,12 +211,17 @@ class RunChunksOperator(BaseOperator):
         bucket, token = lane["output_bucket"], lane["run_token"]
         files_key, results_key = chunk_keys(token, chunk.index)
         self.s3.put_object(Bucket=bucket, Key=files_key, Body=chunk_list(chunk))
+        # The script enforces the budget from taking the lock; SSM's timeout, which runs from delivery, is a backstop.
+        limits = chunk_limits(
+            lane["execution_timeout"], queued_ahead=self.in_flight - 1, file_limit=lane.get("file_timeout")
+        )
         script = render_sr_script(
             SrModel.from_xcom(lane["model"]),
             token,
             chunk.index,
             f"s3://{bucket}/{files_key}",
             f"s3://{bucket}/{results_key}",
+            limits,
         )
         now = time.time()
         command_id = send_command(
@@ -223,7 +229,7 @@ class RunChunksOperator(BaseOperator):
             chunk.instance_id,
             script,
             comment=command_comment(token, f"chunk {chunk.index} ({len(chunk.files)} files)"),
-            execution_timeout=lane["execution_timeout"],
+            execution_timeout=limits.backstop,
             delivery_timeout=self.delivery_timeout,
         )
         self.log.info(
@@ -233,7 +239,7 @@ class RunChunksOperator(BaseOperator):
             "chunk": chunk.index,
             "command_id": command_id,
             "instance_id": chunk.instance_id,
-            "deadline": now + lane["execution_timeout"] + self.delivery_timeout,
+            "deadline": now + limits.backstop + self.delivery_timeout,
             "delivery_deadline": now + self.delivery_timeout,
             "outcome": None,
             "transient_errors": 0,

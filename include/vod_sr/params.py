@@ -18,8 +18,9 @@ from typing import Any
 
 from airflow.sdk import Param
 
+from include.vod_sr.budget import AFTER_BUDGET, MAX_CHUNK_BUDGET, MIN_CHUNK_BUDGET, MIN_FILE_LIMIT
 from include.vod_sr.catalog import BUILTIN_MODELS, MODEL_NAME
-from include.vod_sr.limits import MAX_CHUNK_SIZE, MAX_EXECUTION_TIMEOUT, MAX_SSM_TARGETS
+from include.vod_sr.limits import MAX_CHUNK_SIZE, MAX_SSM_TARGETS
 from include.vod_sr.settings import Settings
 from include.vod_sr.sources import DEFAULT_OUTPUT_TEMPLATE, DEFAULT_SOURCE_EXTENSIONS
 
@@ -153,13 +154,30 @@ def trigger_form(settings: Settings) -> dict[str, Param]:
         "execution_timeout": Param(
             21_600,
             type="integer",
-            minimum=60,
-            maximum=MAX_EXECUTION_TIMEOUT,
+            minimum=MIN_CHUNK_BUDGET,
+            maximum=MAX_CHUNK_BUDGET,
             section=LIMITS_SECTION,
-            title="Execution timeout (seconds)",
-            description_md=f"60 to {MAX_EXECUTION_TIMEOUT}: how long one SSM command (one chunk of files) may run, "
-            "including waiting for the chunk ahead of it on the same instance. SSM stops the script when it is "
-            "reached.",
+            title="Chunk time budget (seconds)",
+            description_md=f"{MIN_CHUNK_BUDGET} to {MAX_CHUNK_BUDGET}, counted from when a chunk (the files of one "
+            "SSM command) takes the instance's lock: waiting for the chunk ahead of it does not count. It covers "
+            "reading the chunk's file list, the downloads and the model runs. Once it is used up, the download or "
+            'model run under way is stopped, that file and every file not started yet fail with "chunk budget ... '
+            'reached", and uploads of files already processed still finish. A chunk waits for the lock at most this '
+            f"budget plus {AFTER_BUDGET // 60} minutes (the longest the chunk ahead may hold it), else it fails "
+            f"without starting a file. SSM's execution timeout is only a backstop: that wait, this budget and "
+            f"{AFTER_BUDGET // 60} more minutes.",
+        ),
+        "file_timeout": Param(
+            None,
+            type=["null", "integer"],
+            minimum=MIN_FILE_LIMIT,
+            maximum=MAX_CHUNK_BUDGET,
+            section=LIMITS_SECTION,
+            title="Per-file time limit (seconds)",
+            description_md=f"Empty: no limit but the chunk's budget. Otherwise {MIN_FILE_LIMIT} to {MAX_CHUNK_BUDGET}: "
+            "how long the model may run on one file (not its download, measuring or upload). A file that reaches it "
+            'is stopped and fails with "per-file limit ... reached"; the chunk goes on with its next file while its '
+            "budget lasts.",
         ),
         "chunk_size": Param(
             10,

@@ -17,7 +17,8 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from include.vod_sr.limits import MAX_CHUNK_SIZE, MAX_EXECUTION_TIMEOUT, MAX_MAPPED_CHUNKS, MAX_SSM_TARGETS
+from include.vod_sr.budget import MAX_CHUNK_BUDGET, MIN_CHUNK_BUDGET, MIN_FILE_LIMIT
+from include.vod_sr.limits import MAX_CHUNK_SIZE, MAX_MAPPED_CHUNKS, MAX_SSM_TARGETS
 from include.vod_sr.sources import (
     DEFAULT_OUTPUT_TEMPLATE,
     DEFAULT_SOURCE_EXTENSIONS,
@@ -47,6 +48,16 @@ def _strings(params: Mapping[str, Any], name: str) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _seconds(params: Mapping[str, Any], name: str, default: int | None) -> int | None:
+    """A whole number of seconds (a JSON integer, or digits in a hand-written conf); None when null."""
+    value = params.get(name, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | str) or not str(value).strip().isdigit():
+        raise PlanError(f"{name} must be a whole number of seconds, got {value!r}")
+    return int(value)
+
+
 @dataclass(frozen=True)
 class BatchRequest:
     """A run's params, type-checked. Built with `BatchRequest.from_params`."""
@@ -62,7 +73,8 @@ class BatchRequest:
     output_template: str = DEFAULT_OUTPUT_TEMPLATE
     overwrite: bool = False
     stop_when_done: bool = True
-    execution_timeout: int = 21_600
+    execution_timeout: int = 21_600  # the chunk's budget, from taking the instance's lock (see budget.py)
+    file_timeout: int | None = None  # one file's model run; None: only the budget bounds it
     chunk_size: int = 10
 
     @classmethod
@@ -80,7 +92,8 @@ class BatchRequest:
             output_template=str(params.get("output_template") or DEFAULT_OUTPUT_TEMPLATE),
             overwrite=bool(params.get("overwrite", False)),
             stop_when_done=bool(params.get("stop_when_done", True)),
-            execution_timeout=int(params.get("execution_timeout", 21_600)),
+            execution_timeout=_seconds(params, "execution_timeout", 21_600) or 0,
+            file_timeout=_seconds(params, "file_timeout", None),
             chunk_size=int(params.get("chunk_size", 10)),
         )
         request.validate()
@@ -98,9 +111,16 @@ class BatchRequest:
         for instance_id in self.instance_ids:
             if not instance_id.startswith(INSTANCE_ID_PREFIX):
                 raise PlanError(f"instance id {instance_id!r} is not an EC2 instance id (i-...)")
-        if not 60 <= self.execution_timeout <= MAX_EXECUTION_TIMEOUT:
+        if not MIN_CHUNK_BUDGET <= self.execution_timeout <= MAX_CHUNK_BUDGET:
             raise PlanError(
-                f"execution_timeout {self.execution_timeout} s is outside 60..{MAX_EXECUTION_TIMEOUT} s (SSM's limits)"
+                f"execution_timeout (the chunk budget) {self.execution_timeout} s is outside "
+                f"{MIN_CHUNK_BUDGET}..{MAX_CHUNK_BUDGET} s: the chunk ahead's budget and this one's, each with time "
+                "for its last uploads, must fit in SSM's 48 h limit"
+            )
+        if self.file_timeout is not None and not MIN_FILE_LIMIT <= self.file_timeout <= MAX_CHUNK_BUDGET:
+            raise PlanError(
+                f"file_timeout (the per-file limit) {self.file_timeout} s is outside "
+                f"{MIN_FILE_LIMIT}..{MAX_CHUNK_BUDGET} s (leave it empty for no per-file limit)"
             )
         if not 1 <= self.chunk_size <= MAX_CHUNK_SIZE:
             raise PlanError(f"chunk_size {self.chunk_size} is outside 1..{MAX_CHUNK_SIZE}")
@@ -164,6 +184,7 @@ class BatchPlan:
             "run_token": self.run_token,
             "output_bucket": self.request.output_bucket,
             "execution_timeout": self.request.execution_timeout,
+            "file_timeout": self.request.file_timeout,
             "stop_when_done": self.request.stop_when_done,
         }
         return [{**shared, "instance_id": i, "chunks": chunks} for i, chunks in by_instance.items()]

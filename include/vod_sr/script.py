@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 import shlex
 
+from include.vod_sr.budget import KILL_GRACE, ChunkLimits
 from include.vod_sr.catalog import SrModel
 from include.vod_sr.plan import Chunk
 
@@ -149,8 +150,16 @@ def chunk_list(chunk: Chunk) -> bytes:
     return b"".join(f.encode() + b"\0" for f in fields)
 
 
-def render_sr_script(model: SrModel, run_token: str, chunk_index: int, files_uri: str, results_uri: str) -> str:
-    """The bash script that runs `model` over the files listed at `files_uri` (see `chunk_list`).
+def render_sr_script(
+    model: SrModel,
+    run_token: str,
+    chunk_index: int,
+    files_uri: str,
+    results_uri: str,
+    limits: ChunkLimits | None = None,
+) -> str:
+    """The bash script that runs `model` over the files listed at `files_uri` (see `chunk_list`), within `limits`
+    (None: no limit but SSM's).
 
     The payload stays small for any chunk size: the file list is read from S3. While ffmpeg runs on one file the
     next is downloaded and the previous uploaded, so the GPU does not wait on S3. The script goes on past a failed
@@ -166,6 +175,12 @@ def render_sr_script(model: SrModel, run_token: str, chunk_index: int, files_uri
     model has it; ffprobe is not always there): the first video stream's resolution, that stream's duration (read
     to its end by a stream copy, no decoding: the container's duration is its longest stream's, so a picture cut
     short under full-length copied audio would look whole) and the number of audio streams.
+
+    Time limits (`budget.ChunkLimits`) are enforced here, not by SSM, whose clock starts before the chunk waits for
+    the lock: the wait is bounded (`flock -w`; on expiry every file fails, not started); the budget counts from taking
+    the lock; each download and ffmpeg run is stopped at the budget's end (`timeout`, TERM then KILL), ffmpeg also at
+    the per-file limit; no file starts once the budget is spent. Each file stopped or not started says which limit it
+    met in its result's stage. Uploads of finished outputs are never cut.
     """
     lines = [
         f"{script_header(run_token, chunk_index)} model {model.name}",
@@ -176,9 +191,18 @@ def render_sr_script(model: SrModel, run_token: str, chunk_index: int, files_uri
         f"results_uri={shlex.quote(results_uri)}",
         f"video_filter={shlex.quote(model.video_filter)}",
         _bash_array("output_args", list(model.output_args)),
+        # Seconds; empty: no limit.
+        f"lock_wait={_seconds(limits and limits.lock_wait)}",
+        f"budget={_seconds(limits and limits.budget)}",
+        f"file_limit={_seconds(limits and limits.file_limit)}",
+        f"kill_grace={KILL_GRACE}",
         SR_LOOP,
     ]
     return "\n".join(lines)
+
+
+def _seconds(value: int | None) -> str:
+    return "" if value is None else str(int(value))
 
 
 def _extension(key: str) -> str:
@@ -189,12 +213,25 @@ def _extension(key: str) -> str:
 SR_LOOP = r"""
 tmp=${TMPDIR:-/var/tmp}
 trap 'exit 143' TERM INT
-# One chunk at a time per instance: every command sent to the instance shares its GPU.
+# One chunk at a time per instance: every command sent to the instance shares its GPU. SSM's clock already runs
+# while this waits, so the wait is bounded and the budget starts once the lock is held.
 exec 9>"$tmp/vod-sr.lock"
-flock 9
-# Cancel and timeout send SIGKILL, which runs no trap: remove the work directories of killed chunks.
-find "$tmp" -mindepth 1 -maxdepth 1 -type d -name 'vod-sr.*' -exec rm -rf -- {} +
-workdir=$(mktemp -d "$tmp/vod-sr.XXXXXXXX")
+locked=1
+if [ -z "$lock_wait" ]; then
+    flock 9
+elif ! flock -w "$lock_wait" 9; then
+    locked=0
+    echo "vod-sr: gave up waiting for the instance lock $tmp/vod-sr.lock after $lock_wait s (the chunks ahead" \
+        "still hold it); no file was started" >&2
+fi
+budget_end=$((SECONDS + ${budget:-0}))
+if [ "$locked" = 1 ]; then
+    # Cancel and timeout send SIGKILL, which runs no trap: remove the work directories of killed chunks.
+    find "$tmp" -mindepth 1 -maxdepth 1 -type d -name 'vod-sr.*' -exec rm -rf -- {} +
+    workdir=$(mktemp -d "$tmp/vod-sr.XXXXXXXX")
+else
+    workdir=$(mktemp -d "$tmp/vod-sr-unlocked.XXXXXXXX")
+fi
 trap 'rm -rf -- "$workdir"' EXIT
 
 files_path=${files_uri#s3://}
@@ -208,10 +245,37 @@ save() {
     aws s3api put-object --bucket="${results_path%%/*}" --key="${results_path#*/}" --body "$workdir/results" >/dev/null
 }
 
-result() {  # index status bytes seconds stage source-media output-media
+line() {  # index status bytes seconds stage source-media output-media
     printf 'VODSR-RESULT\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$@" | tee -a "$workdir/results"
+}
+
+result() {
+    line "$@"
     # Stored as each file ends, so a killed chunk still credits the files it finished.
     { flock 8 && save; } 8>"$workdir/results.lock" || touch "$workdir/unsaved"
+}
+
+if [ "$locked" = 0 ]; then
+    for ((n = 0; n < count; n++)); do
+        line "${fields[n * 5]}" failed 0 0 "ffmpeg (not started: waited $lock_wait s for the instance lock)"
+    done
+    save
+    exit 1
+fi
+
+remaining() {  # seconds left of the chunk's budget; empty: no budget
+    [ -z "$budget" ] || echo $((budget_end - SECONDS))
+}
+
+limited() {  # seconds command...: TERM the command after `seconds`, KILL it after the grace; empty: no limit
+    if [ -z "$1" ]; then
+        shift
+        "$@"
+        return
+    fi
+    [ "$1" -gt 0 ] || return 124
+    # --foreground keeps timeout and the command in this process group, which SSM's cancel and timeout kill whole.
+    timeout --foreground --kill-after="$kill_grace" "$@"
 }
 
 probe() {  # file: WIDTHxHEIGHT VIDEO-SECONDS AUDIO-STREAMS ("-" where ffmpeg reports none)
@@ -223,11 +287,11 @@ probe() {  # file: WIDTHxHEIGHT VIDEO-SECONDS AUDIO-STREAMS ("-" where ffmpeg re
         END { printf "%s %s %d", v ? v : "-", s ? s : "-", a }'
 }
 
-fetch() {  # file number: download its source next to the work in progress
+fetch() {  # file number: download its source next to the work in progress, within the budget
     # User keys reach the CLI only inside s3:// URIs, never as option values.
     local base=$(($1 * 5))
-    aws s3 cp --only-show-errors "s3://${fields[base + 1]}/${fields[base + 2]}" "$workdir/input-$1" \
-        >"$workdir/download-$1.log" 2>&1
+    limited "$(remaining)" aws s3 cp --only-show-errors "s3://${fields[base + 1]}/${fields[base + 2]}" \
+        "$workdir/input-$1" >"$workdir/download-$1.log" 2>&1
 }
 
 upload() {  # file number, bytes, seconds
@@ -257,6 +321,16 @@ for ((n = 0; n < count; n++)); do
     source_uri="s3://${fields[base + 1]}/${fields[base + 2]}"
     fetched=0
     wait "$fetch_pid" || fetched=$?
+    left=$(remaining)
+    if [ -n "$left" ] && { [ "$left" -le 0 ] || [ "$fetched" -eq 124 ] || [ "$fetched" -eq 137 ]; }; then
+        echo "vod-sr: chunk budget of $budget s reached; $((count - n)) file(s) not started" >&2
+        rm -f -- "$workdir/input-$n"
+        for ((; n < count; n++)); do
+            line "${fields[n * 5]}" failed 0 0 "ffmpeg (not started: chunk budget $budget s reached)"
+        done
+        touch "$workdir/unsaved"
+        break
+    fi
     if ((n + 1 < count)); then
         fetch $((n + 1)) &
         fetch_pid=$!
@@ -267,13 +341,25 @@ for ((n = 0; n < count; n++)); do
         result "${fields[base]}" failed 0 0 download
         continue
     fi
+    limit=$file_limit why="per-file limit $file_limit s reached"
+    if [ -n "$left" ] && { [ -z "$limit" ] || [ "$left" -lt "$limit" ]; }; then
+        limit=$left why="chunk budget $budget s reached"
+    fi
     started=$SECONDS
     output="$workdir/output-$n${fields[base + 4]}"
-    if ! ffmpeg -y -i "$workdir/input-$n" -vf "$video_filter" "${output_args[@]}" "$output" \
-            </dev/null >"$workdir/ffmpeg.log" 2>&1; then
-        echo "vod-sr: ffmpeg failed for $source_uri:" >&2
-        tail -n 20 "$workdir/ffmpeg.log" >&2
-        result "${fields[base]}" failed 0 "$((SECONDS - started))" ffmpeg
+    code=0
+    limited "$limit" ffmpeg -y -i "$workdir/input-$n" -vf "$video_filter" "${output_args[@]}" "$output" \
+        </dev/null >"$workdir/ffmpeg.log" 2>&1 || code=$?
+    if [ "$code" -ne 0 ]; then
+        stage=ffmpeg
+        if [ -n "$limit" ] && [ $((SECONDS - started)) -ge "$limit" ]; then
+            stage="ffmpeg ($why)"
+            echo "vod-sr: ffmpeg stopped for $source_uri: $why" >&2
+        else
+            echo "vod-sr: ffmpeg failed for $source_uri:" >&2
+            tail -n 20 "$workdir/ffmpeg.log" >&2
+        fi
+        result "${fields[base]}" failed 0 "$((SECONDS - started))" "$stage"
         rm -f -- "$workdir/input-$n" "$output"
         continue
     fi

@@ -32,6 +32,7 @@ GOOD_CONF = {
     "prefixes": ["incoming/2026-11-26/"],
     "manifest": "s3://manifests/backfill.csv",
     "execution_timeout": 7200,
+    "file_timeout": 900,
 }
 
 
@@ -159,6 +160,18 @@ class TestParams:
 
         assert model.resolve() == "C" and model.schema["values_display"]["C"].startswith("C (custom model")
 
+    def test_time_limits_say_what_they_cover(self, dag):
+        budget, file_limit = (dag.params.get_param(name).schema for name in ("execution_timeout", "file_timeout"))
+
+        assert budget["section"] == file_limit["section"] == "Limits"
+        assert budget["title"] == "Chunk time budget (seconds)"  # the name stays execution_timeout for old confs
+        assert "takes the instance's lock" in budget["description_md"]
+        assert "backstop" in budget["description_md"]
+        assert file_limit["title"] == "Per-file time limit (seconds)"
+        assert "not its download" in file_limit["description_md"]
+        assert "null" in file_limit["type"]  # optional: empty means no per-file limit
+        assert dag.params["file_timeout"] is None
+
     def test_bucket_message_says_what_a_bucket_name_may_contain(self, dag):
         from airflow.sdk.exceptions import ParamValidationError
 
@@ -185,6 +198,10 @@ class TestParams:
             pytest.param({"output_bucket": "Bad_Bucket"}, id="bucket"),
             pytest.param({"execution_timeout": 10}, id="timeout-too-short"),
             pytest.param({"execution_timeout": 200_000}, id="timeout-over-ssm-max"),
+            # The chunk ahead's budget and this one's must both fit in SSM's 48 h.
+            pytest.param({"execution_timeout": 172_800}, id="budget-leaves-no-room-for-the-chunk-ahead"),
+            pytest.param({"file_timeout": 5}, id="file-limit-too-short"),
+            pytest.param({"file_timeout": "600"}, id="file-limit-not-a-number"),
             pytest.param({"chunk_size": 0}, id="chunk-size"),
             pytest.param({"overwrite": "yes"}, id="overwrite-not-bool"),
             pytest.param({"model": "C"}, id="custom-model-in-the-drop-down"),

