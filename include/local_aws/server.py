@@ -6,7 +6,8 @@ injects throttling, server errors and dropped connections, answers the SSM Run C
 unchanged.
 
 Control endpoints, for tests and benchmarks:
-    GET  /_local_aws/calls            every AWS call served: [{"service", "action", "time", "caller"}]
+    GET  /_local_aws/calls            every AWS call served: [{"service", "action", "time", "caller", "user_agent",
+                                      and for S3 "bucket", "key", "query" (parameter names), else "params"}]
     GET  /_local_aws/timeline         per instance: running intervals and command runs (wall-clock seconds)
     POST /_local_aws/calls/reset      forget the recorded calls
     POST /_local_aws/faults           change timing and faults (see faults.py)
@@ -107,8 +108,16 @@ class Extension:
         service, action = self._identify(environ, body)
         # The emulated instances' AWS CLI says so in its User-Agent; everything else is the orchestrator.
         caller = "instance" if environ.get("HTTP_USER_AGENT", "").startswith("aws-cli/") else "orchestrator"
+        call = {
+            "service": service,
+            "action": action,
+            "time": time.time(),
+            "caller": caller,
+            "user_agent": environ.get("HTTP_USER_AGENT", ""),
+            **self._call_target(service, environ, body),
+        }
         with self._calls_lock:
-            self.calls.append({"service": service, "action": action, "time": time.time(), "caller": caller})
+            self.calls.append(call)
         if (
             service in ("ssm", "ec2")
             and self.faults.throttle_fraction
@@ -139,6 +148,24 @@ class Extension:
         query = parse_qs(environ.get("QUERY_STRING", ""))
         action = (form.get("Action") or query.get("Action") or [environ["REQUEST_METHOD"]])[0]
         return service, action
+
+    @staticmethod
+    def _call_target(service: str, environ: dict[str, Any], body: bytes) -> dict[str, Any]:
+        """What a call acted on, for the call log (the IAM test checks it against the policies): an S3 call's
+        bucket, key and query parameter names; any other call's parameters (JSON body or query form)."""
+        query = parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True)
+        if service == "s3":
+            path = environ.get("PATH_INFO", "/").encode("latin-1").decode("utf-8", errors="replace")
+            bucket, _, key = path.lstrip("/").partition("/")
+            return {"bucket": bucket, "key": key, "query": sorted(query)}
+        try:
+            params = json.loads(body) if environ.get("HTTP_X_AMZ_TARGET") else None
+        except ValueError:
+            params = None
+        if not isinstance(params, dict):
+            form = parse_qs(body.decode("utf-8", errors="replace"), keep_blank_values=True) if body else query
+            params = {name: values[0] for name, values in form.items()}
+        return {"params": params}
 
     @staticmethod
     def _json(start_response: StartResponse, status: str, payload: Any) -> list[bytes]:
