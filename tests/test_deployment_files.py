@@ -278,22 +278,6 @@ class TestInstanceRole:
         assert "s3:ListBucket" not in instance.granted_actions()
 
 
-class TestSsmCommandOutput:
-    """SendCommand names an output bucket (commands.send_command): SSM's agent writes each command's whole stdout and
-    stderr there with the instance role, and Airflow reads their ends when a command fails."""
-
-    def test_the_instance_writes_it_and_airflow_reads_it(self):
-        from include.local_aws.ssm_agent import ssm_output_key
-        from include.vod_sr.commands import ssm_output_prefix
-
-        prefix = ssm_output_prefix("0123456789abcdef")
-        key = ssm_output_key(prefix, "11111111-2222-3333-4444-555555555555", SAMPLE["INSTANCE_ID"], "stderr")
-
-        assert IamPolicy.load(PRINCIPAL_POLICIES["instance"]).allows("s3:PutObject", output(key))
-        for name in (PRINCIPAL_POLICIES["airflow"], FLEET_VARIANT):
-            assert IamPolicy.load(name).allows("s3:GetObject", output(key)), name
-
-
 def test_the_instance_writes_the_whole_output_of_commands_and_airflow_reads_it():
     # SendCommand names an output bucket (commands.send_command): SSM's agent writes each command's whole stdout and
     # stderr there with the instance role, and Airflow reads their ends when a command fails.
