@@ -78,25 +78,25 @@ def vod_sr_batch() -> None:
     def lane(lane: dict[str, Any]) -> Any:
         @task(retries=4, retry_exponential_backoff=True, retry_delay=timedelta(seconds=SETTINGS.start_retry_delay))
         def acquire(lane: dict[str, Any]) -> dict[str, str]:
-            """Take a lease on the instance and start it if stopped (retried with backoff on capacity errors)."""
+            """Take a lease on the instance and start it if stopped. Capacity errors are retried with backoff; errors
+            no retry fixes (a permission missing, an unknown instance) fail at once, naming the error."""
             from airflow.sdk.exceptions import AirflowFailException
 
             from include.vod_sr.aws import aws_client
-            from include.vod_sr.instance import InstanceUnusable, drop_lease, ensure_started, take_lease
+            from include.vod_sr.instance import InstanceUnusable, acquire_instance
 
             instance_id, lease_id = lane["instance_id"], lane["run_token"]
-            ec2 = aws_client("ec2", SETTINGS.aws_conn_id)
-            take_lease(ec2, instance_id, lease_id, get_current_context()["run_id"])
             try:
-                ensure_started(
-                    ec2, instance_id, timeout=SETTINGS.instance_state_timeout, poll_interval=SETTINGS.poll_interval
+                acquire_instance(
+                    aws_client("ec2", SETTINGS.aws_conn_id),
+                    instance_id,
+                    lease_id,
+                    get_current_context()["run_id"],
+                    timeout=SETTINGS.instance_state_timeout,
+                    poll_interval=SETTINGS.poll_interval,
                 )
             except InstanceUnusable as error:
-                drop_lease(ec2, instance_id, lease_id)
                 raise AirflowFailException(str(error)) from None
-            except Exception:
-                drop_lease(ec2, instance_id, lease_id)
-                raise
             return {"instance_id": instance_id, "lease_id": lease_id}
 
         @task.sensor(poke_interval=SETTINGS.poll_interval, timeout=SETTINGS.agent_online_timeout, mode="reschedule")
@@ -184,24 +184,29 @@ def vod_sr_batch() -> None:
         def release(acquired: dict[str, str], lane: dict[str, Any]) -> str:
             """Drop this run's lease; stop the instance unless another vod-sr run's lease or command still uses it.
             The outcome goes to XCom "release" for the report, which says when and why an instance was left up."""
+            from airflow.sdk.exceptions import AirflowFailException
+
             from include.vod_sr.aws import aws_client
-            from include.vod_sr.instance import RELEASE_XCOM_KEY
+            from include.vod_sr.instance import RELEASE_XCOM_KEY, InstanceUnusable, unusable_when_unfixable
             from include.vod_sr.instance import release as release_instance
 
             instance_id, ti = acquired["instance_id"], get_current_context()["ti"]
             try:
-                outcome = release_instance(
-                    aws_client("ec2", SETTINGS.aws_conn_id),
-                    aws_client("ssm", SETTINGS.aws_conn_id),
-                    instance_id,
-                    acquired["lease_id"],
-                    stop=lane["stop_when_done"],
-                    timeout=SETTINGS.instance_state_timeout,
-                    poll_interval=SETTINGS.poll_interval,
-                )
+                with unusable_when_unfixable(instance_id):
+                    outcome = release_instance(
+                        aws_client("ec2", SETTINGS.aws_conn_id),
+                        aws_client("ssm", SETTINGS.aws_conn_id),
+                        instance_id,
+                        acquired["lease_id"],
+                        stop=lane["stop_when_done"],
+                        timeout=SETTINGS.instance_state_timeout,
+                        poll_interval=SETTINGS.poll_interval,
+                    )
             except Exception as error:
                 outcome = f"not released, it may still be running: {type(error).__name__}: {error}"
                 ti.xcom_push(key=RELEASE_XCOM_KEY, value={"instance_id": instance_id, "outcome": outcome})
+                if isinstance(error, InstanceUnusable):
+                    raise AirflowFailException(str(error)) from None
                 raise
             print(f"Instance {instance_id}: {outcome}")
             ti.xcom_push(key=RELEASE_XCOM_KEY, value={"instance_id": instance_id, "outcome": outcome})

@@ -5,7 +5,9 @@ Set at start (`python -m include.local_aws --pending-seconds 3 ...`) or at run t
 
     {"defaults": {"agent_registration_seconds": 5},
      "instances": {"i-0123456789abcdef0": {"insufficient_capacity_starts": 2, "agent_never_online": true,
-                                           "invocation_read_errors": 6, "invocation_read_error": "ServiceUnavailable"}},
+                                           "invocation_read_errors": 6, "invocation_read_error": "ServiceUnavailable"},
+                   "i-0fedcba9876543210": {"failed_starts": 1, "failed_start_reason": "Client.InternalError",
+                                           "denied_actions": ["StartInstances"], "stale_online_seconds": 300}},
      "throttle_fraction": 0.1}
 """
 
@@ -26,6 +28,23 @@ INVOCATION_READ_ERRORS: dict[str, tuple[str, str] | None] = {
     "connection_drop": None,
 }
 
+# StateReason of a start that goes pending -> stopped, by code: EC2's own messages. Capacity is Server.*; a KMS key
+# the instance's volume cannot use (a missing grant, a disabled key) shows as Client.InternalError "Client error on
+# launch", or Client.InvalidKMSKey.InvalidState.
+FAILED_START_REASONS: dict[str, str] = {
+    "Server.InsufficientInstanceCapacity": "Server.InsufficientInstanceCapacity: Insufficient capacity to satisfy "
+    "instance request",
+    "Server.InternalError": "Server.InternalError: Internal error on launch",
+    "Client.InternalError": "Client.InternalError: Client error on launch",
+    "Client.InvalidKMSKey.InvalidState": "Client.InvalidKMSKey.InvalidState: The KMS key provided is in an incorrect "
+    "state",
+    "Client.VolumeLimitExceeded": "Client.VolumeLimitExceeded: Volume limit exceeded",
+}
+# Errors for `denied_actions` (EC2 answers UnauthorizedOperation; AccessDenied is what some callers meet instead).
+DENIED_ERRORS = ("UnauthorizedOperation", "AccessDenied")
+# EC2 actions `denied_actions` can refuse, for requests that name the instance.
+DENIABLE_ACTIONS = ("StartInstances", "StopInstances", "DescribeInstances", "CreateTags", "DeleteTags", "DescribeTags")
+
 
 @dataclass(frozen=True)
 class InstanceFaults:
@@ -41,6 +60,18 @@ class InstanceFaults:
     # `invocation_read_error`, one of INVOCATION_READ_ERRORS.
     invocation_read_errors: int = 0
     invocation_read_error: str = "InternalServerError"
+    # After the agent goes offline (the instance stops), DescribeInstanceInformation keeps answering PingStatus
+    # Online with the last LastPingDateTime for this long, as AWS does for minutes; a quick stop/start shows the
+    # stale Online while the new boot's agent has not checked in yet. Short by default to keep tests quick.
+    stale_online_seconds: float = 3.0
+    # The next N starts (counted from when this is set) go pending -> stopped with StateReason
+    # `failed_start_reason`, one of FAILED_START_REASONS.
+    failed_starts: int = 0
+    failed_start_reason: str = "Server.InsufficientInstanceCapacity"
+    # EC2 actions (DENIABLE_ACTIONS) refused for this instance with `denied_error`, one of DENIED_ERRORS, as for a
+    # principal whose policy lacks them.
+    denied_actions: tuple[str, ...] = ()
+    denied_error: str = "UnauthorizedOperation"
 
     @classmethod
     def from_json(cls, data: dict[str, Any], base: InstanceFaults | None = None) -> InstanceFaults:
@@ -51,6 +82,16 @@ class InstanceFaults:
         error = data.get("invocation_read_error", "InternalServerError")
         if error not in INVOCATION_READ_ERRORS:
             raise ValueError(f"invocation_read_error {error!r} is not one of {sorted(INVOCATION_READ_ERRORS)}")
+        reason = data.get("failed_start_reason", "Server.InsufficientInstanceCapacity")
+        if reason not in FAILED_START_REASONS:
+            raise ValueError(f"failed_start_reason {reason!r} is not one of {sorted(FAILED_START_REASONS)}")
+        if data.get("denied_error", "UnauthorizedOperation") not in DENIED_ERRORS:
+            raise ValueError(f"denied_error {data['denied_error']!r} is not one of {list(DENIED_ERRORS)}")
+        if "denied_actions" in data:
+            unknown_actions = set(data["denied_actions"]) - set(DENIABLE_ACTIONS)
+            if unknown_actions:
+                raise ValueError(f"denied_actions {sorted(unknown_actions)} are not among {list(DENIABLE_ACTIONS)}")
+            data = {**data, "denied_actions": tuple(data["denied_actions"])}
         return replace(base or cls(), **data)
 
 
@@ -60,6 +101,7 @@ class FaultPlan:
     instances: dict[str, InstanceFaults]
     throttle_fraction: float = 0.0  # share of SSM and EC2 calls answered with a throttling error
     _read_errors_served: Counter[str] = field(default_factory=Counter)
+    _failed_starts_served: Counter[str] = field(default_factory=Counter)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def for_instance(self, instance_id: str) -> InstanceFaults:
@@ -74,17 +116,30 @@ class FaultPlan:
             self._read_errors_served[instance_id] += 1
         return faults.invocation_read_error
 
+    def failed_start(self, instance_id: str) -> tuple[str, str] | None:
+        """The StateReason (code, message) this start of `instance_id` must fail with, or None to let it run."""
+        faults = self.for_instance(instance_id)
+        with self._lock:
+            if self._failed_starts_served[instance_id] >= faults.failed_starts:
+                return None
+            self._failed_starts_served[instance_id] += 1
+        return faults.failed_start_reason, FAILED_START_REASONS[faults.failed_start_reason]
+
     def update(self, data: dict[str, Any]) -> None:
         if "defaults" in data:
             self.defaults = InstanceFaults.from_json(data["defaults"], self.defaults)
-            if "invocation_read_errors" in data["defaults"]:
-                with self._lock:
+            with self._lock:
+                if "invocation_read_errors" in data["defaults"]:
                     self._read_errors_served.clear()
+                if "failed_starts" in data["defaults"]:
+                    self._failed_starts_served.clear()
         for instance_id, settings in data.get("instances", {}).items():
             self.instances[instance_id] = InstanceFaults.from_json(settings, self.for_instance(instance_id))
-            if "invocation_read_errors" in settings:
-                with self._lock:
+            with self._lock:
+                if "invocation_read_errors" in settings:
                     self._read_errors_served.pop(instance_id, None)
+                if "failed_starts" in settings:
+                    self._failed_starts_served.pop(instance_id, None)
         if "throttle_fraction" in data:
             fraction = float(data["throttle_fraction"])
             if not 0.0 <= fraction <= 1.0:

@@ -1,8 +1,9 @@
 """The local AWS emulator: moto's server, plus an extension for what moto lacks.
 
 Requests pass through `Extension`, a WSGI layer in front of moto's own application. It records every call,
-injects throttling, server errors and dropped connections, answers the SSM Run Command actions with `SsmAgent`
-(which really runs the commands), and adds time to EC2 start/stop. Everything else (S3, EC2, IAM, ...) is moto,
+injects throttling, server errors, dropped connections and permission errors, answers the SSM Run Command actions
+with `SsmAgent` (which really runs the commands), adds time to EC2 start/stop, and refuses CreateTags on an unknown
+instance as AWS does (moto accepts it). Everything else (S3, EC2, IAM, ...) is moto,
 unchanged.
 
 Control endpoints, for tests and benchmarks:
@@ -33,7 +34,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from include.local_aws.ec2_lifecycle import Ec2Error, Ec2Lifecycle
-from include.local_aws.faults import INVOCATION_READ_ERRORS, FaultPlan, InstanceFaults
+from include.local_aws.faults import DENIED_ERRORS, INVOCATION_READ_ERRORS, FaultPlan, InstanceFaults
 from include.local_aws.ssm_agent import SsmAgent, SsmError
 
 # Not secrets: moto accepts any credentials, and botocore and the AWS CLI refuse to sign without some.
@@ -130,6 +131,8 @@ class Extension:
                 return self._injected_error(error, environ, start_response)
         if service == "ssm" and action in SSM_ACTIONS:
             return self._ssm(action, body, start_response)
+        if service == "ec2" and (refused := self._ec2_refusal(action, body, environ, start_response)) is not None:
+            return refused
         if service == "ec2" and action in ("StartInstances", "StopInstances"):
             return self._ec2_transition(action, body, environ, start_response)
         return self.moto_app(environ, start_response)
@@ -216,6 +219,24 @@ class Extension:
         except SsmError as error:
             return self._json(start_response, "400 Bad Request", {"__type": error.code, "message": error.message})
         return self._json(start_response, "200 OK", payload)
+
+    def _ec2_refusal(
+        self, action: str, body: bytes, environ: dict[str, Any], start_response: StartResponse
+    ) -> list[bytes] | None:
+        """The error AWS answers an EC2 request naming an instance with, when moto would serve it: the permission
+        faults, and CreateTags on an unknown instance. None to let moto serve it."""
+        form = parse_qs(body.decode("utf-8", errors="replace")) if body else parse_qs(environ.get("QUERY_STRING", ""))
+        instance_ids = [values[0] for key, values in form.items() if re.fullmatch(r"(InstanceId|ResourceId)\.\d+", key)]
+        for key, values in form.items():  # DescribeTags / DescribeInstances filters on the instance id
+            if re.fullmatch(r"Filter\.\d+\.Name", key) and values[0] in ("resource-id", "instance-id"):
+                prefix = key[: -len("Name")] + "Value."
+                instance_ids += [v[0] for k, v in form.items() if k.startswith(prefix)]
+        try:
+            self.lifecycle.check_request(action, instance_ids)
+        except Ec2Error as error:
+            status = "403 Forbidden" if error.code in DENIED_ERRORS else "400 Bad Request"
+            return self._ec2_error(start_response, status, error.code, error.message)
+        return None
 
     def _ec2_transition(
         self, action: str, body: bytes, environ: dict[str, Any], start_response: StartResponse

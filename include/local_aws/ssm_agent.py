@@ -273,18 +273,20 @@ class SsmAgent:
                 for instance in backend.all_instances():
                     if (wanted and instance.id not in wanted) or not self._lifecycle.registered(instance.id):
                         continue
-                    online = self._lifecycle.agent_online(instance.id)
-                    items.append(
-                        {
-                            "InstanceId": instance.id,
-                            "PingStatus": "Online" if online else "ConnectionLost",
-                            "PlatformType": "Linux",
-                            "PlatformName": "Ubuntu",
-                            "AgentVersion": "3.3.0.0-local",
-                            "ResourceType": "EC2Instance",
-                            "IsLatestVersion": True,
-                        }
-                    )
+                    # Online can be stale: right after a stop AWS still says Online, with the last heartbeat.
+                    ping_status, last_ping = self._lifecycle.ping(instance.id)
+                    item = {
+                        "InstanceId": instance.id,
+                        "PingStatus": ping_status,
+                        "PlatformType": "Linux",
+                        "PlatformName": "Ubuntu",
+                        "AgentVersion": "3.3.0.0-local",
+                        "ResourceType": "EC2Instance",
+                        "IsLatestVersion": True,
+                    }
+                    if last_ping is not None:
+                        item["LastPingDateTime"] = last_ping
+                    items.append(item)
         return {"InstanceInformationList": items}
 
     def timeline(self) -> dict[str, list[dict[str, Any]]]:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import enum
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -29,6 +30,31 @@ RELEASE_XCOM_KEY = "release"  # the release task's {"instance_id", "outcome"}, r
 STOPPED_OUTCOMES = ("stopped", "stopping", "already stopped", "already terminated")
 # SSM delivers a command to an Online agent within seconds; one Pending this long is not going anywhere soon.
 STUCK_PENDING_AFTER = timedelta(minutes=10)
+# AWS error codes no retry fixes: the principal lacks a permission or its credentials are refused, or the instance id
+# is wrong. Failing at once says so, where four backoff retries would only delay the same message by minutes.
+UNFIXABLE_ERROR_CODES = frozenset(
+    {
+        "UnauthorizedOperation",
+        "AuthFailure",
+        "Blocked",
+        "OptInRequired",
+        "InvalidClientTokenId",
+        "UnrecognizedClientException",
+        "SignatureDoesNotMatch",
+        "IncompleteSignature",
+        "MissingAuthenticationToken",
+        "ExpiredToken",
+        "ExpiredTokenException",
+        "InvalidInstanceId",
+        "InvalidInstanceID",
+    }
+)
+UNFIXABLE_ERROR_PREFIXES = ("AccessDenied", "InvalidInstanceID.", "Unauthorized")
+# StateReason codes of a stopped instance that a start may follow: a stop asked for (by a user, another run's
+# release, or the instance's own shutdown) and EC2's own trouble (Server.*: capacity, internal errors) that passes.
+# Any other Client.* reason on a start that went pending -> stopped is a launch error (a KMS key the volume cannot
+# use, a volume limit): starting again fails the same way.
+RESTARTABLE_REASONS = ("Client.UserInitiatedShutdown", "Client.InstanceInitiatedShutdown")
 
 
 class InstanceUnusable(RuntimeError):
@@ -66,7 +92,49 @@ def waiter_config(timeout: int, poll_interval: int) -> dict[str, int]:
     return {"Delay": poll_interval, "MaxAttempts": max(1, math.ceil(timeout / poll_interval))}
 
 
-def instance_state(ec2: Any, instance_id: str) -> str:
+def unfixable_error_code(error: BaseException) -> str | None:
+    """The error code of an AWS error that no retry fixes (see UNFIXABLE_ERROR_CODES), or None."""
+    if not isinstance(error, ClientError):
+        return None
+    code = error.response.get("Error", {}).get("Code", "")
+    return code if code in UNFIXABLE_ERROR_CODES or code.startswith(UNFIXABLE_ERROR_PREFIXES) else None
+
+
+@contextmanager
+def unusable_when_unfixable(instance_id: str) -> Iterator[None]:
+    """Turn an AWS error no retry fixes into InstanceUnusable naming the call, the code and what to do, so the task
+    fails at once with a clear message instead of retrying."""
+    try:
+        yield
+    except ClientError as error:
+        code = unfixable_error_code(error)
+        if code is None:
+            raise
+        if code.startswith("InvalidInstanceI"):
+            fix = "check the instance id (the form's instance_ids, VOD_SR_INSTANCE_IDS) and the connection's region"
+        else:
+            fix = (
+                "the AWS principal of Airflow's connection lacks this permission or its credentials are refused; "
+                "see iam/airflow-principal-policy.json"
+            )
+        message = error.response.get("Error", {}).get("Message", "")
+        raise InstanceUnusable(
+            f"{error.operation_name} for instance {instance_id} was refused with {code}: {message}. "
+            f"No retry can fix this: {fix}"
+        ) from None
+
+
+@dataclass(frozen=True)
+class InstanceStatus:
+    """What DescribeInstances says about the instance, as far as vod-sr cares."""
+
+    state: str
+    launch_time: datetime | None = None  # EC2 sets it at every start
+    reason_code: str = ""  # StateReason: why it is stopped (a stop asked for, or a start that failed)
+    reason_message: str = ""
+
+
+def describe_instance(ec2: Any, instance_id: str) -> InstanceStatus:
     try:
         reservations = ec2.describe_instances(InstanceIds=[instance_id])["Reservations"]
     except ClientError as error:
@@ -76,7 +144,34 @@ def instance_state(ec2: Any, instance_id: str) -> str:
     instances = [i for r in reservations for i in r["Instances"]]
     if not instances:
         raise InstanceUnusable(f"instance {instance_id} does not exist")
-    return instances[0]["State"]["Name"]
+    found = instances[0]
+    reason = found.get("StateReason") or {}
+    return InstanceStatus(
+        found["State"]["Name"], found.get("LaunchTime"), reason.get("Code", ""), reason.get("Message", "")
+    )
+
+
+def instance_state(ec2: Any, instance_id: str) -> str:
+    return describe_instance(ec2, instance_id).state
+
+
+def acquire_instance(
+    ec2: Any, instance_id: str, lease_id: str, holder: str, *, timeout: int, poll_interval: int
+) -> str:
+    """The acquire task's job: take the run's lease, start the instance if it is stopped; returns the state it was
+    found in. On failure the lease is dropped again. An AWS error no retry fixes (a permission missing, a wrong
+    instance id) raises InstanceUnusable with a clear message; InstanceCapacityError is worth retrying later."""
+    with unusable_when_unfixable(instance_id):
+        take_lease(ec2, instance_id, lease_id, holder)
+    try:
+        with unusable_when_unfixable(instance_id):
+            return ensure_started(ec2, instance_id, timeout=timeout, poll_interval=poll_interval)
+    except Exception:
+        try:
+            drop_lease(ec2, instance_id, lease_id)
+        except Exception as error:
+            log.warning("Could not drop lease %s on %s (it expires by itself): %s", lease_id, instance_id, error)
+        raise
 
 
 def ensure_started(ec2: Any, instance_id: str, *, timeout: int, poll_interval: int) -> str:
@@ -110,27 +205,58 @@ def start_instance(ec2: Any, instance_id: str) -> None:
         raise
 
 
-def agent_online(ssm: Any, instance_id: str) -> bool:
-    """Whether the instance's SSM agent reports PingStatus Online (EC2 `running` is not enough)."""
+def agent_information(ssm: Any, instance_id: str) -> dict[str, Any] | None:
+    """The instance's entry in DescribeInstanceInformation (PingStatus, LastPingDateTime, ...), or None."""
     info = ssm.describe_instance_information(Filters=[{"Key": "InstanceIds", "Values": [instance_id]}])
-    return any(
-        item["InstanceId"] == instance_id and item.get("PingStatus") == "Online"
-        for item in info.get("InstanceInformationList", [])
-    )
+    return next((i for i in info.get("InstanceInformationList", []) if i["InstanceId"] == instance_id), None)
+
+
+def agent_online(ssm: Any, instance_id: str, *, since: datetime | None = None) -> bool:
+    """Whether the instance's SSM agent reports PingStatus Online (EC2 `running` is not enough), with a last ping at
+    or after `since` when given: right after a quick stop/start, SSM still says Online from the previous boot."""
+    item = agent_information(ssm, instance_id)
+    if item is None or item.get("PingStatus") != "Online":
+        return False
+    last_ping = item.get("LastPingDateTime")
+    return since is None or (isinstance(last_ping, datetime) and last_ping >= since)
 
 
 def is_ready(ec2: Any, ssm: Any, instance_id: str, *, lease_id: str, holder: str) -> bool:
     """One look for the readiness wait: True once EC2 says running and the SSM agent is Online.
 
+    Online counts only with a LastPingDateTime at or after the instance's LaunchTime: right after a quick stop/start
+    SSM still shows the previous boot's Online, and a command sent then waits for an agent that is not there yet.
+
     The run holds a lease on the instance, so finding it stopping or stopped is not the end: another run's release
-    can stop it just after this run's acquire saw it running (that run saw no lease yet). Then the instance is
-    started again once stopped (re-taking the lease first, in case it was dropped) and the wait goes on, within the
-    sensor's bound. Raises InstanceUnusable when the instance can no longer get there (terminated).
+    can stop it just after this run's acquire saw it running (that run saw no lease yet), and a start can go
+    pending -> stopped when EC2 lacks capacity. Then the instance is started again once stopped (re-taking the lease
+    first, in case it was dropped) and the wait goes on, within the sensor's bound. Raises InstanceUnusable when the
+    instance cannot get there: terminated, a start that failed with a launch error (StateReason Client.*: a KMS key
+    the volume cannot use, ...; EC2's message is given), or an AWS error no retry fixes.
     """
-    state = instance_state(ec2, instance_id)
+    with unusable_when_unfixable(instance_id):
+        return _is_ready(ec2, ssm, instance_id, lease_id=lease_id, holder=holder)
+
+
+def _is_ready(ec2: Any, ssm: Any, instance_id: str, *, lease_id: str, holder: str) -> bool:
+    status = describe_instance(ec2, instance_id)
+    state = status.state
     match state:
         case "running":
-            return agent_online(ssm, instance_id)
+            item = agent_information(ssm, instance_id) or {}
+            if item.get("PingStatus") != "Online":
+                log.info("Waiting for the SSM agent of %s: PingStatus %s", instance_id, item.get("PingStatus"))
+                return False
+            if not agent_online(ssm, instance_id, since=status.launch_time):
+                log.info(
+                    "The SSM agent of %s says Online, but its last ping (%s) is from before the instance's launch "
+                    "(%s): a stale Online from the previous boot; waiting for the agent to check in",
+                    instance_id,
+                    item.get("LastPingDateTime"),
+                    status.launch_time,
+                )
+                return False
+            return True
         case "pending":
             return False
         case "stopping":
@@ -142,9 +268,20 @@ def is_ready(ec2: Any, ssm: Any, instance_id: str, *, lease_id: str, holder: str
             )
             return False
         case "stopped":
-            log.warning(
-                "Instance %s was stopped under this run, which holds lease %s: starting it again", instance_id, lease_id
-            )
+            reason = status.reason_message or status.reason_code or "no StateReason"
+            if status.reason_code.startswith("Client.") and status.reason_code not in RESTARTABLE_REASONS:
+                raise InstanceUnusable(
+                    f"instance {instance_id} could not start: EC2 says {reason}{_launch_hint(status)}"
+                )
+            if status.reason_code.startswith("Server."):
+                log.warning("EC2 could not start %s (%s): starting it again", instance_id, reason)
+            else:
+                log.warning(
+                    "Instance %s was stopped under this run, which holds lease %s (%s): starting it again",
+                    instance_id,
+                    lease_id,
+                    reason,
+                )
             refresh_lease(ec2, instance_id, lease_id, holder)
             try:
                 start_instance(ec2, instance_id)
@@ -153,6 +290,15 @@ def is_ready(ec2: Any, ssm: Any, instance_id: str, *, lease_id: str, holder: str
             return False
         case _:
             raise InstanceUnusable(f"instance {instance_id} went {state} while waiting for it to become ready")
+
+
+def _launch_hint(status: InstanceStatus) -> str:
+    if status.reason_code == "Client.InternalError" or status.reason_code.startswith("Client.InvalidKMSKey"):
+        return (
+            ". With an encrypted EBS volume this means EC2 cannot use the volume's KMS key: the key must be enabled "
+            "and its key policy or a grant must let EC2 use it for the instance (README, IAM)"
+        )
+    return ""
 
 
 def lease_tag_key(lease_id: str) -> str:

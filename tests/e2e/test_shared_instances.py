@@ -200,3 +200,115 @@ class TestStopRaces:
         assert stored_report(world)["instances_left_running"] == {world.instance_id: reason}
         assert f"instance {world.instance_id} {reason}" in task_log(caplog, capfd)  # the report's table
         world.ec2.stop_instances(InstanceIds=[world.instance_id])
+
+
+class TestStartsAndReadiness:
+    """Point 6: a stale Online is not ready, EC2's StateReason decides after a failed start, and errors no retry
+    fixes fail at once."""
+
+    def test_a_stale_online_right_after_a_quick_stop_start_is_not_taken_as_ready(
+        self, world, short_clip, caplog, capfd
+    ):
+        keys = upload(world, short_clip, 1)
+        registration = 8
+        world.emulator.set_faults(
+            {
+                "instances": {
+                    world.instance_id: {
+                        "stale_online_seconds": 120,  # AWS shows the stale Online for minutes
+                        "agent_registration_seconds": registration,
+                        "stopping_seconds": 1.5,
+                    }
+                }
+            }
+        )
+        start_and_wait_online(world)
+        world.ec2.stop_instances(InstanceIds=[world.instance_id])  # the quick stop/start: the run starts it again
+        world.emulator.reset_calls()
+
+        with caplog.at_level("INFO", logger="include.vod_sr.instance"):
+            run = world.run(sources=keys)
+
+        assert run.state == "success", run.task_states
+        boot = world.emulator.timeline()[world.instance_id]["running"][-1][0]  # when the run's start got running
+        first_send = calls(world, "SendCommand")[0]["time"]
+        # Nothing is sent before this boot's agent checked in, although SSM said Online all along.
+        assert first_send >= boot + registration - 0.5, (first_send - boot, run.task_states)
+        assert "a stale Online from the previous boot" in task_log(caplog, capfd)
+
+    def test_a_start_that_goes_pending_then_stopped_for_capacity_is_retried_and_the_run_succeeds(
+        self, world, short_clip, caplog, capfd
+    ):
+        keys = upload(world, short_clip, 1)
+        world.emulator.set_faults(
+            {
+                "instances": {
+                    world.instance_id: {
+                        "failed_starts": 1,
+                        "failed_start_reason": "Server.InsufficientInstanceCapacity",
+                    }
+                }
+            }
+        )
+
+        run = world.run(sources=keys)
+
+        assert run.state == "success", run.task_states
+        assert len(calls(world, "StartInstances")) == 2
+        log = task_log(caplog, capfd)
+        assert "EC2 could not start" in log and "Insufficient capacity to satisfy instance request" in log
+        assert world.instance_state() == "stopped"
+
+    def test_a_start_that_goes_pending_then_stopped_for_a_kms_grant_fails_at_once_with_ec2s_message(
+        self, world, short_clip, caplog, capfd
+    ):
+        keys = upload(world, short_clip, 1)
+        world.emulator.set_faults(
+            {"instances": {world.instance_id: {"failed_starts": 5, "failed_start_reason": "Client.InternalError"}}}
+        )
+
+        run = world.run(sources=keys)
+
+        assert run.state == "failed"
+        assert run.task_states["lane.wait_for_agent"] == ["failed"]
+        assert try_numbers(run, "lane.wait_for_agent") == [1]  # not retried: it would fail the same way
+        assert (
+            f"instance {world.instance_id} could not start: EC2 says Client.InternalError: Client error on launch"
+            in (task_log(caplog, capfd))
+        )
+        assert len(calls(world, "StartInstances")) == 1
+        assert run.task_states["lane.release"] == ["success"]
+        assert world.instance_state() == "stopped"
+
+    def test_an_unauthorized_start_fails_acquire_at_its_first_try(self, world, short_clip, caplog, capfd):
+        keys = upload(world, short_clip, 1)
+        world.emulator.set_faults(
+            {
+                "instances": {
+                    world.instance_id: {"denied_actions": ["StartInstances"], "denied_error": "UnauthorizedOperation"}
+                }
+            }
+        )
+
+        run = world.run(sources=keys)
+
+        assert run.state == "failed"
+        assert run.task_states["lane.acquire"] == ["failed"]
+        assert try_numbers(run, "lane.acquire") == [1]  # acquire has retries=4 with backoff: none is used
+        log = task_log(caplog, capfd)
+        assert f"StartInstances for instance {world.instance_id} was refused with UnauthorizedOperation" in log
+        assert "No retry can fix this" in log
+        assert len(calls(world, "StartInstances")) == 1
+        assert lease_tags(world) == {}  # acquire dropped its lease
+        assert world.instance_state() == "stopped"
+
+    def test_an_unknown_instance_fails_acquire_at_its_first_try(self, world, short_clip, caplog, capfd):
+        keys = upload(world, short_clip, 1)
+
+        run = world.run(sources=keys, instance_ids=["i-0123456789abcdef0"])
+
+        assert run.state == "failed"
+        assert try_numbers(run, "lane.acquire") == [1]
+        log = task_log(caplog, capfd)
+        assert "CreateTags for instance i-0123456789abcdef0 was refused with InvalidInstanceID.NotFound" in log
+        assert "check the instance id" in log

@@ -127,7 +127,9 @@ class TestSsmAgent:
 class TestEc2Lifecycle:
     def test_start_and_stop_take_time_and_the_agent_follows(self, clients, running_instance, emulator_env):
         ec2, ssm, _ = clients
-        emulator_env.set_faults({"instances": {running_instance: {"pending_seconds": 1, "stopping_seconds": 1}}})
+        emulator_env.set_faults(
+            {"instances": {running_instance: {"pending_seconds": 1, "stopping_seconds": 1, "stale_online_seconds": 0}}}
+        )
 
         ec2.stop_instances(InstanceIds=[running_instance])
         assert state(ec2, running_instance) == "stopping"
@@ -251,6 +253,148 @@ class TestFaults:
             adaptive.describe_instance_information()
 
         assert len(emulator_env.calls()) > 10  # the throttled attempts were retried, and the log saw them
+
+
+def ping(ssm, instance_id: str) -> dict:
+    (item,) = ssm.describe_instance_information(Filters=[{"Key": "InstanceIds", "Values": [instance_id]}])[
+        "InstanceInformationList"
+    ]
+    return item
+
+
+def described(ec2, instance_id: str) -> dict:
+    return ec2.describe_instances(InstanceIds=[instance_id])["Reservations"][0]["Instances"][0]
+
+
+def wait_state(ec2, instance_id: str, wanted: str, timeout: float = 20) -> dict:
+    deadline = time.monotonic() + timeout
+    while (instance := described(ec2, instance_id))["State"]["Name"] != wanted:
+        assert time.monotonic() < deadline, instance["State"]
+        time.sleep(0.1)
+    return instance
+
+
+@pytest.mark.e2e
+class TestAwsLikeStartsAndPings:
+    """What AWS does and moto did not: heartbeats and a stale Online, a new LaunchTime per start, starts that end
+    pending -> stopped, permission errors, CreateTags on an unknown instance (issue 8, point 6)."""
+
+    def test_last_ping_follows_the_heartbeats_and_a_stop_leaves_a_stale_online(
+        self, clients, running_instance, emulator_env
+    ):
+        ec2, ssm, _ = clients
+        emulator_env.set_faults({"instances": {running_instance: {"stale_online_seconds": 2, "stopping_seconds": 0.2}}})
+        online = ping(ssm, running_instance)
+        assert online["PingStatus"] == "Online"
+        assert abs(time.time() - online["LastPingDateTime"].timestamp()) < 2
+
+        stopped_at = time.time()
+        ec2.stop_instances(InstanceIds=[running_instance])
+        wait_state(ec2, running_instance, "stopped")
+        stale = ping(ssm, running_instance)
+
+        assert stale["PingStatus"] == "Online"  # what AWS shows for minutes after a stop
+        assert stale["LastPingDateTime"].timestamp() <= stopped_at + 0.5
+        time.sleep(2)
+        gone = ping(ssm, running_instance)
+        assert (gone["PingStatus"], gone["LastPingDateTime"]) == ("ConnectionLost", stale["LastPingDateTime"])
+
+    def test_every_start_has_a_new_launch_time_and_a_quick_restart_shows_the_old_ping_first(
+        self, clients, running_instance, emulator_env
+    ):
+        ec2, ssm, _ = clients
+        assert ping(ssm, running_instance)["PingStatus"] == "Online"  # this boot's agent checked in
+        first_launch = described(ec2, running_instance)["LaunchTime"]
+        emulator_env.set_faults(
+            {
+                "instances": {
+                    running_instance: {
+                        "stale_online_seconds": 60,
+                        "stopping_seconds": 0.2,
+                        "pending_seconds": 0.2,
+                        "agent_registration_seconds": 2,
+                    }
+                }
+            }
+        )
+        ec2.stop_instances(InstanceIds=[running_instance])
+        wait_state(ec2, running_instance, "stopped")
+        time.sleep(1.1)  # LaunchTime has whole seconds
+
+        ec2.start_instances(InstanceIds=[running_instance])
+        launch = wait_state(ec2, running_instance, "running")["LaunchTime"]
+        early = ping(ssm, running_instance)
+
+        assert launch > first_launch
+        assert early["PingStatus"] == "Online" and early["LastPingDateTime"] < launch  # stale: the previous boot's
+        time.sleep(2.2)
+        fresh = ping(ssm, running_instance)
+        assert fresh["PingStatus"] == "Online" and fresh["LastPingDateTime"] >= launch
+
+    @pytest.mark.parametrize(
+        ("reason", "message"),
+        [
+            pytest.param(
+                "Server.InsufficientInstanceCapacity",
+                "Server.InsufficientInstanceCapacity: Insufficient capacity to satisfy instance request",
+                id="capacity",
+            ),
+            pytest.param("Client.InternalError", "Client.InternalError: Client error on launch", id="kms-grant"),
+        ],
+    )
+    def test_a_start_can_go_pending_then_stopped_with_ec2s_state_reason(
+        self, clients, running_instance, emulator_env, reason, message
+    ):
+        ec2, _, _ = clients
+        emulator_env.set_faults({"instances": {running_instance: {"stopping_seconds": 0.2, "pending_seconds": 0.5}}})
+        ec2.stop_instances(InstanceIds=[running_instance])
+        wait_state(ec2, running_instance, "stopped")
+        emulator_env.set_faults({"instances": {running_instance: {"failed_starts": 1, "failed_start_reason": reason}}})
+
+        ec2.start_instances(InstanceIds=[running_instance])
+        assert described(ec2, running_instance)["State"]["Name"] == "pending"
+        failed = wait_state(ec2, running_instance, "stopped")
+
+        assert failed["StateReason"] == {"Code": reason, "Message": message}
+        ec2.start_instances(InstanceIds=[running_instance])  # the fault was for one start
+        assert wait_state(ec2, running_instance, "running")["StateReason"].get("Code", "") == ""
+
+    @pytest.mark.parametrize("action", ["StartInstances", "CreateTags", "DescribeInstances"])
+    @pytest.mark.parametrize("error", ["UnauthorizedOperation", "AccessDenied"])
+    def test_denied_actions_are_refused_for_that_instance_only(
+        self, clients, running_instance, emulator_env, action, error
+    ):
+        ec2, _, _ = clients
+        other = ec2.run_instances(ImageId="ami-12345678", MinCount=1, MaxCount=1)["Instances"][0]["InstanceId"]
+        emulator_env.set_faults({"instances": {running_instance: {"denied_actions": [action], "denied_error": error}}})
+        call = {
+            "StartInstances": lambda i: ec2.start_instances(InstanceIds=[i]),
+            "CreateTags": lambda i: ec2.create_tags(Resources=[i], Tags=[{"Key": "k", "Value": "v"}]),
+            "DescribeInstances": lambda i: ec2.describe_instances(InstanceIds=[i]),
+        }[action]
+
+        with pytest.raises(ClientError) as refused:
+            call(running_instance)
+        call(other)
+
+        assert refused.value.response["Error"]["Code"] == error
+        assert f"not authorized to perform: ec2:{action}" in refused.value.response["Error"]["Message"]
+        assert refused.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+
+    def test_create_tags_on_an_unknown_instance_is_refused_like_aws(self, clients):
+        ec2, _, _ = clients
+
+        with pytest.raises(ClientError, match="InvalidInstanceID.NotFound"):
+            ec2.create_tags(Resources=["i-0000000000000dead"], Tags=[{"Key": "k", "Value": "v"}])
+
+    @pytest.mark.parametrize(
+        "faults",
+        [{"failed_start_reason": "Gremlins"}, {"denied_actions": ["TerminateInstances"]}, {"denied_error": "Nope"}],
+        ids=["reason", "action", "error"],
+    )
+    def test_unknown_fault_values_are_refused(self, emulator_env, faults):
+        with pytest.raises(urllib.error.HTTPError, match="400"):
+            emulator_env.set_faults({"instances": {"i-1": faults}})
 
 
 def test_call_log_counts_every_call(emulator_env):

@@ -17,6 +17,7 @@ from include.vod_sr.instance import (
     Action,
     InstanceCapacityError,
     InstanceUnusable,
+    acquire_instance,
     agent_online,
     command_comment,
     drop_lease,
@@ -29,19 +30,22 @@ from include.vod_sr.instance import (
     refresh_lease,
     release,
     take_lease,
+    unfixable_error_code,
 )
 
 
 class StubSsm:
-    """Stub for the SSM calls moto lacks: DescribeInstanceInformation, and ListCommands with live commands."""
+    """Stub for the SSM calls moto lacks: DescribeInstanceInformation, and ListCommands with live commands.
+
+    `ping` maps an instance to its PingStatus, with LastPingDateTime now, or to (PingStatus, LastPingDateTime)."""
 
     def __init__(
         self,
-        ping: dict[str, str] | None = None,
+        ping: dict[str, str | tuple[str, datetime | None]] | None = None,
         commands: list[dict] | None = None,
         failing_cancels: tuple[str, ...] = (),
     ) -> None:
-        self.ping = ping or {}
+        self.ping = {i: p if isinstance(p, tuple) else (p, datetime.now(UTC)) for i, p in (ping or {}).items()}
         self.commands = commands or []
         self.failing_cancels = failing_cancels
         self.cancelled: list[str] = []
@@ -53,9 +57,13 @@ class StubSsm:
 
     def describe_instance_information(self, Filters):
         wanted = Filters[0]["Values"]
-        return {
-            "InstanceInformationList": [{"InstanceId": i, "PingStatus": s} for i, s in self.ping.items() if i in wanted]
-        }
+        items = []
+        for instance_id, (status, last_ping) in self.ping.items():
+            if instance_id in wanted:
+                items.append({"InstanceId": instance_id, "PingStatus": status})
+                if last_ping is not None:
+                    items[-1]["LastPingDateTime"] = last_ping
+        return {"InstanceInformationList": items}
 
     def get_paginator(self, name):
         assert name == "list_commands"
@@ -204,7 +212,10 @@ class TestStoppedUnderTheRun:
         assert "StartInstances" in calls
         assert instance_state(ec2, instance_id) in ("pending", "running")
         assert live_leases(ec2, instance_id) == {"run-b": "manual__b"}  # re-taken in case it was dropped
-        assert "was stopped under this run, which holds lease run-b: starting it again" in caplog.text
+        assert (
+            "was stopped under this run, which holds lease run-b (Client.UserInitiatedShutdown: User initiated "
+            "shutdown): starting it again" in caplog.text
+        )
 
     def test_a_stopping_instance_is_waited_for_not_started_yet(self, ec2, caplog):
         instance_id = new_instance(ec2)
@@ -229,6 +240,182 @@ class TestStoppedUnderTheRun:
 
         assert not ready(ec2, StubSsm({instance_id: "Online"}), instance_id)
         assert "no g6e.xlarge capacity; trying again at the next check" in caplog.text
+
+
+def launch_time(ec2, instance_id: str) -> datetime:
+    return ec2.describe_instances(InstanceIds=[instance_id])["Reservations"][0]["Instances"][0]["LaunchTime"]
+
+
+def report_state_reason(ec2, code: str, message: str) -> None:
+    """Make DescribeInstances report this StateReason, as after a start that went pending -> stopped."""
+
+    def rewrite(parsed, **_):
+        parsed["Reservations"][0]["Instances"][0]["StateReason"] = {"Code": code, "Message": message}
+
+    ec2.meta.events.register("after-call.ec2.DescribeInstances", rewrite)
+
+
+def refuse(ec2, operation: str, code: str, message: str = "You are not authorized to perform this operation.") -> None:
+    def refused(**_):
+        raise ClientError({"Error": {"Code": code, "Message": message}}, operation)
+
+    ec2.meta.events.register(f"before-call.ec2.{operation}", refused)
+
+
+class TestStaleOnline:
+    """PingStatus Online counts only with a last ping from this boot (issue 8, point 6)."""
+
+    def test_online_from_before_the_launch_is_not_ready(self, ec2, caplog):
+        instance_id = new_instance(ec2)
+        before_launch = launch_time(ec2, instance_id) - timedelta(minutes=3)
+
+        with caplog.at_level("INFO", logger="include.vod_sr.instance"):
+            assert not ready(ec2, StubSsm({instance_id: ("Online", before_launch)}), instance_id)
+        assert "a stale Online from the previous boot" in caplog.text
+
+    def test_online_with_a_ping_since_the_launch_is_ready(self, ec2):
+        instance_id = new_instance(ec2)
+        after_launch = launch_time(ec2, instance_id) + timedelta(seconds=40)
+
+        assert ready(ec2, StubSsm({instance_id: ("Online", after_launch)}), instance_id)
+
+    def test_online_without_a_last_ping_is_not_trusted(self, ec2):
+        instance_id = new_instance(ec2)
+
+        assert not ready(ec2, StubSsm({instance_id: ("Online", None)}), instance_id)
+
+
+class TestStartsThatGoPendingThenStopped:
+    """EC2's StateReason decides: capacity is tried again, a launch error fails at once (issue 8, point 6)."""
+
+    def test_a_capacity_reason_is_started_again(self, ec2, caplog):
+        instance_id = new_instance(ec2, "stopped")
+        report_state_reason(
+            ec2,
+            "Server.InsufficientInstanceCapacity",
+            "Server.InsufficientInstanceCapacity: Insufficient capacity to satisfy instance request",
+        )
+        calls = ec2_calls(ec2)
+
+        assert not ready(ec2, StubSsm(), instance_id)
+
+        assert "StartInstances" in calls
+        assert (
+            "EC2 could not start" in caplog.text and "Insufficient capacity to satisfy instance request" in caplog.text
+        )
+
+    @pytest.mark.parametrize(
+        ("code", "message"),
+        [
+            ("Client.InternalError", "Client.InternalError: Client error on launch"),
+            ("Client.InvalidKMSKey.InvalidState", "Client.InvalidKMSKey.InvalidState: The KMS key provided is in an i"),
+            ("Client.VolumeLimitExceeded", "Client.VolumeLimitExceeded: Volume limit exceeded"),
+        ],
+    )
+    def test_a_launch_error_fails_at_once_with_ec2s_message(self, ec2, code, message):
+        instance_id = new_instance(ec2, "stopped")
+        report_state_reason(ec2, code, message)
+        calls = ec2_calls(ec2)
+
+        with pytest.raises(InstanceUnusable, match=f"could not start: EC2 says {message}"):
+            ready(ec2, StubSsm(), instance_id)
+
+        assert "StartInstances" not in calls  # it would fail the same way
+
+    def test_the_kms_case_says_what_to_check(self, ec2):
+        instance_id = new_instance(ec2, "stopped")
+        report_state_reason(ec2, "Client.InternalError", "Client.InternalError: Client error on launch")
+
+        with pytest.raises(InstanceUnusable, match="EC2 cannot use the volume's KMS key"):
+            ready(ec2, StubSsm(), instance_id)
+
+
+class TestErrorsNoRetryFixes:
+    """AccessDenied, UnauthorizedOperation, an unknown instance: fail at once, naming the error (issue 8, point 6)."""
+
+    @pytest.mark.parametrize(
+        "code",
+        [
+            "AccessDenied",
+            "AccessDeniedException",
+            "UnauthorizedOperation",
+            "AuthFailure",
+            "InvalidInstanceID.NotFound",
+            "InvalidInstanceID.Malformed",
+            "InvalidInstanceId",
+            "ExpiredToken",
+            "UnrecognizedClientException",
+        ],
+    )
+    def test_unfixable(self, code):
+        assert unfixable_error_code(ClientError({"Error": {"Code": code}}, "StartInstances")) == code
+
+    @pytest.mark.parametrize(
+        "code",
+        [
+            "InsufficientInstanceCapacity",
+            "IncorrectInstanceState",
+            "RequestLimitExceeded",
+            "InternalError",
+            "Throttling",
+        ],
+    )
+    def test_retryable(self, code):
+        assert unfixable_error_code(ClientError({"Error": {"Code": code}}, "StartInstances")) is None
+
+    def test_an_unauthorized_start_fails_naming_the_error_and_drops_the_lease(self, ec2):
+        instance_id = new_instance(ec2, "stopped")
+        refuse(ec2, "StartInstances", "UnauthorizedOperation")
+
+        with pytest.raises(InstanceUnusable) as refused:
+            acquire_instance(ec2, instance_id, "run-a", "manual__a", timeout=10, poll_interval=1)
+
+        assert str(refused.value).startswith(
+            f"StartInstances for instance {instance_id} was refused with UnauthorizedOperation: You are not authorized"
+        )
+        assert "No retry can fix this" in str(refused.value) and "iam/airflow-principal-policy.json" in str(
+            refused.value
+        )
+        assert live_leases(ec2, instance_id) == {}
+
+    @pytest.mark.parametrize("operation", ["CreateTags", "DescribeTags", "DescribeInstances"])
+    def test_access_denied_on_any_call_of_acquire_fails_at_once(self, ec2, operation):
+        instance_id = new_instance(ec2, "stopped")
+        refuse(ec2, operation, "AccessDenied", "User is not authorized")
+
+        with pytest.raises(
+            InstanceUnusable, match=f"{operation} for instance {instance_id} was refused with AccessDenied"
+        ):
+            acquire_instance(ec2, instance_id, "run-a", "manual__a", timeout=10, poll_interval=1)
+
+    def test_an_unknown_instance_says_to_check_the_id(self, ec2):
+        instance_id = new_instance(ec2)
+        refuse(ec2, "CreateTags", "InvalidInstanceID.NotFound", "The instance ID 'i-0dead' does not exist")
+
+        with pytest.raises(InstanceUnusable, match="No retry can fix this: check the instance id"):
+            acquire_instance(ec2, instance_id, "run-a", "manual__a", timeout=10, poll_interval=1)
+
+    def test_capacity_on_acquire_stays_retryable_and_drops_the_lease(self, ec2):
+        instance_id = new_instance(ec2, "stopped")
+        refuse(ec2, "StartInstances", "InsufficientInstanceCapacity", "no g6e.xlarge capacity")
+
+        with pytest.raises(InstanceCapacityError):
+            acquire_instance(ec2, instance_id, "run-a", "manual__a", timeout=10, poll_interval=1)
+
+        assert live_leases(ec2, instance_id) == {}
+
+    def test_a_refused_readiness_check_fails_at_once(self, ec2):
+        instance_id = new_instance(ec2)
+
+        class DeniedSsm(StubSsm):
+            def describe_instance_information(self, Filters):
+                raise ClientError(
+                    {"Error": {"Code": "AccessDeniedException", "Message": "not authorized"}},
+                    "DescribeInstanceInformation",
+                )
+
+        with pytest.raises(InstanceUnusable, match="DescribeInstanceInformation .* refused with AccessDeniedException"):
+            ready(ec2, DeniedSsm(), instance_id)
 
 
 class TestLeasesAndRelease:
