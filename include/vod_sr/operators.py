@@ -14,6 +14,9 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 TRANSIENT_ERRORS_XCOM_KEY = "transient_aws_errors"
+# A chunk sent again after its instance went down under it runs as chunk RESEND_INDEX_BASE + its index: its own file
+# list and results objects, its own script header. Plans have at most MAX_MAPPED_CHUNKS (1024) chunks.
+RESEND_INDEX_BASE = 100_000
 
 
 class RunChunksOperator(BaseOperator):
@@ -29,6 +32,10 @@ class RunChunksOperator(BaseOperator):
     each command's deadline, and the reads after a command ended log them and go on. Each chunk's entry in the
     returned list counts them (`transient_errors`); the task logs the lane's total and pushes it to XCom under
     `TRANSIENT_ERRORS_XCOM_KEY` for the report.
+
+    A retry (the worker died) re-attaches to what earlier tries sent (`_reattach`). A chunk whose command died
+    because its instance went down under it is sent again once, for the files it had not finished, after starting
+    the instance again (`_resend_unfinished`).
 
     :param lane: the plan's work for one instance: `instance_id`, `run_token`, `model`, `output_bucket`,
         `execution_timeout` (each chunk's budget from taking the instance's lock), `file_timeout` and `chunks`.
@@ -76,6 +83,12 @@ class RunChunksOperator(BaseOperator):
 
         return aws_client("s3", self.aws_conn_id)
 
+    @cached_property
+    def ec2(self) -> Any:
+        from include.vod_sr.aws import aws_client
+
+        return aws_client("ec2", self.aws_conn_id)
+
     def execute(self, context: Any) -> list[dict[str, Any]]:
         return self._advance(context, self._reattach())
 
@@ -119,10 +132,22 @@ class RunChunksOperator(BaseOperator):
                 [chunk["index"] for chunk in chunks[:sent_count]],
                 lane["instance_id"],
             )
-        return [self._reattached(chunk, found[chunk["index"]]) for chunk in chunks[:sent_count]]
+        sent = []
+        for chunk in chunks[:sent_count]:
+            entry, status = self._reattached(chunk, found[chunk["index"]])
+            resent = found.get(RESEND_INDEX_BASE + chunk["index"])
+            if resent:
+                first_command_id = entry["command_id"]
+                entry, status = self._reattached({**chunk, "index": RESEND_INDEX_BASE + chunk["index"]}, resent)
+                entry.update(chunk=chunk["index"], resent=True, first_command_id=first_command_id)
+            if entry["outcome"] is not None:
+                self._after_end(entry, status)
+            sent.append(entry)
+        return sent
 
-    def _reattached(self, chunk: Mapping[str, Any], commands: list[dict[str, Any]]) -> dict[str, Any]:
-        """The entry `_send` made for `chunk`, rebuilt from its commands in SSM's record (oldest first)."""
+    def _reattached(self, chunk: Mapping[str, Any], commands: list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
+        """The entry `_send` made for `chunk`, rebuilt from its commands in SSM's record (oldest first), and the
+        Status of the command kept."""
         from include.vod_sr.commands import Outcome, cancel_commands, invocation_outcome
 
         def live(command: Mapping[str, Any]) -> bool:
@@ -165,7 +190,119 @@ class RunChunksOperator(BaseOperator):
         else:
             self.log.info("Chunk %s ended in an earlier try (%s): not sending it again", chunk["index"], kept["Status"])
             self._report_end(entry)
-        return entry
+        return entry, kept["Status"]
+
+    def _after_end(self, entry: dict[str, Any], status: str | None) -> None:
+        """A chunk's command has ended with `status` (its SSM Status). A chunk that died because its instance went
+        down under it is sent again, once, for the files it had not finished; a resent chunk's results are merged
+        into its chunk's results, where verify reads them."""
+        if entry.get("resent"):
+            self._merge_resent_results(entry)
+        elif entry["outcome"] == "failed" and status == "Failed" and self._instance_went_down(entry):
+            self._resend_unfinished(entry)
+
+    def _instance_went_down(self, entry: Mapping[str, Any]) -> bool:
+        """Whether the instance stopped (or is stopping, or was started again) since the chunk's command was sent.
+
+        SSM's status for a command whose instance went down is not specific (the emulator says Failed/Terminated;
+        a real agent reports the interrupted command as Failed when it starts again), so EC2 is asked."""
+        from include.vod_sr.commands import is_transient_error
+
+        try:
+            reservations = self.ec2.describe_instances(InstanceIds=[entry["instance_id"]])["Reservations"]
+        except Exception as error:
+            if not is_transient_error(error):
+                raise
+            self.log.warning("Chunk %s failed; cannot tell whether its instance went down: %s", entry["chunk"], error)
+            return False
+        instance = reservations[0]["Instances"][0]
+        sent_at = entry["delivery_deadline"] - self.delivery_timeout
+        went_down = instance["State"]["Name"] != "running" or instance["LaunchTime"].timestamp() > sent_at
+        if went_down:
+            self.log.warning(
+                "Chunk %s's command %s died with its instance %s (now %s, launched %s)",
+                entry["chunk"],
+                entry["command_id"],
+                entry["instance_id"],
+                instance["State"]["Name"],
+                instance["LaunchTime"],
+            )
+        return went_down
+
+    def _resend_unfinished(self, entry: dict[str, Any]) -> None:
+        """Send `entry`'s chunk again for the files without a result (stored in S3 or printed by its command), as
+        chunk RESEND_INDEX_BASE + its index, after making sure the instance is starting again; `entry` becomes the
+        resend's, so the task waits for it in the chunk's place.
+
+        The instance is started (after it has stopped, if it is stopping) but not waited for: SSM accepts a command
+        for a stopped or pending instance and holds it Pending until the agent is Online again, within the delivery
+        timeout, and the deferred wait treats Pending as pending. No stale Online status can deliver it early."""
+        from include.vod_sr.instance import InstanceUnusable, ensure_started
+
+        chunk = next(c for c in self.lane["chunks"] if c["index"] == entry["chunk"])
+        finished = self._result_lines(chunk["index"], entry["command_id"], entry["instance_id"])
+        unfinished = [job for job in chunk["files"] if job["index"] not in finished]
+        if not unfinished:
+            self.log.info(
+                "Chunk %s: every file had ended before the instance went down; nothing to send again", chunk["index"]
+            )
+            return
+        try:
+            found = ensure_started(
+                self.ec2,
+                entry["instance_id"],
+                timeout=self.release_timeout,
+                poll_interval=max(1, int(self.poll_interval)),
+            )
+        except InstanceUnusable as error:
+            self.log.error("Chunk %s is not sent again: %s", chunk["index"], error)
+            return
+        self.log.warning(
+            "Sending chunk %s again, once, for its %s unfinished file(s) of %s (instance %s was %s; %s were finished)",
+            chunk["index"],
+            len(unfinished),
+            len(chunk["files"]),
+            entry["instance_id"],
+            found,
+            sorted(finished),
+        )
+        resend = self._send({**chunk, "index": RESEND_INDEX_BASE + chunk["index"], "files": unfinished})
+        entry.update(
+            {**resend, "chunk": chunk["index"], "transient_errors": entry.get("transient_errors", 0)},
+            resent=True,
+            first_command_id=entry["command_id"],
+        )
+
+    def _merge_resent_results(self, entry: Mapping[str, Any]) -> None:
+        """Write the chunk's results as the first command's (stored or printed) plus its resend's, so verify, which
+        reads the chunk's results, credits every file whichever command did it. Idempotent."""
+        from include.vod_sr.script import chunk_keys
+
+        index = entry["chunk"]
+        lines = self._result_lines(index, entry["first_command_id"], entry["instance_id"])
+        lines.update(self._result_lines(RESEND_INDEX_BASE + index, entry["command_id"], entry["instance_id"]))
+        _, results_key = chunk_keys(self.lane["run_token"], index)
+        body = "".join(line + "\n" for _, line in sorted(lines.items()))
+        self.s3.put_object(Bucket=self.lane["output_bucket"], Key=results_key, Body=body.encode())
+        self.log.info("Chunk %s: results of both its commands stored (%s file(s))", index, len(lines))
+
+    def _result_lines(self, chunk_index: int, command_id: str, instance_id: str) -> dict[int, str]:
+        """File index -> `VODSR-RESULT` line, from the chunk's results object and its command's output (a kill can
+        fall between a file's result line and its store)."""
+        from include.vod_sr.commands import get_invocation
+        from include.vod_sr.script import chunk_keys, parse_result_lines
+
+        _, results_key = chunk_keys(self.lane["run_token"], chunk_index)
+        try:
+            stored = self.s3.get_object(Bucket=self.lane["output_bucket"], Key=results_key)["Body"].read().decode()
+        except self.s3.exceptions.NoSuchKey:
+            stored = ""
+        printed = (get_invocation(self.ssm, command_id, instance_id) or {}).get("StandardOutputContent") or ""
+        lines: dict[int, str] = {}
+        for line in (printed + "\n" + stored).splitlines():
+            for file_index in parse_result_lines(line):
+                lines[file_index] = line
+        return lines
 
     def resume(self, context: Any, event: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         if (
@@ -189,6 +326,7 @@ class RunChunksOperator(BaseOperator):
             if entry["command_id"] in ended and entry["outcome"] is None:
                 entry["outcome"] = ended[entry["command_id"]]["outcome"]
                 self._report_end(entry)
+                self._after_end(entry, ended[entry["command_id"]].get("invocation_status"))
         return self._advance(context, sent)
 
     def on_kill(self) -> None:

@@ -1,12 +1,16 @@
-"""A worker lost while run_chunks sends its chunks (issue 8, point 9): the retry re-attaches and sends each chunk once.
+"""Losing what runs a chunk: the worker that sends it, or the instance under it.
 
-The real Airflow components (`airflow standalone`) run the DAG against the emulator, with their AWS calls going
-through a proxy that holds the SendCommand of chunk 1. While it is held, the test SIGKILLs the process that made it:
-the task process, found by the TCP connection it holds open to the proxy, so the kill falls exactly between the
-send of chunk 0 and the answer to the send of chunk 1. The proxy then lets the held request through: SSM accepts
-chunk 1's command, whose id the dead worker never learned (SendCommand has no idempotency token). Airflow retries
-run_chunks, whose retry must find chunk 0 (ended by then) and chunk 1 (still running: its one file takes a minute)
-in SSM's own record, wait for chunk 1 again, and send only chunk 2.
+**The worker** (issue 8, point 9). The real Airflow components (`airflow standalone`) run the DAG against the
+emulator, with their AWS calls going through a proxy that holds the SendCommand of chunk 1. While it is held, the
+test SIGKILLs the process that made it: the task process, found by the TCP connection it holds open to the proxy, so
+the kill falls exactly between the send of chunk 0 and the answer to the send of chunk 1. The proxy then lets the
+held request through: SSM accepts chunk 1's command, whose id the dead worker never learned (SendCommand has no
+idempotency token). Airflow retries run_chunks, whose retry must find chunk 0 (ended by then) and chunk 1 (still
+running: its one file takes a minute) in SSM's own record, wait for chunk 1 again, and send only chunk 2.
+
+**The instance** (issue 8, point 5). With `dag.test()`, the instance is stopped under a chunk two files into it (as
+another run's teardown would): both commands in flight die with it. run_chunks starts the instance again and sends
+each chunk once more, for the files it had not finished only.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import os
 import re
 import signal
 import threading
+import time
 import urllib.parse
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -26,9 +31,13 @@ import pytest
 
 from include.local_aws.airflow_stack import AirflowStack
 from include.local_aws.world import OUTPUT_BUCKET, airflow_env, boto_client, make_sample_clip
+from include.vod_sr.commands import get_invocation
+from include.vod_sr.operators import RESEND_INDEX_BASE
 from include.vod_sr.plan import run_token
+from include.vod_sr.script import parse_result_lines
+from tests.e2e.test_batch_e2e import stored_report
 
-pytestmark = [pytest.mark.e2e, pytest.mark.fullstack]
+pytestmark = pytest.mark.e2e
 DAG_ID = "vod_sr_batch"
 # ffmpeg's `realtime` filter makes each file take as long as it plays, at almost no CPU cost.
 REALTIME_MODEL = {
@@ -146,6 +155,7 @@ def chunk_commands(world, run_token: str) -> dict[int, list[dict[str, Any]]]:
     return found
 
 
+@pytest.mark.fullstack
 def test_a_worker_killed_between_two_sends_is_retried_and_every_chunk_is_sent_once(airflow, proxy, world, tmp_path):
     short, long = (make_sample_clip(tmp_path / f"{n}.mp4", seconds=n, size="320x240") for n in (2, 60))
     for key in SOURCES:
@@ -179,3 +189,76 @@ def test_a_worker_killed_between_two_sends_is_retried_and_every_chunk_is_sent_on
         airflow.home / "logs" / f"dag_id={DAG_ID}" / f"run_id={run_id}" / "task_id=lane.run_chunks" / "map_index=0"
     ) / "attempt=2.log"
     assert "re-attaching to them instead of sending them again" in retry_log.read_text()
+
+
+class StopAfterFiles(threading.Thread):
+    """Stops the instance as soon as chunk 0's command shows `files` files done (what another run's teardown that
+    saw no other lease would do)."""
+
+    def __init__(self, world, files: int) -> None:
+        super().__init__(daemon=True)
+        self.world, self.files = world, files
+        self.ssm = boto_client("ssm", world.emulator.endpoint_url)
+        self.stopped_at: float | None = None
+        self.problem: str | None = None
+
+    def run(self) -> None:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            for command in self.ssm.list_commands(InstanceId=self.world.instance_id)["Commands"]:
+                header = CHUNK_HEADER.search("\n".join(command["Parameters"]["commands"]))
+                if header is None or header.group(2) != "0":
+                    continue
+                invocation = get_invocation(self.ssm, command["CommandId"], self.world.instance_id)
+                output = (invocation or {}).get("StandardOutputContent") or ""
+                if sum(r["status"] == "ok" for r in parse_result_lines(output).values()) >= self.files:
+                    self.world.ec2.stop_instances(InstanceIds=[self.world.instance_id])
+                    self.stopped_at = time.time()
+                    return
+            time.sleep(0.2)
+        self.problem = f"chunk 0 never showed {self.files} files done"
+
+
+def test_chunks_that_died_with_their_instance_are_sent_again_once_for_their_unfinished_files(
+    world, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("AIRFLOW_VAR_VOD_SR_MODELS", json.dumps({"rt": REALTIME_MODEL}))
+    short, long = (make_sample_clip(tmp_path / f"{n}.mp4", seconds=n, size="320x240") for n in (1, 20))
+    sources = ["down/0.mp4", "down/1.mp4", "down/2-long.mp4", "down/3.mp4", "down/4.mp4"]
+    for key in sources:
+        world.upload(key, long if "long" in key else short)
+    stopper = StopAfterFiles(world, files=2)
+    stopper.start()
+
+    run = world.run(sources=sources, custom_model="rt", chunk_size=4)  # chunk 0: files 0-3, chunk 1: file 4
+
+    stopper.join(timeout=10)
+    assert stopper.stopped_at, stopper.problem
+    assert run.state == "success", run.task_states
+    report = stored_report(world, run)
+    assert {f["source"].rsplit("/", 1)[-1]: f["status"] for f in report["files"]} == dict.fromkeys(
+        ["0.mp4", "1.mp4", "2-long.mp4", "3.mp4", "4.mp4"], "ok"
+    )
+    commands = chunk_commands(world, run_token(DAG_ID, run.run_id))
+    ssm = boto_client("ssm", world.emulator.endpoint_url)
+
+    def how_it_ended(command: dict[str, Any]) -> tuple[str, str]:
+        invocation = get_invocation(ssm, command["CommandId"], world.instance_id)
+        return invocation["Status"], invocation["StatusDetails"]
+
+    ended = {chunk: [how_it_ended(c) for c in sent] for chunk, sent in commands.items()}
+    resent_0, resent_1 = RESEND_INDEX_BASE, RESEND_INDEX_BASE + 1
+    assert ended[0] == [("Failed", "Terminated")]  # chunk 0 died with the instance ...
+    assert ended[resent_0] == [("Success", "Success")]  # ... and was sent again once
+    # Chunk 1 was sent with chunk 0 and either took the instance's lock first (and was done before the stop) or was
+    # waiting for it: then it died too and was sent again once.
+    assert (ended[1], ended.get(resent_1)) in (
+        ([("Success", "Success")], None),
+        ([("Failed", "Terminated")], [("Success", "Success")]),
+    ), ended
+    assert set(ended) <= {0, 1, resent_0, resent_1}
+    resent_output = get_invocation(ssm, commands[resent_0][0]["CommandId"], world.instance_id)
+    assert sorted(parse_result_lines(resent_output["StandardOutputContent"])) == [2, 3]  # only what was unfinished
+    # The two files finished before the stop were not done again: their outputs date from before it.
+    for key in ("down/0_sr_rt.mp4", "down/1_sr_rt.mp4"):
+        assert world.s3.head_object(Bucket=OUTPUT_BUCKET, Key=key)["LastModified"].timestamp() < stopper.stopped_at

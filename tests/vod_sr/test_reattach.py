@@ -21,6 +21,7 @@ from botocore.exceptions import ReadTimeoutError
 from include.local_aws.world import boto_client
 from include.vod_sr.catalog import BUILTIN_MODELS
 from include.vod_sr.commands import get_invocation
+from include.vod_sr.operators import RESEND_INDEX_BASE
 from include.vod_sr.plan import BatchRequest, plan_batch
 from include.vod_sr.script import script_header
 
@@ -43,6 +44,7 @@ class Lane:
     def __init__(self, endpoint_url: str, instance_id: str, seconds: dict[int, float], monkeypatch) -> None:
         self.instance_id = instance_id
         self.s3, self.ssm = boto_client("s3", endpoint_url), boto_client("ssm", endpoint_url)
+        self.ec2 = boto_client("ec2", endpoint_url)
         bucket = f"reattach-{uuid.uuid4().hex[:12]}"
         self.s3.create_bucket(Bucket=bucket)
         keys = [f"in/{n}.mp4" for n in range(3)]
@@ -83,10 +85,16 @@ class Lane:
         found: dict[int, list[dict[str, Any]]] = {}
         for command in self.ssm.list_commands(InstanceId=self.instance_id)["Commands"]:
             script = "\n".join(command["Parameters"]["commands"])
-            for chunk in range(3):
+            for chunk in (0, 1, 2, RESEND_INDEX_BASE, RESEND_INDEX_BASE + 1):
                 if script_header(self.token, chunk) in script:
                     found.setdefault(chunk, []).append(command)
         return found
+
+    def wait_until_running(self, command_id: str) -> None:
+        deadline = time.monotonic() + 30
+        while (get_invocation(self.ssm, command_id, self.instance_id) or {}).get("Status") != "InProgress":
+            assert time.monotonic() < deadline, f"command {command_id} never ran"
+            time.sleep(0.2)
 
     def wait_until_ended(self, command_id: str) -> str:
         deadline = time.monotonic() + 30
@@ -96,6 +104,9 @@ class Lane:
                 return invocation["Status"]
             time.sleep(0.2)
         raise AssertionError(f"command {command_id} did not end")
+
+    def ssm_stop_instance(self) -> None:
+        self.ec2.stop_instances(InstanceIds=[self.instance_id])
 
     def cancel_all(self) -> None:
         for commands in self.commands_by_chunk().values():
@@ -126,6 +137,12 @@ def defer(operator, context=None) -> Any:
     with pytest.raises(TaskDeferred) as deferred:
         operator.execute(context or task_context())
     return deferred.value.trigger
+
+
+async def first_event(trigger) -> dict[str, Any]:
+    async for event in trigger.run():
+        return event.payload
+    raise AssertionError("the trigger ended without an event")
 
 
 def sends(emulator) -> int:
@@ -236,6 +253,31 @@ class TestARetryReattachesInsteadOfResending:
 
         assert sends(emulator_env) == 0
 
+    def test_a_retry_after_chunks_were_sent_again_reattaches_to_the_resends(self, lane_on, emulator_env):
+        import asyncio
+
+        lane = lane_on({0: 60, 1: 60, 2: 60, RESEND_INDEX_BASE: 60, RESEND_INDEX_BASE + 1: 60})
+        first = lane.operator()
+        trigger = defer(first)
+        for command in trigger.commands:
+            lane.wait_until_running(command["command_id"])
+        lane.ssm_stop_instance()  # both commands in flight die with the instance
+        for command in trigger.commands:
+            assert lane.wait_until_ended(command["command_id"]) == "Failed"
+        event = asyncio.run(first_event(trigger))
+        assert sorted(c["invocation_status"] for c in event["commands"]) == ["Failed", "Failed"]
+        with pytest.raises(TaskDeferred) as resent:
+            first.resume(task_context(), event)  # starts the instance again, sends both chunks again
+        resends = [command["command_id"] for command in resent.value.trigger.commands]
+        assert sorted(lane.commands_by_chunk()) == [0, 1, RESEND_INDEX_BASE, RESEND_INDEX_BASE + 1]
+        emulator_env.reset_calls()
+
+        retry = defer(lane.operator())  # the worker died after sending the resends
+
+        assert [command["command_id"] for command in retry.commands] == resends
+        assert sends(emulator_env) == 0
+        assert [(e["chunk"], e.get("resent")) for e in retry.resume_state] == [(0, True), (1, True)]
+
     def test_a_first_try_asks_ssm_nothing_before_sending(self, lane_on, emulator_env):
         lane = lane_on({0: 0, 1: 0, 2: 0})
         emulator_env.reset_calls()
@@ -307,3 +349,76 @@ class TestSentChunkCommands:
         assert ssm.calls == [
             {"InstanceId": "i-1", "Filters": [{"key": "InvokedAfter", "value": "2026-11-29T07:55:00Z"}]}
         ]
+
+
+class StubEc2:
+    def __init__(self, state: str, launched_ago: float) -> None:
+        from datetime import UTC, datetime, timedelta
+
+        self.instance = {
+            "State": {"Name": state},
+            "LaunchTime": datetime.now(UTC) - timedelta(seconds=launched_ago),
+        }
+
+    def describe_instances(self, InstanceIds):
+        return {"Reservations": [{"Instances": [self.instance]}]}
+
+
+class TestWhenAChunkIsSentAgain:
+    """Only a chunk whose command failed because its instance went down is sent again, and only once."""
+
+    @pytest.fixture
+    def operator(self, monkeypatch):
+        from include.vod_sr.operators import RunChunksOperator
+
+        lane = {"instance_id": "i-1", "run_token": "t", "output_bucket": "b", "execution_timeout": 60, "chunks": []}
+        operator = RunChunksOperator(task_id="run_chunks", lane=lane, delivery_timeout=30)
+        operator.calls = []
+        monkeypatch.setattr(operator, "_resend_unfinished", lambda entry: operator.calls.append("resend"))
+        monkeypatch.setattr(operator, "_merge_resent_results", lambda entry: operator.calls.append("merge"))
+        return operator
+
+    @staticmethod
+    def ended(sent_ago: float, **extra) -> dict[str, Any]:
+        return {
+            "chunk": 0,
+            "command_id": "c",
+            "instance_id": "i-1",
+            "delivery_deadline": time.time() - sent_ago + 30,
+            "outcome": "failed",
+            **extra,
+        }
+
+    @pytest.mark.parametrize(
+        ("state", "launched_ago", "status", "expected"),
+        [
+            pytest.param("stopping", 600, "Failed", ["resend"], id="instance-stopping"),
+            pytest.param("stopped", 600, "Failed", ["resend"], id="instance-stopped"),
+            pytest.param("running", 10, "Failed", ["resend"], id="instance-started-again-since"),
+            pytest.param("running", 600, "Failed", [], id="instance-up-all-along"),
+            pytest.param("stopped", 600, "Cancelled", [], id="cancelled"),
+            pytest.param("stopped", 600, "TimedOut", [], id="timed-out"),
+        ],
+    )
+    def test_a_failed_chunk_is_sent_again_only_when_its_instance_went_down(
+        self, operator, state, launched_ago, status, expected
+    ):
+        operator.ec2 = StubEc2(state, launched_ago)
+
+        operator._after_end(self.ended(sent_ago=60), status)
+
+        assert operator.calls == expected
+
+    def test_a_resent_chunk_that_dies_again_is_not_sent_a_third_time(self, operator):
+        operator.ec2 = StubEc2("stopped", 600)
+
+        operator._after_end(self.ended(sent_ago=60, resent=True, first_command_id="c0"), "Failed")
+
+        assert operator.calls == ["merge"]  # its files that ended are credited; the rest fail in the report
+
+    def test_a_successful_chunk_is_not_sent_again(self, operator):
+        operator.ec2 = StubEc2("stopped", 600)
+
+        operator._after_end({**self.ended(sent_ago=60), "outcome": "success"}, "Success")
+
+        assert operator.calls == []
