@@ -369,6 +369,7 @@ class RunChunksOperator(BaseOperator):
             comment=command_comment(token, f"chunk {chunk.index} ({len(chunk.files)} files)"),
             execution_timeout=limits.backstop,
             delivery_timeout=self.delivery_timeout,
+            output_bucket=bucket,  # the run's output bucket, which the form may override
         )
         self.log.info(
             "Sent chunk %s (%s files) to %s: command %s", chunk.index, len(chunk.files), chunk.instance_id, command_id
