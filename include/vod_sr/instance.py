@@ -1,7 +1,10 @@
 """The GPU instance: EC2 state handling, SSM readiness, leases and stop-when-idle.
 
-Runs that share an instance each hold a lease (an EC2 tag). A run's teardown drops its own lease and stops the
-instance only when no other live lease and no live SSM command remain, so one run never stops another's work.
+Runs that share an instance each hold a lease (an EC2 tag), refreshed while they work; expired leases are deleted
+where leases are read. A run's teardown drops its own lease and stops the instance only when no other live lease
+and no live vod-sr command of another run remain, so one run never stops another's work, and nothing else (a
+patching command, a command stuck Pending) keeps the instance running. A run whose instance is stopped under it
+starts it again. AWS errors no retry fixes become InstanceUnusable, with a message that says what to fix.
 """
 
 from __future__ import annotations
@@ -214,11 +217,14 @@ def agent_information(ssm: Any, instance_id: str) -> dict[str, Any] | None:
 def agent_online(ssm: Any, instance_id: str, *, since: datetime | None = None) -> bool:
     """Whether the instance's SSM agent reports PingStatus Online (EC2 `running` is not enough), with a last ping at
     or after `since` when given: right after a quick stop/start, SSM still says Online from the previous boot."""
-    item = agent_information(ssm, instance_id)
-    if item is None or item.get("PingStatus") != "Online":
-        return False
+    return _online_since(agent_information(ssm, instance_id) or {}, since)
+
+
+def _online_since(item: Mapping[str, Any], since: datetime | None) -> bool:
     last_ping = item.get("LastPingDateTime")
-    return since is None or (isinstance(last_ping, datetime) and last_ping >= since)
+    return item.get("PingStatus") == "Online" and (
+        since is None or (isinstance(last_ping, datetime) and last_ping >= since)
+    )
 
 
 def is_ready(ec2: Any, ssm: Any, instance_id: str, *, lease_id: str, holder: str) -> bool:
@@ -247,7 +253,7 @@ def _is_ready(ec2: Any, ssm: Any, instance_id: str, *, lease_id: str, holder: st
             if item.get("PingStatus") != "Online":
                 log.info("Waiting for the SSM agent of %s: PingStatus %s", instance_id, item.get("PingStatus"))
                 return False
-            if not agent_online(ssm, instance_id, since=status.launch_time):
+            if not _online_since(item, status.launch_time):
                 log.info(
                     "The SSM agent of %s says Online, but its last ping (%s) is from before the instance's launch "
                     "(%s): a stale Online from the previous boot; waiting for the agent to check in",
