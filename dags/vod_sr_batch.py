@@ -12,10 +12,13 @@ verifies every output in S3, writes a report and stops the instances again, also
    - **install_cli** installs the AWS CLI if the instance lacks it (a no-op otherwise);
    - **run_chunks** sends one SSM command per chunk, two at a time so the GPU never waits, and waits for them
      deferred (no worker slot held);
-   - **verify** checks each output exists, is non-empty, has the size the instance wrote and was written by this run;
-   - **release** (teardown) drops the lease and stops the instance unless another run still uses it.
-3. **report** logs one row per file, stores a JSON report in S3 and fails the run if any file failed, printing a
-   conf that re-runs only the failures.
+   - **verify** checks each output exists, is non-empty, has the size the instance wrote, was written by this run
+     and is its source upscaled (resolution at the model's scale, duration, audio);
+   - **release** (teardown) cancels this run's commands still live, drops the lease and stops the instance unless
+     another run still uses it.
+3. **report** (after every lane's release) logs one row per file, stores a JSON report in S3, says which instances
+   were left running and why, and fails the run if any file failed, printing a link and a conf that re-run only
+   the failures.
 
 See the README for configuration, manifest formats and IAM.
 """
