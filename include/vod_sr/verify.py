@@ -196,9 +196,9 @@ def verify_file(
 
 
 def chunk_commands(ssm: Any, instance_id: str, run_token: str, since: datetime) -> dict[int, str]:
-    """This run's chunk commands on `instance_id` sent after `since`: chunk index -> command id (the latest, should
-    a chunk have been sent twice). One paginated ListCommands."""
-    latest: dict[int, tuple[datetime, str]] = {}
+    """This run's chunk commands on `instance_id` sent after `since`: chunk index -> command id. Should a chunk have
+    been sent twice, the first, as run_chunks keeps it (and cancels the duplicate). One paginated ListCommands."""
+    first: dict[int, tuple[datetime, str]] = {}
     pages = ssm.get_paginator("list_commands").paginate(
         InstanceId=instance_id,
         Filters=[{"key": "InvokedAfter", "value": (since - _CLOCK_MARGIN).strftime("%Y-%m-%dT%H:%M:%SZ")}],
@@ -209,9 +209,9 @@ def chunk_commands(ssm: Any, instance_id: str, run_token: str, since: datetime) 
             if header is None or header.group(1) != run_token:
                 continue
             index, requested = int(header.group(2)), command["RequestedDateTime"]
-            if index not in latest or requested > latest[index][0]:
-                latest[index] = (requested, command["CommandId"])
-    return {index: command_id for index, (_, command_id) in latest.items()}
+            if index not in first or requested < first[index][0]:
+                first[index] = (requested, command["CommandId"])
+    return {index: command_id for index, (_, command_id) in first.items()}
 
 
 def _incomplete_chunks_from_ssm(

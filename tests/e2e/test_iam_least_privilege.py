@@ -352,8 +352,8 @@ def test_s3_writes_stay_in_their_principals_places(served):
     assert [k for k in instance if not k.startswith(f"{served.prefix}/") and not k.startswith("vod-sr-runs/")] == []
     assert [k for k in instance if k.startswith("vod-sr-runs/") and k.endswith(".files")] == []
     assert any(k.endswith(".results") for k in instance)
-    # Airflow: chunk lists and reports only; never an output or the instance's results.
-    assert [k for k in airflow if not re.fullmatch(r"vod-sr-runs/.+\.files|vod-sr-reports/.+", k)] == []
+    # Airflow: chunk lists, reports and (only for a chunk sent again) merged results; never an output.
+    assert [k for k in airflow if not re.fullmatch(r"vod-sr-runs/.+\.(files|results)|vod-sr-reports/.+", k)] == []
 
 
 def test_manifests_are_read_only_where_they_live(served):

@@ -445,3 +445,21 @@ class TestReport:
 
         stored = json.loads(s3.get_object(Bucket=OUTPUT, Key=uri.split(f"{OUTPUT}/", 1)[1])["Body"].read())
         assert stored["counts"] == {"ok": 1, "skipped": 1}
+
+
+def test_a_chunk_sent_twice_is_read_from_its_first_command_as_run_chunks_keeps_it():
+    from datetime import timedelta
+
+    from include.vod_sr.verify import chunk_commands
+
+    first = StubSsm().command
+    duplicate = {**first, "CommandId": "duplicate", "RequestedDateTime": first["RequestedDateTime"] + timedelta(1)}
+
+    class TwoCommands:  # ListCommands holding the chunk twice, the duplicate listed first (newest first, as SSM does)
+        def get_paginator(self, name: str):
+            return self
+
+        def paginate(self, **kwargs):
+            return [{"Commands": [duplicate, first]}]
+
+    assert chunk_commands(TwoCommands(), "i-1", TOKEN, first["RequestedDateTime"]) == {0: COMMAND_ID}
