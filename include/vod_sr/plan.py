@@ -204,25 +204,36 @@ def run_token(dag_id: str, run_id: str) -> str:
     return hashlib.sha256(f"{dag_id}/{run_id}".encode()).hexdigest()[:16]
 
 
-def _list(s3_client: Any, bucket: str, prefix: str) -> Iterable[dict[str, Any]]:
+def _list(s3_client: Any, bucket: str, prefix: str, start_after: str = "") -> Iterable[dict[str, Any]]:
+    """The bucket's objects under `prefix`, after `start_after`, in S3's order (UTF-8 bytes); pages are fetched
+    only as the caller reads on."""
+    bounds = {"StartAfter": start_after} if start_after else {}
     try:
-        for page in s3_client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for page in s3_client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, **bounds):
             yield from page.get("Contents", [])
     except s3_client.exceptions.NoSuchBucket:
         raise PlanError(f"bucket {bucket!r} does not exist") from None
 
 
 def existing_objects(s3_client: Any, objects: Iterable[S3Object]) -> dict[S3Object, dict[str, Any]]:
-    """Which of `objects` exist, with their listing entries: one paginated listing per folder, not per key."""
+    """Which of `objects` exist, with their listing entries: one listing per folder, not a call per key.
+
+    Each listing is bounded to the wanted keys' range: it starts just before the first (StartAfter) and stops after
+    the last, so keys at the bucket's root or in one huge folder never make it list the whole bucket."""
     by_folder: dict[tuple[str, str], list[str]] = defaultdict(list)
     for obj in objects:
         by_folder[(obj.bucket, posixpath.dirname(obj.key))].append(obj.key)
     found: dict[S3Object, dict[str, Any]] = {}
     for (bucket, _), keys in by_folder.items():
-        wanted = set(keys)
-        prefix = os.path.commonprefix(keys)  # noqa: RUF071 - S3 prefixes are plain string prefixes
-        for item in _list(s3_client, bucket, prefix):
-            if item["Key"] in wanted:
+        wanted_keys = set(keys)
+        wanted = sorted(wanted_keys, key=str.encode)  # S3 lists keys in UTF-8 byte order
+        prefix = os.path.commonprefix(wanted)  # noqa: RUF071 - S3 prefixes are plain string prefixes
+        last = wanted[-1].encode()
+        # A key's own prefix sorts just before it: listing after it starts at or before the first wanted key.
+        for item in _list(s3_client, bucket, prefix, start_after=wanted[0][:-1]):
+            if item["Key"].encode() > last:
+                break
+            if item["Key"] in wanted_keys:
                 found[S3Object(bucket, item["Key"])] = item
     return found
 

@@ -6,7 +6,7 @@ from moto import mock_aws
 
 from include.vod_sr.budget import AFTER_BUDGET, MAX_CHUNK_BUDGET, ChunkLimits, chunk_limits
 from include.vod_sr.limits import MAX_EXECUTION_TIMEOUT, MAX_MAPPED_CHUNKS
-from include.vod_sr.plan import BatchRequest, FileJob, PlanError, chunk_files, plan_batch, run_token
+from include.vod_sr.plan import BatchRequest, FileJob, PlanError, chunk_files, existing_objects, plan_batch, run_token
 from include.vod_sr.sources import S3Object
 from tests.vod_sr.test_sources import HOSTILE_KEYS
 
@@ -329,3 +329,35 @@ class TestSourceForms:
         plan = plan_batch(request("in/a.mp4", prefixes=["in/"], manifest="m.txt"), s3, run_token=TOKEN)
 
         assert [f.source.key for c in plan.chunks for f in c.files] == ["in/a.mp4", "in/b.mp4", "c.mp4"]
+
+
+class TestBoundedListings:
+    """Checking that named keys exist lists only their range of the bucket, not the whole bucket."""
+
+    @staticmethod
+    def listing_calls(s3) -> list[dict]:
+        calls: list[dict] = []
+        s3.meta.events.register("provide-client-params.s3.ListObjectsV2", lambda params, **_: calls.append(params))
+        return calls
+
+    def test_root_level_keys_do_not_list_the_whole_bucket(self, s3):
+        s3.put_object(Bucket=SOURCE, Key="a.mp4", Body=b"x")
+        s3.put_object(Bucket=SOURCE, Key="b.mp4", Body=b"x")
+        for n in range(1500):  # a large bucket around them: before "a.mp4" and after "b.mp4"
+            s3.put_object(Bucket=SOURCE, Key=f"0-{n:04d}.mp4", Body=b"")
+            s3.put_object(Bucket=SOURCE, Key=f"c-{n:04d}.mp4", Body=b"")
+        calls = self.listing_calls(s3)
+
+        found = existing_objects(s3, [S3Object(SOURCE, "a.mp4"), S3Object(SOURCE, "b.mp4"), S3Object(SOURCE, "ab.mp4")])
+
+        assert set(found) == {S3Object(SOURCE, "a.mp4"), S3Object(SOURCE, "b.mp4")}
+        assert len(calls) == 1 and calls[0]["StartAfter"] == "a.mp"  # one page, not the 3 000 objects in 4 pages
+
+    def test_keys_sorted_as_s3_sorts_them_utf8_bytes(self, s3):
+        keys = ["é.mp4", "z.mp4", "Z.mp4", "한.mp4"]
+        for key in keys:
+            s3.put_object(Bucket=SOURCE, Key=key, Body=b"x")
+
+        found = existing_objects(s3, [S3Object(SOURCE, key) for key in keys])
+
+        assert {obj.key for obj in found} == set(keys)
