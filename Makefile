@@ -10,7 +10,7 @@ export AIRFLOW__CORE__PLUGINS_FOLDER := $(CURDIR)/plugins
 export AIRFLOW__CORE__LOAD_EXAMPLES := False
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: install browser demo test test-fast bench lint format lock emulator screenshots clean
+.PHONY: install browser services demo test test-fast bench lint format lock emulator screenshots clean
 
 install: $(BIN)/.installed
 
@@ -30,8 +30,19 @@ browser:
 demo: install
 	$(BIN)/python -m scripts.demo
 
-test: install browser
-	$(BIN)/python -m pytest
+# The full-stack tests run Airflow on PostgreSQL with Celery on Redis: install the servers when missing (the tests
+# start throwaway instances of their own; nothing is configured system-wide).
+services:
+	@{ command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; } && command -v redis-server >/dev/null || { \
+	  echo "Installing Debian's postgresql and redis-server for the full-stack tests"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql redis-server >/dev/null; }
+
+# Every process a test starts carries the run's tag; anything still running with it afterwards fails the target.
+test: install browser services
+	@tag="make-test-$$$$"; status=0; \
+	VOD_SR_PROCESS_TAG="$$tag" $(BIN)/python -m pytest || status=$$?; \
+	$(BIN)/python -m scripts.leftover_processes "$$tag" || status=1; \
+	exit $$status
 
 test-fast: install  ## unit and DAG tests only, no emulator runs
 	$(BIN)/python -m pytest -m "not e2e and not fullstack"
@@ -40,7 +51,7 @@ screenshots: install browser  ## docs/trigger-form.png, taken by the browser tes
 	$(BIN)/python -m pytest -q tests/e2e/test_trigger_form_browser.py -k form_opens
 	mkdir -p docs && cp test-artifacts/trigger-form.png docs/trigger-form.png
 
-bench: install
+bench: install services
 	$(BIN)/python -m scripts.bench
 
 lint: install
@@ -60,6 +71,57 @@ lock: install  ## re-resolve constraints.txt after changing requirements*.txt
 	(echo "# The full resolved set for Python 3.11, installed with: pip install -r requirements.txt -r requirements-dev.txt -c constraints.txt"; \
 	 echo "# Regenerate with: make lock"; .lock-venv/bin/pip freeze) > constraints.txt
 	rm -rf .lock-venv
+
+# .env for docker compose (never committed): .env.example with fresh secrets and your uid. LOCAL=1 points it at the
+# compose `local` profile's AWS emulator and turns that profile on; FORCE=1 replaces an existing file; ENV_FILE=path
+# writes elsewhere. Needs only python3 (LOCAL=1: Python 3.11, it reads include/local_aws).
+ENV_FILE ?= .env
+define MAKE_ENV_PY
+import base64, os, secrets, sys
+from pathlib import Path
+
+target = Path(os.environ['ENV_FILE'])
+if target.exists() and os.environ.get('FORCE') != '1':
+    sys.exit(f'make env: {target} exists; FORCE=1 replaces it with new secrets (then the database volume still has '
+             'the old password: `docker compose down -v` deletes it)')
+values = {
+    'AIRFLOW__CORE__FERNET_KEY': base64.urlsafe_b64encode(secrets.token_bytes(32)).decode(),  # = Fernet.generate_key()
+    'AIRFLOW__API_AUTH__JWT_SECRET': secrets.token_urlsafe(32),
+    'AIRFLOW__API__SECRET_KEY': secrets.token_urlsafe(32),
+    'POSTGRES_PASSWORD': secrets.token_urlsafe(24),
+    '_AIRFLOW_WWW_USER_PASSWORD': secrets.token_urlsafe(12),
+    'AIRFLOW_UID': str(os.getuid()),
+}
+if os.environ.get('LOCAL') == '1':
+    from include.local_aws.world import airflow_env
+
+    # The id the seeded emulator gives its instance (docker-compose.yaml, aws-emulator-seed, checks it).
+    values.update(airflow_env('http://aws-emulator:5055', 'i-3d2dcf99df1f33a23', poll_interval=5))
+    values['COMPOSE_PROFILES'] = 'local'
+
+
+def line(key, value):
+    return f"{key}='{value}'" if any(c in value for c in ' "#{') else f'{key}={value}'
+
+
+lines = []
+for text in Path('.env.example').read_text().splitlines():
+    key = text.split('=', 1)[0]
+    lines.append(line(key, values.pop(key)) if '=' in text and key in values else text)
+if values:
+    lines += ['', '# --- make env LOCAL=1: the local AWS emulator (compose profile local) ---']
+    lines += [line(key, value) for key, value in values.items()]
+descriptor = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+os.fchmod(descriptor, 0o600)
+with os.fdopen(descriptor, 'w') as file:
+    file.write('\n'.join(lines) + '\n')
+print(f'make env: wrote {target}' + ('' if os.environ.get('LOCAL') == '1' else '; now set the VOD_SR_* values in it'))
+endef
+export MAKE_ENV_PY
+
+.PHONY: env
+env:  ## .env for docker compose, with fresh secrets (LOCAL=1: the local AWS emulator; FORCE=1: replace)
+	@ENV_FILE="$(ENV_FILE)" FORCE="$(FORCE)" LOCAL="$(LOCAL)" $(PYTHON) -c "$$MAKE_ENV_PY"
 
 clean:
 	rm -rf $(VENV) .airflow .demo .pytest_cache .ruff_cache test-artifacts

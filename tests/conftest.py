@@ -18,6 +18,8 @@ os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
 for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
     os.environ.pop(name, None)
 os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
+# Every process a test starts inherits this: `make test` lists any still running with it once pytest has exited.
+os.environ.setdefault("VOD_SR_PROCESS_TAG", f"pytest-{os.getpid()}")
 
 
 @pytest.fixture(scope="session")

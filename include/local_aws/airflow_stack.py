@@ -1,146 +1,272 @@
-"""The real Airflow components on this machine: `airflow standalone` against the emulator.
+"""The real Airflow components on this machine, each its own process as on separate hosts, against the emulator.
 
-Used by the full-stack tests and the benchmark: unlike dag.test(), deferred tasks run in the real triggerer and
-every task goes through the scheduler and an executor, with their real latencies.
+Used by the full-stack tests and the benchmark: unlike dag.test(), deferred tasks run in a real triggerer and every
+task goes through the scheduler and an executor, with their real latencies. Two deployments:
+
+- `Backend.celery(...)`: PostgreSQL and Redis, the CeleryExecutor, N Celery workers and N triggerers (what a
+  production deployment runs; the full-stack tests);
+- `Backend()`: SQLite and the LocalExecutor inside the scheduler (nothing to install; what `airflow standalone` runs).
+
+Each component runs in a process group of its own, with a hostname of its own (`VOD_SR_COMPONENT_HOSTNAME`, read by
+`component_hostname` as Airflow's `hostname_callable`), so a test can kill one "host" and see who took over.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from include.local_aws.services import free_port, stop_process_group, tagged_processes
 from include.local_aws.world import REPO_ROOT
+
+__all__ = ["AirflowStack", "Backend", "Component", "component_hostname", "free_port"]
 
 # SQLite's default 5 s busy timeout is too short once a few dozen task processes write at once: the scheduler
 # then dies with "database is locked" (seen in `make bench` with the stock-operator baseline). Wait instead.
 SQLITE_CONNECT_ARGS = {"timeout": 60}
+STACK_TAG = "VOD_SR_AIRFLOW_STACK"
+SIMPLE_AUTH_MANAGER = "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def component_hostname() -> str:
+    """Airflow's `[core] hostname_callable` in these stacks: the component's own name ("worker-2", ...), so task
+    instances and jobs say which of the processes on this one machine ran them."""
+    import socket
+
+    return os.environ.get("VOD_SR_COMPONENT_HOSTNAME") or socket.getfqdn()
+
+
+@dataclass(frozen=True)
+class Backend:
+    """Where the metadata lives and how tasks reach workers."""
+
+    database_url: str | None = None  # None: SQLite in the stack's home
+    broker_url: str | None = None  # set: CeleryExecutor with this broker
+    result_backend: str | None = None
+    workers: int = 0
+    triggerers: int = 1
+    worker_concurrency: int = 4
+
+    @classmethod
+    def celery(
+        cls, database_url: str, broker_url: str, workers: int = 2, triggerers: int = 2, worker_concurrency: int = 4
+    ) -> Backend:
+        return cls(
+            database_url=database_url,
+            broker_url=broker_url,
+            result_backend="db+" + database_url.replace("postgresql+psycopg2://", "postgresql://"),
+            workers=workers,
+            triggerers=triggerers,
+            worker_concurrency=worker_concurrency,
+        )
+
+    @property
+    def executor(self) -> str:
+        return "CeleryExecutor" if self.broker_url else "LocalExecutor"
+
+
+@dataclass
+class Component:
+    name: str  # its hostname: "scheduler", "triggerer-2", "worker-1", ...
+    kind: str  # the `airflow` sub-command: "scheduler", "triggerer", "celery worker", ...
+    process: subprocess.Popen[bytes]
+
+    @property
+    def alive(self) -> bool:
+        return self.process.poll() is None
 
 
 class AirflowStack:
-    """`airflow standalone` (scheduler, dag-processor, triggerer, API server) in its own process group, with an
-    Airflow home of its own, driven through the REST API v2."""
+    """API server, scheduler, dag-processor, triggerer(s) and, with Celery, worker(s): each its own process (group)
+    with an Airflow home of its own, driven through the REST API v2."""
 
     def __init__(
-        self, home: Path, env: dict[str, str], dags_folder: Path = REPO_ROOT / "dags", parallelism: int = 4
+        self,
+        home: Path,
+        env: dict[str, str],
+        dags_folder: Path = REPO_ROOT / "dags",
+        parallelism: int = 4,
+        backend: Backend | None = None,
     ) -> None:
         self.home = home
+        self.backend = backend or Backend()
         self.port = free_port()
-        self.log_path = home / "standalone.log"
+        self.log_path = home / "stack.log"
         bin_dir = str(Path(sys.executable).parent)
         self.env = {
             **env,
+            STACK_TAG: str(home),
             "AIRFLOW_HOME": str(home),
             "AIRFLOW__CORE__DAGS_FOLDER": str(dags_folder),
             "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO_ROOT / "plugins"),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-            "AIRFLOW__CORE__PARALLELISM": str(parallelism),  # standalone starts 32 workers unless told
+            "AIRFLOW__CORE__EXECUTOR": self.backend.executor,
+            "AIRFLOW__CORE__PARALLELISM": str(parallelism),
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+            "AIRFLOW__CORE__AUTH_MANAGER": SIMPLE_AUTH_MANAGER,
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
+            "AIRFLOW__CORE__HOSTNAME_CALLABLE": "include.local_aws.airflow_stack.component_hostname",
+            # Shared by every component, as a deployment must: a task process whose token was signed with another
+            # secret fails with "Invalid auth token: Signature verification failed".
+            "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(32),
+            "AIRFLOW__API__SECRET_KEY": secrets.token_urlsafe(32),
             "AIRFLOW__API__PORT": str(self.port),
+            "AIRFLOW__API__WORKERS": "1",
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://localhost:{self.port}/execution/",
-            "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
-            "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS": "include.local_aws.airflow_stack.SQLITE_CONNECT_ARGS",
+            # Hosts lost in the tests are noticed in seconds rather than the production defaults' minutes.
+            "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "30",
+            "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "5",
+            "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "2",
+            "AIRFLOW__TRIGGERER__TRIGGERER_HEALTH_CHECK_THRESHOLD": "10",
             "PYTHONPATH": str(REPO_ROOT),
-            "PATH": f"{bin_dir}:{env.get('PATH', '/usr/bin:/bin')}",  # standalone runs `airflow` from PATH
+            "PATH": f"{bin_dir}:{env.get('PATH', '/usr/bin:/bin')}",
         }
-        self.process: subprocess.Popen[bytes] | None = None
-        self.replacements: list[subprocess.Popen[bytes]] = []  # components started again after a kill
+        if self.backend.database_url:
+            self.env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = self.backend.database_url
+        else:
+            self.env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = f"sqlite:///{home / 'airflow.db'}"
+            self.env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS"] = (
+                "include.local_aws.airflow_stack.SQLITE_CONNECT_ARGS"
+            )
+        if self.backend.broker_url:
+            self.env["AIRFLOW__CELERY__BROKER_URL"] = self.backend.broker_url
+            self.env["AIRFLOW__CELERY__RESULT_BACKEND"] = self.backend.result_backend or ""
+            self.env["AIRFLOW__CELERY__WORKER_CONCURRENCY"] = str(self.backend.worker_concurrency)
+        self.components: list[Component] = []
         self.token = ""
+        self._numbers: dict[str, int] = {}
+
+    @property
+    def airflow(self) -> str:
+        return str(Path(sys.executable).parent / "airflow")
 
     def start(self, timeout: float = 240, dag_ids: tuple[str, ...] = ("vod_sr_batch",)) -> AirflowStack:
         self.home.mkdir(parents=True, exist_ok=True)
-        self.log = open(self.log_path, "wb")
-        self.process = subprocess.Popen(
-            [str(Path(sys.executable).parent / "airflow"), "standalone"],
-            env=self.env,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+        self.log = open(self.log_path, "ab")
+        migrate = subprocess.run(
+            [self.airflow, "db", "migrate"], env=self.env, stdout=self.log, stderr=subprocess.STDOUT, timeout=timeout
         )
+        assert migrate.returncode == 0, "airflow db migrate failed:\n" + self.tail()
+        self.start_component("api-server")
+        self.start_component("scheduler")
+        self.start_component("dag-processor")
+        for _ in range(self.backend.triggerers):
+            self.start_component("triggerer")
+        for _ in range(self.backend.workers):
+            self.start_component("celery worker")
         deadline = time.monotonic() + timeout
         while True:
-            assert self.process.poll() is None, self.tail()
+            for component in self.components:
+                assert component.alive, f"{component.name} exited with {component.process.returncode}\n{self.tail()}"
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/auth/token", timeout=5) as response:
                     self.token = json.load(response)["access_token"]
                     break
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 assert time.monotonic() < deadline, "the API server did not come up:\n" + self.tail()
-                time.sleep(2)
+                time.sleep(1)
         for dag_id in dag_ids:
             self.wait_until(lambda d=dag_id: self.api("GET", f"/dags/{d}") is not None, 180, f"{dag_id} never parsed")
+        if self.backend.workers:
+            self.wait_until(self.all_workers_answer, 120, "the Celery workers never answered a ping")
         return self
 
-    def stop(self) -> None:
-        for replacement in self.replacements:
-            if replacement.poll() is None:
-                os.killpg(replacement.pid, signal.SIGTERM)
-                try:
-                    replacement.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    os.killpg(replacement.pid, signal.SIGKILL)
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)  # standalone's children live in its process group
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-        self.log.close()
-
-    def component_pids(self, component: str) -> list[int]:
-        """Pids of this stack's `airflow <component>` processes (scheduler, triggerer, dag-processor, ...)."""
-        import psutil
-
-        assert self.process is not None
-        processes = psutil.Process(self.process.pid).children(recursive=True)
-        processes += [psutil.Process(r.pid) for r in self.replacements if r.poll() is None]
-        pids = []
-        for child in processes:
-            try:
-                command = child.cmdline()
-            except psutil.Error:
-                continue
-            if any(part.endswith("airflow") for part in command[:2]) and component in command[1:3]:
-                pids.append(child.pid)
-        return pids
-
-    def replace_triggerer(self) -> int:
-        """SIGKILL the running triggerer (a host lost mid-wait) and start a new one; returns the new pid.
-
-        The new process gets a process group of its own (another session's group cannot be joined); `stop` ends it
-        with the rest."""
-        assert self.process is not None
-        old = self.component_pids("triggerer")
-        assert old, "no triggerer is running"
-        for pid in old:
-            os.kill(pid, signal.SIGKILL)
-        replacement = subprocess.Popen(
-            [str(Path(sys.executable).parent / "airflow"), "triggerer"],
-            env=self.env,
+    def start_component(self, kind: str) -> Component:
+        """Start one more `airflow <kind>` (its own process group, hostname and log server port)."""
+        short = kind.split()[-1]
+        self._numbers[short] = self._numbers.get(short, 0) + 1
+        name = short if short in ("api-server", "scheduler", "dag-processor") else f"{short}-{self._numbers[short]}"
+        env = {
+            **self.env,
+            "VOD_SR_COMPONENT_HOSTNAME": name,
+            # Several log servers on one machine need a port each.
+            "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
+            "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
+        }
+        arguments = kind.split()
+        if kind == "celery worker":
+            arguments += ["--celery-hostname", f"{name}@%h", "--without-mingle", "--without-gossip"]
+        process = subprocess.Popen(
+            [self.airflow, *arguments],
+            env=env,
             stdout=self.log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        self.replacements.append(replacement)
-        return replacement.pid
+        component = Component(name, kind, process)
+        self.components.append(component)
+        return component
+
+    def all_workers_answer(self) -> bool:
+        """Whether every live Celery worker of this stack answers a ping (a worker ready for tasks)."""
+        from celery import Celery
+
+        expected = {c.name for c in self.components if c.kind == "celery worker" and c.alive}
+        app = Celery(broker=self.backend.broker_url)
+        try:
+            replies = app.control.ping(timeout=2) or []
+        finally:
+            app.close()
+        answered = {name.split("@", 1)[0] for reply in replies for name in reply}
+        return expected <= answered
+
+    def stop(self) -> None:
+        """Stop every component and wait until each process it started is gone, failed test or not."""
+        for component in reversed(self.components):
+            stop_process_group(component.process, timeout=30)
+        # Anything that left its component's process group and outlived it still carries the stack's tag.
+        leftovers = tagged_processes(str(self.home), name=STACK_TAG)
+        for process in leftovers:
+            try:
+                process.kill()
+            except Exception:
+                pass
+        if hasattr(self, "log"):
+            self.log.close()
+
+    def component(self, name: str) -> Component:
+        (found,) = [c for c in self.components if c.name == name]
+        return found
+
+    def component_pids(self, kind: str) -> list[int]:
+        """Pids of this stack's live `airflow <kind>` processes ("triggerer", "celery worker", ...)."""
+        return [c.process.pid for c in self.components if c.kind == kind and c.alive]
+
+    def kill_component(self, name: str) -> None:
+        """SIGKILL a component and everything it started (its process group): a host lost, with no goodbye."""
+        component = self.component(name)
+        os.killpg(component.process.pid, signal.SIGKILL)
+        stop_process_group(component.process, timeout=10, first_signal=signal.SIGKILL)
+
+    def replace_triggerer(self) -> int:
+        """SIGKILL the running triggerer(s) (hosts lost mid-wait) and start a new one; returns the new pid."""
+        old = [c for c in self.components if c.kind == "triggerer" and c.alive]
+        assert old, "no triggerer is running"
+        for component in old:
+            self.kill_component(component.name)
+        return self.start_component("triggerer").process.pid
+
+    def component_of(self, pid: int) -> Component | None:
+        """The component whose process (or descendant) `pid` is."""
+        import psutil
+
+        try:
+            lineage = {pid, *(p.pid for p in psutil.Process(pid).parents())}
+        except psutil.NoSuchProcess:
+            return None
+        return next((c for c in self.components if c.process.pid in lineage), None)
 
     def pid_with_connection(self, local_port: int) -> int | None:
         """Pid of this stack's process holding a TCP connection from `local_port`, or None.
@@ -149,14 +275,19 @@ class AirflowStack:
         process that is making a given AWS call, to kill it at exactly that point."""
         import psutil
 
-        assert self.process is not None
-        for child in psutil.Process(self.process.pid).children(recursive=True):
+        for component in self.components:
             try:
-                connections = child.net_connections(kind="tcp")
-            except psutil.Error:
+                processes = [psutil.Process(component.process.pid)]
+                processes += processes[0].children(recursive=True)
+            except psutil.NoSuchProcess:
                 continue
-            if any(connection.laddr and connection.laddr.port == local_port for connection in connections):
-                return child.pid
+            for process in processes:
+                try:
+                    connections = process.net_connections(kind="tcp")
+                except psutil.Error:
+                    continue
+                if any(connection.laddr and connection.laddr.port == local_port for connection in connections):
+                    return process.pid
         return None
 
     @staticmethod

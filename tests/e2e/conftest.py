@@ -33,6 +33,35 @@ def airflow_db():
 
 
 @pytest.fixture(scope="session")
+def postgres():
+    """A throwaway PostgreSQL server for the session; each Airflow stack takes a database of its own."""
+    from include.local_aws.services import PostgresServer
+
+    with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    from include.local_aws.services import RedisServer
+
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture
+def airflow_backend(postgres, redis_server):
+    """The production deployment for one Airflow stack: its own Postgres database, an empty Redis broker, the
+    CeleryExecutor with two workers and two triggerers."""
+    import redis
+
+    from include.local_aws.airflow_stack import Backend
+
+    redis.Redis(port=redis_server.port).flushall()  # nothing queued by an earlier stack reaches this one's workers
+    return Backend.celery(postgres.url(postgres.create_database()), redis_server.url)
+
+
+@pytest.fixture(scope="session")
 def sample_clip(tmp_path_factory) -> Path:
     return make_sample_clip(tmp_path_factory.mktemp("media") / "original_640x480_10s.mp4")
 

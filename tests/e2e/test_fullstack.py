@@ -1,22 +1,25 @@
-"""The real Airflow components (`airflow standalone`: scheduler, dag-processor, triggerer, API server) against the
-emulator, driven through the REST API v2. Unlike dag.test(), this runs the deferred wait in the real triggerer."""
+"""The production deployment on one machine: PostgreSQL, Redis, and Airflow's API server, scheduler, dag-processor,
+two Celery workers and two triggerers, each its own process with its own hostname as on separate hosts, against the
+emulator, driven through the REST API v2. Unlike dag.test(), this runs tasks on Celery workers and the deferred wait
+in a real triggerer."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
 
 from include.local_aws.airflow_stack import AirflowStack
-from include.local_aws.world import SAMPLE_KEY, boto_client, make_sample_clip
+from include.local_aws.world import SAMPLE_KEY, boto_client, create_world, make_sample_clip
 
 pytestmark = [pytest.mark.e2e, pytest.mark.fullstack]
 DAG_ID = "vod_sr_batch"
 
 
 @pytest.fixture
-def airflow(world, tmp_path):
-    stack = AirflowStack(tmp_path / "airflow-home", dict(os.environ)).start()
+def airflow(world, airflow_backend, tmp_path):
+    stack = AirflowStack(tmp_path / "airflow-home", dict(os.environ), backend=airflow_backend).start()
     yield stack
     stack.stop()
 
@@ -57,20 +60,55 @@ def test_marking_a_run_failed_still_stops_the_instance_and_cancels_its_command(a
     assert [c["Status"] for c in sr_commands] == ["Cancelled"]
 
 
-def test_a_triggerer_lost_while_a_chunk_is_deferred_is_replaced_and_the_run_finishes(airflow, world, tmp_path):
+def test_a_batch_whose_lanes_land_on_both_workers_finishes(world, airflow_backend, tmp_path):
+    # One task at a time per worker: while one worker runs a lane's task, the other lane's goes to the other worker.
+    backend = dataclasses.replace(airflow_backend, worker_concurrency=1)
+    airflow = AirflowStack(tmp_path / "airflow-home", dict(os.environ), backend=backend).start()
+    try:
+        second_instance = create_world(world.emulator.endpoint_url)
+        sources = [f"lanes/{n}.mp4" for n in range(4)]
+        for key in sources:
+            world.upload(key)
+
+        run_id = airflow.trigger(
+            {"sources": sources, "model": "cpu", "instance_ids": [world.instance_id, second_instance], "chunk_size": 1}
+        )
+
+        assert airflow.wait_for_run(run_id, 400) == "success", airflow.task_states(run_id)
+        tis = airflow.api("GET", f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances?limit=1000")["task_instances"]
+        lane_hosts = {ti["hostname"] for ti in tis if ti["task_id"].startswith("lane.")}
+        assert lane_hosts == {"worker-1", "worker-2"}, [(ti["task_id"], ti["map_index"], ti["hostname"]) for ti in tis]
+        for key in sources:
+            output = key.replace(".mp4", "_sr_cpu.mp4")
+            assert world.s3.head_object(Bucket="vod-sr-demo-output", Key=output)["ContentLength"] > 0
+        states = world.ec2.describe_instances(InstanceIds=[world.instance_id, second_instance])["Reservations"]
+        assert {i["State"]["Name"] for r in states for i in r["Instances"]} == {"stopped"}
+    finally:
+        airflow.stop()
+
+
+def triggerer_holding(airflow: AirflowStack, run_id: str) -> str | None:
+    """Hostname of the triggerer running the deferred run_chunks' trigger, or None while it is unassigned."""
+    ti = airflow.api("GET", f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/lane.run_chunks/0")
+    triggerer_id = ((ti or {}).get("trigger") or {}).get("triggerer_id")  # no ti: not mapped yet
+    if ti is None or ti["state"] != "deferred" or triggerer_id is None:
+        return None
+    jobs = airflow.api("GET", "/jobs?job_type=TriggererJob&limit=100")["jobs"]
+    return next(job["hostname"] for job in jobs if job["id"] == triggerer_id)
+
+
+def test_a_triggerer_lost_while_a_chunk_is_deferred_hands_its_trigger_to_the_other(airflow, world, tmp_path):
     world.upload("long.mp4", make_sample_clip(tmp_path / "long.mp4", seconds=60))
     run_id = airflow.trigger({"sources": ["long.mp4"], "model": "cpu"})
-    airflow.wait_until(
-        lambda: airflow.task_states(run_id).get("lane.run_chunks") == "deferred", 240, "the wait never deferred"
-    )
-    old_triggerers = airflow.component_pids("triggerer")
+    airflow.wait_until(lambda: triggerer_holding(airflow, run_id) is not None, 240, "the wait never deferred")
+    holder = triggerer_holding(airflow, run_id)
+    survivor = ({"triggerer-1", "triggerer-2"} - {holder}).pop()
 
-    new_triggerer = airflow.replace_triggerer()
+    airflow.kill_component(holder)  # SIGKILL the triggerer and its process group: its host is gone
 
-    assert new_triggerer not in old_triggerers
-    airflow.wait_until(lambda: airflow.component_pids("triggerer") == [new_triggerer], 30, "the old triggerer lives")
+    airflow.wait_until(lambda: triggerer_holding(airflow, run_id) == survivor, 120, f"{survivor} never took over")
     assert airflow.wait_for_run(run_id, 400) == "success", airflow.task_states(run_id)
     assert world.s3.head_object(Bucket="vod-sr-demo-output", Key="long_sr_cpu.mp4")["ContentLength"] > 0
     ssm = boto_client("ssm", world.emulator.endpoint_url)
     sr_commands = [c for c in ssm.list_commands(InstanceId=world.instance_id)["Commands"] if "chunk 0" in c["Comment"]]
-    assert [c["Status"] for c in sr_commands] == ["Success"]  # waited for, not sent again
+    assert [c["Status"] for c in sr_commands] == ["Success"]  # waited for by the survivor, not sent again
