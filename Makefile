@@ -89,7 +89,7 @@ values = {
     'AIRFLOW__API_AUTH__JWT_SECRET': secrets.token_urlsafe(32),
     'AIRFLOW__API__SECRET_KEY': secrets.token_urlsafe(32),
     'POSTGRES_PASSWORD': secrets.token_urlsafe(24),
-    '_AIRFLOW_WWW_USER_PASSWORD': secrets.token_urlsafe(12),
+    '_AIRFLOW_WWW_USER_PASSWORD': secrets.token_urlsafe(18),
     'AIRFLOW_UID': str(os.getuid()),
 }
 if os.environ.get('LOCAL') == '1':

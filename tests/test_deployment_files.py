@@ -9,7 +9,11 @@ grammar these files use, with sample values in place of the placeholders.
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -340,11 +344,434 @@ def test_the_lint_ignore_list_has_no_stale_entries():
     assert {(i[0], i[1]) for i in LINT_IGNORED} <= found
 
 
-def test_compose_file_defines_every_airflow_component():
+# --- docker compose (docker-compose.yaml, Dockerfile, .env.example, `make env`) -------------------------------------
+# No Docker engine runs where this is built: the files are checked as files, and with `docker compose config` (the
+# Compose v2 CLI, as a docker plugin or as `docker-compose`) when one is installed.
+
+COMPONENTS = {
+    "postgres",
+    "redis",
+    "airflow-apiserver",
+    "airflow-scheduler",
+    "airflow-dag-processor",
+    "airflow-worker",
+    "airflow-triggerer",
+    "airflow-init",
+}
+AIRFLOW_SERVICES = sorted(c for c in COMPONENTS if c.startswith("airflow-"))
+ONE_SHOT = {"airflow-init", "aws-emulator-seed", "airflow-cli"}  # run to completion; the others run on
+SECRETS = (
+    "AIRFLOW__CORE__FERNET_KEY",
+    "AIRFLOW__API_AUTH__JWT_SECRET",
+    "AIRFLOW__API__SECRET_KEY",
+    "POSTGRES_PASSWORD",
+    "_AIRFLOW_WWW_USER_PASSWORD",
+)
+LOCAL_SERVICES = {"aws-emulator", "aws-emulator-seed"}
+COMMITTED = ("docker-compose.yaml", "Dockerfile", ".env.example")
+SECRET_LIKE = re.compile(r"[A-Za-z0-9_\-]{24,}={0,2}")
+REFERENCE = re.compile(r"\$\{(\w+)(?:(:?[-?])([^}]*))?\}")
+
+
+def compose_file() -> dict[str, Any]:
     import yaml
 
-    compose = yaml.safe_load((REPO_ROOT / "docker-compose.yaml").read_text())
+    return yaml.safe_load((REPO_ROOT / "docker-compose.yaml").read_text())
 
-    assert {"airflow-scheduler", "airflow-dag-processor", "airflow-triggerer", "airflow-apiserver"} <= set(
-        compose["services"]
+
+def services(profile: str | None = None) -> dict[str, dict[str, Any]]:
+    """The services compose starts with no profile (or with `profile` too)."""
+    return {
+        name: service
+        for name, service in compose_file()["services"].items()
+        if not service.get("profiles") or profile in service["profiles"]
+    }
+
+
+def environment(service: dict[str, Any]) -> dict[str, str]:
+    env = service.get("environment", {})
+    return dict(e.split("=", 1) for e in env) if isinstance(env, list) else {k: str(v) for k, v in env.items()}
+
+
+def healthcheck_command(service: dict[str, Any]) -> str:
+    test = service["healthcheck"]["test"]
+    return " ".join(test) if isinstance(test, list) else test
+
+
+def secret_like(text: str) -> list[str]:
+    """Strings that look generated: 24+ characters of the URL-safe base64 alphabet mixing cases or digits."""
+    return [
+        s
+        for s in SECRET_LIKE.findall(text)
+        if sum(any(test(c) for c in s) for test in (str.isupper, str.islower, str.isdigit)) >= 2
+    ]
+
+
+def dockerfile_stages() -> list[tuple[str, str]]:
+    """(base, stage name) of each FROM of the Dockerfile, in order."""
+    found = re.findall(r"^FROM\s+(\S+)(?:\s+AS\s+(\S+))?\s*$", (REPO_ROOT / "Dockerfile").read_text(), re.M | re.I)
+    return [(base, name) for base, name in found]
+
+
+def parse_env(text: str) -> dict[str, str]:
+    """A .env file as compose reads it (KEY=value, '...' quoting as `make env` writes it, # comments)."""
+    values = {}
+    for line in text.splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, _, value = line.partition("=")
+            values[key.strip()] = value[1:-1] if value[:1] == "'" and value[-1:] == "'" else value
+    return values
+
+
+def make_env(path: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["make", "-s", "--no-print-directory", "-C", str(REPO_ROOT), "env", f"ENV_FILE={path}", *args],
+        capture_output=True,
+        text=True,
+        check=check,
+        timeout=60,
     )
+
+
+def interpolate(text: str, values: dict[str, str]) -> str:
+    """Compose's ${...} substitution: ${X}, ${X:-default}, ${X:?error} (fails on an unset or empty X), $$."""
+
+    def one(match: re.Match[str]) -> str:
+        name, operator, argument = match.groups()
+        value = values.get(name, "")
+        if operator == ":?":
+            assert value, f"compose would refuse to start: {name} ({argument})"
+        if operator == ":-" and not value:
+            return argument
+        return value
+
+    return REFERENCE.sub(one, text).replace("$$", "$")
+
+
+def compose_cli() -> list[str] | None:
+    """The Compose v2 CLI, if installed: `docker compose` or a v2 `docker-compose`."""
+    for command in (["docker", "compose"], ["docker-compose"]):
+        if shutil.which(command[0]):
+            version = subprocess.run([*command, "version"], capture_output=True, text=True)
+            if version.returncode == 0 and re.search(r"\bv?2\.\d+", version.stdout):
+                return command
+    return None
+
+
+class TestComposeServices:
+    def test_every_component_runs_without_a_profile(self):
+        assert COMPONENTS <= set(services())
+
+    def test_long_running_services_have_health_checks(self):
+        long_running = {name: s for name, s in services("local").items() if name not in ONE_SHOT}
+
+        assert COMPONENTS - {"airflow-init"} <= set(long_running)
+        for name, service in long_running.items():
+            assert healthcheck_command(service).split()[0] in ("CMD", "CMD-SHELL"), name
+            assert service.get("restart") in ("always", "unless-stopped"), name
+
+    def test_health_checks_are_the_official_ones(self):
+        found = services()
+        checks = {name: healthcheck_command(found[name]) for name in COMPONENTS - {"airflow-init"}}
+
+        assert "pg_isready" in checks["postgres"]
+        assert "redis-cli ping" in checks["redis"]
+        assert "http://localhost:8080/api/v2/version" in checks["airflow-apiserver"]
+        assert "http://localhost:8974/health" in checks["airflow-scheduler"]
+        assert environment(found["airflow-scheduler"])["AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK"] == "true"
+        jobs_check = 'airflow jobs check --job-type {} --hostname "$${{HOSTNAME}}"'
+        assert jobs_check.format("DagProcessorJob") in checks["airflow-dag-processor"]
+        assert jobs_check.format("TriggererJob") in checks["airflow-triggerer"]
+        assert 'inspect ping -d "celery@$${HOSTNAME}"' in checks["airflow-worker"]
+        assert environment(found["airflow-worker"])["DUMB_INIT_SETSID"] == "0"  # warm shutdown of Celery
+
+    def test_airflow_services_wait_for_the_database_the_broker_and_the_migration(self):
+        found = services()
+        for name in AIRFLOW_SERVICES:
+            depends = found[name]["depends_on"]
+            assert depends["postgres"]["condition"] == "service_healthy", name
+            assert depends["redis"]["condition"] == "service_healthy", name
+            if name != "airflow-init":
+                assert depends["airflow-init"]["condition"] == "service_completed_successfully", name
+
+    def test_init_migrates_and_writes_the_admin_password_the_api_server_reads(self, tmp_path):
+        from airflow.api_fastapi.auth.managers.simple.simple_auth_manager import SimpleAuthManager
+
+        init, api = services()["airflow-init"], services()["airflow-apiserver"]
+        script = init["command"][-1]
+        password_file = environment(api)["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"]
+        users = environment(api)["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS"]
+
+        assert "/entrypoint airflow db migrate" in script
+        assert f"> {password_file}" in script
+        assert any(v.endswith(":" + str(Path(password_file).parent)) for v in api["volumes"])
+        # The user the API server knows is the one airflow-init writes, with the same default, as an admin.
+        assert users == environment(init)["_AIRFLOW_WWW_USER_USERNAME"] + ":admin"
+        # Run the line that writes the file: the auth manager reads the .env password back for that user.
+        writer = re.search(r"python -c '([^']+)'", script).group(1)
+        env = {"_AIRFLOW_WWW_USER_USERNAME": "admin", "_AIRFLOW_WWW_USER_PASSWORD": "from-dot-env"}
+        written = subprocess.run([sys.executable, "-c", writer], env=env, capture_output=True, text=True, check=True)
+        (tmp_path / "passwords.json").write_text(written.stdout)
+        with open(tmp_path / "passwords.json", "r+") as stream:
+            assert SimpleAuthManager._get_passwords(stream) == {"admin": "from-dot-env"}
+
+    def test_celery_executor_with_the_redis_broker_and_the_postgres_backend(self):
+        from urllib.parse import urlsplit
+
+        found = services()
+        for name in AIRFLOW_SERVICES:
+            env = {k: interpolate(v, dict.fromkeys(SECRETS, "pw")) for k, v in environment(found[name]).items()}
+            assert env["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor", name
+            broker = urlsplit(env["AIRFLOW__CELERY__BROKER_URL"])
+            backend = urlsplit(env["AIRFLOW__CELERY__RESULT_BACKEND"])
+            database = urlsplit(env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"])
+            execution_api = urlsplit(env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"])
+            assert (broker.scheme, broker.hostname) == ("redis", "redis"), name
+            assert (backend.scheme, backend.hostname) == ("db+postgresql", "postgres"), name
+            assert (database.scheme, database.hostname) == ("postgresql+psycopg2", "postgres"), name
+            assert backend.password == database.password == "pw", name
+            assert (execution_api.hostname, execution_api.port, execution_api.path) == (
+                "airflow-apiserver",
+                8080,
+                "/execution/",
+            ), name
+            assert env["AIRFLOW__CORE__LOAD_EXAMPLES"] == "false", name
+        assert "8080:8080" in found["airflow-apiserver"]["ports"]
+
+    def test_dags_include_and_plugins_are_mounted_and_include_imports(self):
+        found = services()
+        for name in AIRFLOW_SERVICES:
+            volumes = found[name]["volumes"]
+            for folder in ("dags", "include", "plugins", "logs"):
+                assert f"./{folder}:/opt/airflow/{folder}" in volumes, (name, folder)
+            assert environment(found[name])["PYTHONPATH"] == "/opt/airflow", name
+            assert found[name]["env_file"] == ".env", name  # VOD_SR_*, the AWS region and connection
+
+    def test_the_airflow_image_is_built_from_the_dockerfile_with_the_pinned_requirements(self):
+        dockerfile = (REPO_ROOT / "Dockerfile").read_text()
+        pinned = re.search(r"^apache-airflow\[[^\]]*\]==(\S+)$", (REPO_ROOT / "requirements.txt").read_text(), re.M)
+        stages = dockerfile_stages()
+
+        assert pinned, "requirements.txt pins apache-airflow"
+        assert stages[0] == (f"apache/airflow:{pinned.group(1)}-python3.11", "airflow")
+        assert "pip install --no-cache-dir -r /opt/vod-sr/requirements.txt -c /opt/vod-sr/constraints.txt" in dockerfile
+        assert stages[-1] == ("airflow", "")  # a plain `docker build .` gives the Airflow image, not the emulator
+        for name in AIRFLOW_SERVICES:
+            assert services()[name]["build"] == {"context": ".", "target": "airflow"}, name
+            assert "_PIP_ADDITIONAL_REQUIREMENTS" not in environment(services()[name]), name
+
+    def test_images_are_pinned(self):
+        stage_names = {name for _, name in dockerfile_stages() if name}
+        bases = [base for base, _ in dockerfile_stages() if base not in stage_names]
+
+        for reference in [s["image"] for s in services("local").values()] + bases:
+            repository, _, tag = reference.rpartition(":")
+            assert repository and "/" not in tag, f"{reference}: no explicit tag"
+            assert tag != "latest", reference
+        assert services()["postgres"]["image"] == "postgres:16"
+        assert services()["redis"]["image"].startswith("redis:7.2-")
+
+
+class TestComposeSecrets:
+    def test_secrets_come_from_env_and_compose_refuses_to_start_without_them(self):
+        text = (REPO_ROOT / "docker-compose.yaml").read_text()
+        found = services()
+
+        for name in ("AIRFLOW__CORE__FERNET_KEY", "AIRFLOW__API_AUTH__JWT_SECRET", "AIRFLOW__API__SECRET_KEY"):
+            for service in AIRFLOW_SERVICES:
+                assert re.fullmatch(rf"\$\{{{name}:\?[^}}]+\}}", environment(found[service])[name]), (service, name)
+        for service, name in (("postgres", "POSTGRES_PASSWORD"), ("airflow-init", "_AIRFLOW_WWW_USER_PASSWORD")):
+            assert re.fullmatch(rf"\$\{{{name}:\?[^}}]+\}}", environment(found[service])[name]), (service, name)
+        # Every use of a secret, in a URL as much as in a variable of its own, is the required form.
+        for name in SECRETS:
+            uses = re.findall(rf"\$\{{{name}\b[^}}]*\}}", text)
+            assert uses and all(re.fullmatch(rf"\$\{{{name}:\?[^}}]+\}}", u) for u in uses), (name, uses)
+
+    def test_every_airflow_component_shares_the_jwt_secret(self):
+        values = {environment(services()[name]).get("AIRFLOW__API_AUTH__JWT_SECRET") for name in AIRFLOW_SERVICES}
+
+        assert len(values) == 1 and None not in values
+
+    def test_no_secret_value_is_committed(self):
+        example = parse_env((REPO_ROOT / ".env.example").read_text())
+        dockerfile = (REPO_ROOT / "Dockerfile").read_text()
+
+        assert {name: example.get(name) for name in SECRETS} == dict.fromkeys(SECRETS, "")
+        assert not [name for name in SECRETS if name in dockerfile]
+        for name in COMMITTED:
+            assert secret_like((REPO_ROOT / name).read_text()) == [], name
+        # No credentials either: on EC2 the containers use the host's role (README).
+        assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"} & set(example)
+
+    def test_the_secret_scan_finds_generated_secrets(self, tmp_path):
+        make_env(tmp_path / ".env")
+        generated = parse_env((tmp_path / ".env").read_text())
+
+        assert set(secret_like((tmp_path / ".env").read_text())) == {generated[name] for name in SECRETS}
+
+    def test_dot_env_is_ignored_by_git_and_the_template_is_not(self):
+        def ignored(path: str) -> bool:
+            return subprocess.run(["git", "-C", str(REPO_ROOT), "check-ignore", "-q", path]).returncode == 0
+
+        assert ignored(".env")
+        assert not ignored(".env.example")
+        tracked = subprocess.run(["git", "-C", str(REPO_ROOT), "ls-files", ".env"], capture_output=True, text=True)
+        assert tracked.stdout == ""
+
+
+class TestMakeEnv:
+    @pytest.fixture(autouse=True)
+    def _repo_dot_env_untouched(self):
+        before = (REPO_ROOT / ".env").exists() and (REPO_ROOT / ".env").read_bytes()
+        yield
+        assert before == ((REPO_ROOT / ".env").exists() and (REPO_ROOT / ".env").read_bytes())
+
+    def test_writes_fresh_valid_secrets(self, tmp_path):
+        from cryptography.fernet import Fernet
+
+        make_env(tmp_path / "one.env")
+        make_env(tmp_path / "two.env")
+        one, two = (parse_env((tmp_path / f"{n}.env").read_text()) for n in ("one", "two"))
+
+        for name in SECRETS:
+            assert len(one[name]) >= 16 and len(two[name]) >= 16, name
+            assert one[name] != two[name], name
+        assert len({one[name] for name in SECRETS}) == len(SECRETS)  # no value used twice
+        token = Fernet(one["AIRFLOW__CORE__FERNET_KEY"].encode()).encrypt(b"connection password")
+        assert Fernet(one["AIRFLOW__CORE__FERNET_KEY"].encode()).decrypt(token) == b"connection password"
+        assert one["AIRFLOW_UID"] == str(os.getuid())
+        assert (tmp_path / "one.env").stat().st_mode & 0o777 == 0o600
+
+    def test_keeps_the_templates_settings(self, tmp_path):
+        make_env(tmp_path / ".env")
+        example = parse_env((REPO_ROOT / ".env.example").read_text())
+        written = parse_env((tmp_path / ".env").read_text())
+
+        assert set(written) == set(example)
+        for name, value in example.items():
+            if name not in (*SECRETS, "AIRFLOW_UID"):
+                assert written[name] == value, name
+        assert any(name.startswith("VOD_SR_") for name in written)
+        json.loads(written["AIRFLOW_CONN_AWS_DEFAULT"])  # the quoting keeps the JSON whole
+
+    def test_gives_compose_every_variable_it_requires(self, tmp_path):
+        make_env(tmp_path / ".env")
+        text = (REPO_ROOT / "docker-compose.yaml").read_text()
+
+        interpolate(text, parse_env((tmp_path / ".env").read_text()))
+        with pytest.raises(AssertionError, match="compose would refuse to start"):
+            interpolate(text, parse_env((REPO_ROOT / ".env.example").read_text()))
+
+    def test_refuses_to_overwrite_without_force(self, tmp_path):
+        target = tmp_path / ".env"
+        make_env(target)
+        first = target.read_text()
+
+        refused = make_env(target, check=False)
+        assert refused.returncode != 0 and "FORCE=1" in refused.stderr
+        assert target.read_text() == first
+        make_env(target, "FORCE=1")
+        assert (
+            parse_env(target.read_text())["AIRFLOW__API_AUTH__JWT_SECRET"]
+            != parse_env(first)["AIRFLOW__API_AUTH__JWT_SECRET"]
+        )
+
+    def test_local_points_airflow_at_the_emulator_service(self, tmp_path):
+        from urllib.parse import urlsplit
+
+        make_env(tmp_path / ".env", "LOCAL=1")
+        written = parse_env((tmp_path / ".env").read_text())
+        emulator = services("local")["aws-emulator"]
+        port = int(emulator["healthcheck"]["test"][-1].rsplit(":", 1)[1].split("/")[0])
+
+        endpoint = urlsplit(written["AWS_ENDPOINT_URL"])
+        assert (endpoint.hostname, endpoint.port) == ("aws-emulator", port)
+        connection = json.loads(written["AIRFLOW_CONN_AWS_DEFAULT"])
+        assert connection["extra"]["endpoint_url"] == written["AWS_ENDPOINT_URL"]
+        assert written["COMPOSE_PROFILES"] == "local"
+        assert written["VOD_SR_DEFAULT_MODEL"] == "cpu"  # no GPU filters on the emulated instance
+        assert all(written[name] for name in SECRETS)
+
+
+class TestComposeLocalProfile:
+    def test_the_emulator_runs_only_under_the_local_profile(self):
+        everything = compose_file()["services"]
+
+        assert LOCAL_SERVICES <= set(everything)
+        assert not LOCAL_SERVICES & set(services())
+        for name in LOCAL_SERVICES:
+            assert everything[name]["profiles"] == ["local"], name
+        # A service that runs without the profile may wait for one of the profile's, but not require it.
+        for name, service in services().items():
+            for dependency, condition in service.get("depends_on", {}).items():
+                if dependency in LOCAL_SERVICES:
+                    assert condition.get("required") is False, (name, dependency)
+        assert "aws-emulator-seed" in services()["airflow-worker"]["depends_on"]
+
+    def test_the_emulator_image_has_what_the_emulated_instance_needs(self):
+        dockerfile = (REPO_ROOT / "Dockerfile").read_text()
+        emulator_stage = dockerfile.split(" AS emulator", 1)[1].split("\nFROM ", 1)[0]
+        installed = re.findall(r"^RUN pip install (.*)$", emulator_stage, re.M)
+        emulator = services("local")["aws-emulator"]
+
+        assert ("airflow", "emulator") in dockerfile_stages()
+        assert len(installed) == 1 and "-c /opt/vod-sr/constraints.txt" in installed[0]
+        for package in ("awscli", "imageio-ffmpeg", "moto[server]"):
+            assert package in installed[0].replace('"', "").split(), package
+            assert package in (REPO_ROOT / "requirements-dev.txt").read_text().split(), package
+        assert '"-m", "include.local_aws", "--host", "0.0.0.0"' in emulator_stage
+        assert emulator["build"]["target"] == "emulator"
+        assert "/_local_aws/health" in healthcheck_command(emulator)
+        assert "./include:/opt/airflow/include:ro" in emulator["volumes"]
+        seed = services("local")["aws-emulator-seed"]
+        assert seed["depends_on"]["aws-emulator"]["condition"] == "service_healthy"
+
+    @pytest.mark.e2e
+    def test_the_seed_gives_the_instance_the_id_make_env_local_writes(self, tmp_path):
+        """The seed script of the compose file, run on a fresh emulator: the world `make env LOCAL=1` expects."""
+        from include.local_aws.world import SAMPLE_KEY, SOURCE_BUCKET, EmulatorProcess, boto_client
+
+        make_env(tmp_path / ".env", "LOCAL=1")
+        wanted = parse_env((tmp_path / ".env").read_text())["VOD_SR_INSTANCE_IDS"]
+        script = services("local")["aws-emulator-seed"]["command"][-1]
+        assert "$" not in script  # compose would substitute it
+
+        with EmulatorProcess(tmp_path / "emulator") as emulator:
+
+            def seed(instance_ids: str) -> subprocess.CompletedProcess[str]:
+                env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "LOCAL_AWS_URL": emulator.endpoint_url}
+                env["VOD_SR_INSTANCE_IDS"] = instance_ids
+                return subprocess.run(
+                    [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+                )
+
+            first = seed(wanted)
+            assert first.returncode == 0, first.stderr
+            again = seed(wanted)  # `docker compose up` a second time: the world is kept
+            assert again.returncode == 0, again.stderr
+            wrong = seed("i-0123456789abcdef0")  # a .env not made for the local profile
+            assert wrong.returncode != 0 and "make env LOCAL=1" in wrong.stderr
+
+            reservations = boto_client("ec2", emulator.endpoint_url).describe_instances()["Reservations"]
+            instances = [i for r in reservations for i in r["Instances"]]
+            assert [(i["InstanceId"], i["State"]["Name"]) for i in instances] == [(wanted, "stopped")]
+            head = boto_client("s3", emulator.endpoint_url).head_object(Bucket=SOURCE_BUCKET, Key=SAMPLE_KEY)
+            assert head["ContentLength"] > 0
+
+
+@pytest.mark.skipif(compose_cli() is None, reason="no Compose v2 CLI here (docker compose or docker-compose v2)")
+@pytest.mark.parametrize("profile", [None, "local"])
+def test_docker_compose_config_accepts_the_file(tmp_path, profile):
+    for name in ("docker-compose.yaml", "Dockerfile"):
+        shutil.copy(REPO_ROOT / name, tmp_path / name)
+    make_env(tmp_path / ".env")
+    command = [*compose_cli(), *(["--profile", profile] if profile else [])]
+
+    def config(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*command, "config", *args], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+
+    checked = config("--quiet")
+    assert checked.returncode == 0, checked.stderr
+    assert set(config("--services").stdout.split()) == COMPONENTS | (LOCAL_SERVICES if profile else set())
+    (tmp_path / ".env").unlink()
+    assert config("--quiet").returncode != 0  # no .env: compose refuses
