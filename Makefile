@@ -45,7 +45,7 @@ test: install browser services
 	exit $$status
 
 test-fast: install  ## unit and DAG tests only, no emulator runs
-	$(BIN)/python -m pytest -m "not e2e and not fullstack"
+	$(BIN)/python -m pytest -m "not e2e and not fullstack and not services"
 
 screenshots: install browser  ## docs/trigger-form.png, taken by the browser test from the real form
 	$(BIN)/python -m pytest -q tests/e2e/test_trigger_form_browser.py -k form_opens

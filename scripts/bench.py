@@ -1,6 +1,7 @@
 """`make bench`: vod-sr's throughput figures on the local AWS emulator, beside the provider's stock operators.
 
-Runs the real Airflow components (`airflow standalone`) against the emulator and real ffmpeg (cpu model), and
+Runs the real Airflow components (API server, scheduler with the LocalExecutor, dag-processor, triggerer, each its
+own process, on a throwaway PostgreSQL) against the emulator and real ffmpeg (cpu model), and
 measures from the emulator's own records (instance running intervals, command runs, every API call):
 
 - busy ratio: seconds the instance ran SR chunk commands / seconds it was running (target >= 0.90);
@@ -28,7 +29,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from include.local_aws.airflow_stack import AirflowStack
+from include.local_aws.airflow_stack import AirflowStack, Backend
+from include.local_aws.services import PostgresServer
 from include.local_aws.world import (
     OUTPUT_BUCKET,
     REPO_ROOT,
@@ -171,7 +173,9 @@ def main() -> int:
     results: dict[str, Any] = {"poll_interval_seconds": POLL_INTERVAL}
     print("==> DAG parse time", flush=True)
     results["parse"] = parse_overhead()
-    with EmulatorProcess(work / "emulator") as emulator:
+    # PostgreSQL, not SQLite: the baseline's 20 concurrent task processes had SQLite's scheduler die with "database
+    # is locked". One machine, so the LocalExecutor; the full-stack tests cover Celery.
+    with EmulatorProcess(work / "emulator") as emulator, PostgresServer() as postgres:
         vod_instance, baseline_instance = create_world(emulator.endpoint_url), create_world(emulator.endpoint_url)
         clip = make_sample_clip(work / "clip.mp4")
         long_clip = make_sample_clip(work / "clip-30s.mp4", seconds=30)
@@ -188,10 +192,11 @@ def main() -> int:
         (dags / "vod_sr_batch.py").symlink_to(REPO_ROOT / "dags" / "vod_sr_batch.py")
         (dags / "baseline_stock_operators.py").symlink_to(REPO_ROOT / "benchmarks" / "baseline_stock_operators.py")
         env = {**os.environ, **airflow_env(emulator.endpoint_url, vod_instance, poll_interval=POLL_INTERVAL)}
-        print("==> Starting airflow standalone (scheduler, dag-processor, triggerer, API server)", flush=True)
-        stack = AirflowStack(work / "airflow", env, dags_folder=dags, parallelism=32)
-        stack.start(dag_ids=("vod_sr_batch", "baseline_stock_operators"))
+        print("==> Starting Airflow on PostgreSQL (API server, scheduler, dag-processor, triggerer)", flush=True)
+        backend = Backend(database_url=postgres.url(postgres.create_database()))
+        stack = AirflowStack(work / "airflow", env, dags_folder=dags, parallelism=32, backend=backend)
         try:
+            stack.start(dag_ids=("vod_sr_batch", "baseline_stock_operators"))
             batches = {"vod_sr_20_files": keys[:20], "vod_sr_40_files": keys, "vod_sr_20_files_30s": long_keys}
             for name, batch in batches.items():
                 print(f"==> vod_sr_batch: {name}", flush=True)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from include.local_aws.services import free_port, stop_process_group, tagged_processes
+from include.local_aws.services import PostgresServer, RedisServer, free_port, stop_process_group, tagged_processes
 from include.local_aws.world import REPO_ROOT
 
 __all__ = ["AirflowStack", "Backend", "Component", "component_hostname", "free_port"]
@@ -70,6 +70,15 @@ class Backend:
             triggerers=triggerers,
             worker_concurrency=worker_concurrency,
         )
+
+    @classmethod
+    def fresh_celery(cls, postgres: PostgresServer, redis: RedisServer, **options: Any) -> Backend:
+        """A Celery deployment on a new database of `postgres` and an emptied `redis` (nothing queued by an earlier
+        stack reaches this one's workers)."""
+        import redis as redis_client
+
+        redis_client.Redis(port=redis.port).flushall()
+        return cls.celery(postgres.url(postgres.create_database()), redis.url, **options)
 
     @property
     def executor(self) -> str:
@@ -145,6 +154,7 @@ class AirflowStack:
             self.env["AIRFLOW__CELERY__RESULT_BACKEND"] = self.backend.result_backend or ""
             self.env["AIRFLOW__CELERY__WORKER_CONCURRENCY"] = str(self.backend.worker_concurrency)
         self.components: list[Component] = []
+        self.leaked: list[str] = []
         self.token = ""
         self._numbers: dict[str, int] = {}
 
@@ -153,6 +163,15 @@ class AirflowStack:
         return str(Path(sys.executable).parent / "airflow")
 
     def start(self, timeout: float = 240, dag_ids: tuple[str, ...] = ("vod_sr_batch",)) -> AirflowStack:
+        """Start every component and wait until the API server answers, `dag_ids` are parsed and the workers are
+        ready. A stack that fails to start is stopped before the error propagates: nothing is left running."""
+        try:
+            return self._start(timeout, dag_ids)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, timeout: float, dag_ids: tuple[str, ...]) -> AirflowStack:
         self.home.mkdir(parents=True, exist_ok=True)
         self.log = open(self.log_path, "ab")
         migrate = subprocess.run(
@@ -223,15 +242,19 @@ class AirflowStack:
         return expected <= answered
 
     def stop(self) -> None:
-        """Stop every component and wait until each process it started is gone, failed test or not."""
+        """Stop every component and wait until each process it started is gone, failed test or not. Anything that
+        escaped its component's process group is killed and named in `leaked` (the tests expect it empty)."""
+        import psutil
+
         for component in reversed(self.components):
             stop_process_group(component.process, timeout=30)
         # Anything that left its component's process group and outlived it still carries the stack's tag.
-        leftovers = tagged_processes(str(self.home), name=STACK_TAG)
-        for process in leftovers:
+        self.leaked = []
+        for process in tagged_processes(str(self.home), name=STACK_TAG):
             try:
+                self.leaked.append(" ".join(process.cmdline()))
                 process.kill()
-            except Exception:
+            except psutil.Error:
                 pass
         if hasattr(self, "log"):
             self.log.close()

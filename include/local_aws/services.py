@@ -160,7 +160,11 @@ class PostgresServer:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        wait_for_port(self.port, self.process, timeout, "PostgreSQL", self.log_path)
+        try:
+            wait_for_port(self.port, self.process, timeout, "PostgreSQL", self.log_path)
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def url(self, database: str, driver: str = "postgresql+psycopg2") -> str:
@@ -228,7 +232,11 @@ class RedisServer:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        wait_for_port(self.port, self.process, timeout, "Redis", self.log_path)
+        try:
+            wait_for_port(self.port, self.process, timeout, "Redis", self.log_path)
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def stop(self) -> None:

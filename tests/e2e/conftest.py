@@ -53,12 +53,24 @@ def redis_server():
 def airflow_backend(postgres, redis_server):
     """The production deployment for one Airflow stack: its own Postgres database, an empty Redis broker, the
     CeleryExecutor with two workers and two triggerers."""
-    import redis
-
     from include.local_aws.airflow_stack import Backend
 
-    redis.Redis(port=redis_server.port).flushall()  # nothing queued by an earlier stack reaches this one's workers
-    return Backend.celery(postgres.url(postgres.create_database()), redis_server.url)
+    return Backend.fresh_celery(postgres, redis_server)
+
+
+@pytest.fixture(scope="session")
+def figures():
+    """Measurements taken by the full-stack tests (takeover times, suite figures), kept in
+    test-artifacts/fullstack-figures.json for the README's scaling guide and the issue notes."""
+    import json
+
+    taken: dict[str, Any] = {}
+    yield taken
+    if taken:
+        path = REPO_ROOT / "test-artifacts" / "fullstack-figures.json"
+        path.parent.mkdir(exist_ok=True)
+        earlier = json.loads(path.read_text()) if path.exists() else {}
+        path.write_text(json.dumps({**earlier, **taken}, indent=2, sort_keys=True))
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from include.local_aws.airflow_stack import AirflowStack
+from include.local_aws.airflow_stack import AirflowStack, Backend
 from include.local_aws.world import OUTPUT_BUCKET, SOURCE_BUCKET, airflow_env, boto_client, create_world
 from include.local_aws.world import make_sample_clip as make_clip
 from include.vod_sr.links import prefilled_trigger_link
@@ -64,12 +64,14 @@ def sources(emulator, tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def airflow(emulator, sources, tmp_path_factory) -> Iterator[AirflowStack]:
+def airflow(emulator, sources, postgres, redis_server, tmp_path_factory) -> Iterator[AirflowStack]:
     instance_id = create_world(emulator.endpoint_url)
     env = {**os.environ, **airflow_env(emulator.endpoint_url, instance_id)}
-    stack = AirflowStack(tmp_path_factory.mktemp("browser-airflow"), env).start()
+    backend = Backend.fresh_celery(postgres, redis_server)
+    stack = AirflowStack(tmp_path_factory.mktemp("browser-airflow"), env, backend=backend).start()
     yield stack
     stack.stop()
+    assert stack.leaked == []  # every process ended with its component
 
 
 @pytest.fixture(scope="module")

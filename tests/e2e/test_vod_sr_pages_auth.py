@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from include.local_aws.airflow_stack import free_port
+from include.local_aws.services import free_port, stop_process_group
 from include.vod_sr.links import prefilled_trigger_link
 from tests.conftest import REPO_ROOT
 
@@ -65,12 +64,7 @@ class ApiServer:
 
     def __exit__(self, *exc: object) -> None:
         assert self.process is not None
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        stop_process_group(self.process)
         self.log.close()
 
     def get(self, path: str, token: str | None = None) -> tuple[int, str]:

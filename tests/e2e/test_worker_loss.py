@@ -1,12 +1,14 @@
 """Losing what runs a chunk: the worker that sends it, or the instance under it.
 
-**The worker** (issue 8, point 9). The real Airflow components (`airflow standalone`) run the DAG against the
-emulator, with their AWS calls going through a proxy that holds the SendCommand of chunk 1. While it is held, the
-test SIGKILLs the process that made it: the task process, found by the TCP connection it holds open to the proxy, so
-the kill falls exactly between the send of chunk 0 and the answer to the send of chunk 1. The proxy then lets the
-held request through: SSM accepts chunk 1's command, whose id the dead worker never learned (SendCommand has no
-idempotency token). Airflow retries run_chunks, whose retry must find chunk 0 (ended by then) and chunk 1 (still
-running: its one file takes a minute) in SSM's own record, wait for chunk 1 again, and send only chunk 2.
+**The worker** (issue 8, point 9; issue 9). The production deployment (PostgreSQL, Redis, two Celery workers, two
+triggerers: `Backend.celery`) runs the DAG against the emulator, with its AWS calls going through a proxy that holds
+the SendCommand of chunk 1. While it is held, the test SIGKILLs the whole Celery worker whose task made it (found by
+the TCP connection the task process holds open to the proxy), with every process it started: a worker host lost
+exactly between the send of chunk 0 and the answer to the send of chunk 1. The proxy then lets the held request
+through: SSM accepts chunk 1's command, whose id the dead worker never learned (SendCommand has no idempotency
+token). Nobody is left to report the task failed: the scheduler notices its missing heartbeats and Airflow retries
+run_chunks on the other worker, whose retry must find chunk 0 (ended by then) and chunk 1 (still running: its one
+file takes a minute) in SSM's own record, wait for chunk 1 again, and send only chunk 2.
 
 **The instance** (issue 8, point 5). With `dag.test()`, the instance is stopped under a chunk two files into it (as
 another run's teardown would): both commands in flight die with it. run_chunks starts the instance again and sends
@@ -19,7 +21,6 @@ import http.client
 import json
 import os
 import re
-import signal
 import threading
 import time
 import urllib.parse
@@ -134,15 +135,16 @@ def proxy(world) -> Iterator[HoldingProxy]:
 
 
 @pytest.fixture
-def airflow(world, proxy, tmp_path) -> Iterator[AirflowStack]:
+def airflow(world, proxy, airflow_backend, tmp_path) -> Iterator[AirflowStack]:
     env = {
         **os.environ,
         **airflow_env(proxy.url, world.instance_id),  # Airflow's AWS calls go through the proxy
         "AIRFLOW_VAR_VOD_SR_MODELS": json.dumps({"rt": REALTIME_MODEL}),
     }
-    stack = AirflowStack(tmp_path / "airflow-home", env).start()
+    stack = AirflowStack(tmp_path / "airflow-home", env, backend=airflow_backend).start()
     yield stack
     stack.stop()
+    assert stack.leaked == []  # every process ended with its component
 
 
 def chunk_commands(world, run_token: str) -> dict[int, list[dict[str, Any]]]:
@@ -156,7 +158,9 @@ def chunk_commands(world, run_token: str) -> dict[int, list[dict[str, Any]]]:
 
 
 @pytest.mark.fullstack
-def test_a_worker_killed_between_two_sends_is_retried_and_every_chunk_is_sent_once(airflow, proxy, world, tmp_path):
+def test_a_worker_killed_between_two_sends_is_retried_and_every_chunk_is_sent_once(
+    airflow, proxy, world, tmp_path, figures
+):
     short, long = (make_sample_clip(tmp_path / f"{n}.mp4", seconds=n, size="320x240") for n in (2, 60))
     for key in SOURCES:
         world.upload(key, long if "long" in key else short)
@@ -165,13 +169,23 @@ def test_a_worker_killed_between_two_sends_is_retried_and_every_chunk_is_sent_on
     assert proxy.held.wait(timeout=300), "run_chunks never sent chunk 1\n" + airflow.tail()
     task_process = airflow.pid_with_connection(proxy.held_from[1])
     assert task_process is not None, "no process of the stack holds the held SendCommand's connection"
-    os.kill(task_process, signal.SIGKILL)  # the worker dies while chunk 1's SendCommand is on the wire
-    airflow.wait_until(lambda: not airflow.is_alive(task_process), 30, "the task process survived SIGKILL")
+    worker = airflow.component_of(task_process)
+    assert worker is not None and worker.kind == "celery worker", worker
+    killed_at = time.monotonic()
+    airflow.kill_component(worker.name)  # the worker host dies while chunk 1's SendCommand is on the wire
+    assert not airflow.is_alive(task_process)
     proxy.release.set()  # ... and SSM accepts it all the same
 
+    def retried() -> bool:
+        ti = airflow.api("GET", f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/lane.run_chunks/0")
+        return ti["try_number"] == 2 and ti["state"] not in ("up_for_retry", "failed", "queued", "scheduled")
+
+    airflow.wait_until(retried, 300, "run_chunks was never retried")
+    figures["worker_killed_to_retry_running_seconds"] = round(time.monotonic() - killed_at, 1)
     assert airflow.wait_for_run(run_id, 480) == "success", airflow.task_states(run_id)
     run_chunks = airflow.api("GET", f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/lane.run_chunks/0")
     assert run_chunks["try_number"] == 2  # the kill failed the first try; the retry finished the lane
+    assert run_chunks["hostname"] not in ("", None, worker.name)  # ... on the worker that is left
     commands = chunk_commands(world, run_token(DAG_ID, run_id))
     assert {chunk: [c["Status"] for c in sent] for chunk, sent in commands.items()} == {
         0: ["Success"],
