@@ -43,7 +43,7 @@ SETTINGS = Settings.from_env()
     max_active_runs=SETTINGS.max_active_runs,  # runs share the GPU instances: queue them (README, Configuration)
     doc_md=__doc__,
     tags=["vod-sr"],
-    default_args={"retries": 2, "retry_delay": timedelta(seconds=30)},
+    default_args={"retries": 2, "retry_delay": timedelta(seconds=30), "pool": SETTINGS.pool},
 )
 def vod_sr_batch() -> None:
     @task(retries=0)

@@ -72,6 +72,9 @@ class Settings:
     max_active_runs: int = 1
     # Seconds an output's duration may differ from its source's before verify fails the file.
     duration_tolerance: float = 0.5
+    # The Airflow pool of every vod-sr task: a pool of its own caps how many of them call EC2 and SSM at once
+    # across all runs and DAGs (deferred waits hold no slot unless the pool counts deferred tasks).
+    pool: str = "default_pool"
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -96,4 +99,5 @@ class Settings:
             start_retry_delay=_env_int("VOD_SR_START_RETRY_DELAY", defaults.start_retry_delay),
             max_active_runs=_env_int("VOD_SR_MAX_ACTIVE_RUNS", defaults.max_active_runs),
             duration_tolerance=_env_float("VOD_SR_DURATION_TOLERANCE", defaults.duration_tolerance),
+            pool=os.environ.get("VOD_SR_POOL", "").strip() or defaults.pool,
         )

@@ -228,3 +228,22 @@ def test_dag_file_imports_no_aws_sdk_at_parse_time():
     )
 
     assert "AWS SDK modules: \n" in result.stdout
+
+
+def test_every_task_takes_the_configured_pool(dag):
+    assert {task.pool for task in dag.tasks} == {"default_pool"}  # nothing configured: Airflow's own pool
+    code = (
+        "from airflow.dag_processing.dagbag import DagBag;"
+        "dag = DagBag(dag_folder='dags').dags['vod_sr_batch'];"
+        "print(sorted({t.pool for t in dag.tasks}))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "VOD_SR_POOL": "vod-sr-aws"},
+        check=True,
+    )
+
+    assert result.stdout.strip().splitlines()[-1] == "['vod-sr-aws']"  # caps EC2/SSM callers across runs and DAGs
