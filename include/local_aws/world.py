@@ -46,6 +46,7 @@ class EmulatorProcess:
             cwd=REPO_ROOT,
             stdout=subprocess.PIPE,
             text=True,
+            start_new_session=True,  # stop() ends the emulator with every command its agents are still running
         )
         assert self.process.stdout is not None
         line = self.process.stdout.readline()
@@ -56,9 +57,10 @@ class EmulatorProcess:
         return self
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=30)
+        from include.local_aws.services import stop_process_group
+
+        if self.process is not None:
+            stop_process_group(self.process)
 
     def env(self) -> dict[str, str]:
         return emulator_client_env(self.endpoint_url)
