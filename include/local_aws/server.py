@@ -12,6 +12,8 @@ Control endpoints, for tests and benchmarks:
     GET  /_local_aws/timeline         per instance: running intervals and command runs (wall-clock seconds)
     POST /_local_aws/calls/reset      forget the recorded calls
     POST /_local_aws/faults           change timing and faults (see faults.py)
+    POST /_local_aws/s3/last-modified {"bucket", "key", "last_modified": ISO 8601}: date an object as if uploaded then
+                                      (S3 itself never lets a client set LastModified; tests of time windows need it)
     GET  /_local_aws/health           {"status": "ok"}
 """
 
@@ -288,7 +290,31 @@ class Extension:
             except (ValueError, TypeError) as error:
                 return self._json(start_response, "400 Bad Request", {"error": str(error)})
             return self._json(start_response, "200 OK", {})
+        if path == "/_local_aws/s3/last-modified" and method == "POST":
+            raw = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+            try:
+                request = json.loads(raw)
+                set_last_modified(request["bucket"], request["key"], request["last_modified"])
+            except (ValueError, TypeError, KeyError) as error:
+                return self._json(start_response, "400 Bad Request", {"error": f"{type(error).__name__}: {error}"})
+            return self._json(start_response, "200 OK", {})
         return self._json(start_response, "404 Not Found", {"error": f"no control endpoint {method} {path}"})
+
+
+def set_last_modified(bucket: str, key: str, last_modified: str) -> None:
+    """Date an S3 object in moto's store (UTC, whole seconds, as S3 keeps it). Raises KeyError if it is missing."""
+    from datetime import UTC, datetime
+
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.s3.models import s3_backends
+
+    when = datetime.fromisoformat(last_modified.replace("Z", "+00:00"))
+    if when.tzinfo is None:
+        raise ValueError(f"last_modified {last_modified!r} has no time zone")
+    stored = s3_backends[DEFAULT_ACCOUNT_ID]["aws"].get_object(bucket, key)
+    if stored is None:
+        raise KeyError(f"s3://{bucket}/{key}")
+    stored.last_modified = when.astimezone(UTC).replace(tzinfo=None, microsecond=0)  # moto keeps naive UTC
 
 
 class LocalAws:

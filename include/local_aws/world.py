@@ -10,6 +10,7 @@ import subprocess
 import sys
 import urllib.request
 from dataclasses import dataclass
+from datetime import datetime
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,10 @@ class EmulatorProcess:
 
     def set_faults(self, faults: dict[str, Any]) -> None:
         self._control("faults", faults)
+
+    def set_last_modified(self, bucket: str, key: str, when: datetime) -> None:
+        """Date an object as if uploaded at `when` (a tz-aware datetime)."""
+        self._control("s3/last-modified", {"bucket": bucket, "key": key, "last_modified": when.isoformat()})
 
     def __enter__(self) -> EmulatorProcess:
         return self.start()

@@ -47,7 +47,8 @@ def model_choices(settings: Settings) -> dict[str, str]:
     return choices
 
 
-def trigger_form(settings: Settings) -> dict[str, Param]:
+def trigger_form(settings: Settings, prefixes: tuple[str, ...] = ()) -> dict[str, Param]:
+    """The trigger form; `prefixes` pre-fills the source folders (the nightly DAG's watch prefixes)."""
     choices = model_choices(settings)
     return {
         "sources": Param(
@@ -59,7 +60,7 @@ def trigger_form(settings: Settings) -> dict[str, Param]:
             "literally (spaces and any other characters are fine). Give sources, folders, a manifest or any mix.",
         ),
         "prefixes": Param(
-            [],
+            list(prefixes),
             type=["null", "array"],
             items={"type": "string"},
             title="Source folders",

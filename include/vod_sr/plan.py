@@ -13,6 +13,7 @@ import posixpath
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from typing import Any
 
 from botocore.exceptions import ClientError
@@ -76,9 +77,14 @@ class BatchRequest:
     execution_timeout: int = 21_600  # the chunk's budget, from taking the instance's lock (see budget.py)
     file_timeout: int | None = None  # one file's model run; None: only the budget bounds it
     chunk_size: int = 10
+    # Scheduled selection (vod_sr_nightly): only objects under `prefixes` with window[0] <= LastModified < window[1]
+    # are taken, and a window in which nothing arrived is an empty plan, not an error.
+    modified_window: tuple[datetime, datetime] | None = None
 
     @classmethod
-    def from_params(cls, params: Mapping[str, Any]) -> BatchRequest:
+    def from_params(
+        cls, params: Mapping[str, Any], modified_window: tuple[datetime, datetime] | None = None
+    ) -> BatchRequest:
         request = cls(
             # The form's drop-down lists the built-in models; an operator's own model is named in custom_model.
             model=str(params.get("custom_model") or params.get("model") or ""),
@@ -95,11 +101,17 @@ class BatchRequest:
             execution_timeout=_seconds(params, "execution_timeout", 21_600) or 0,
             file_timeout=_seconds(params, "file_timeout", None),
             chunk_size=int(params.get("chunk_size", 10)),
+            modified_window=modified_window,
         )
         request.validate()
         return request
 
     def validate(self) -> None:
+        if self.modified_window is not None and not self.prefixes:
+            raise PlanError(
+                "no watch prefixes: a scheduled run takes what arrived under its folders; set VOD_SR_NIGHTLY_PREFIXES "
+                "or give 'prefixes'"
+            )
         if not (self.sources or self.prefixes or self.manifest):
             raise PlanError("no sources: give keys or s3:// URIs in 'sources', folders in 'prefixes', or a 'manifest'")
         if not self.model:
@@ -196,6 +208,7 @@ class BatchPlan:
             "chunk_count": len(self.chunks),
             "instance_ids": sorted({c.instance_id for c in self.chunks}),
             "skipped": [f.to_xcom() for f in self.skipped],
+            "modified_window": [t.isoformat() for t in self.request.modified_window or ()] or None,
         }
 
 
@@ -238,12 +251,19 @@ def existing_objects(s3_client: Any, objects: Iterable[S3Object]) -> dict[S3Obje
     return found
 
 
-def list_prefix(s3_client: Any, prefix: S3Object, extensions: tuple[str, ...]) -> dict[S3Object, int]:
-    """Video objects under a prefix (by extension, case-insensitive), with their sizes."""
+def list_prefix(
+    s3_client: Any,
+    prefix: S3Object,
+    extensions: tuple[str, ...],
+    modified_window: tuple[datetime, datetime] | None = None,
+) -> dict[S3Object, int]:
+    """Video objects under a prefix (by extension, case-insensitive), with their sizes; with `modified_window`, only
+    those whose LastModified is in [start, end): adjacent windows take each object exactly once."""
     return {
         S3Object(prefix.bucket, item["Key"]): item["Size"]
         for item in _list(s3_client, prefix.bucket, prefix.key)
         if item["Key"].lower().endswith(extensions)
+        and (modified_window is None or modified_window[0] <= item["LastModified"] < modified_window[1])
     }
 
 
@@ -287,8 +307,8 @@ def resolve_sources(request: BatchRequest, s3_client: Any) -> dict[S3Object, int
         raise PlanError(f"missing source objects: {shown}{more}")
     resolved = {obj: present[obj] for obj in named}
     for prefix in prefixes:
-        listed = list_prefix(s3_client, prefix, request.extensions)
-        if not listed:
+        listed = list_prefix(s3_client, prefix, request.extensions, request.modified_window)
+        if not listed and request.modified_window is None:  # nothing new in a scheduled window is normal
             where = f"s3://{prefix.bucket}/{prefix.key}"
             raise PlanError(f"prefix {where!r} holds no files ending in {', '.join(request.extensions)}")
         for obj, size in listed.items():

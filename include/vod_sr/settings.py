@@ -6,11 +6,12 @@ Variables, no network. Each value can still be overridden per run through the tr
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 
 
-def _env_int(name: str, default: int) -> int:
+def _env_int(name: str, default: int, minimum: int = 1) -> int:
     raw = os.environ.get(name, "").strip()
     if not raw:
         return default
@@ -18,9 +19,24 @@ def _env_int(name: str, default: int) -> int:
         value = int(raw)
     except ValueError:
         raise ValueError(f"{name}={raw!r} is not a whole number") from None
-    if value <= 0:
-        raise ValueError(f"{name}={raw!r} must be greater than zero")
+    if value < minimum:
+        raise ValueError(f"{name}={raw!r} must be at least {minimum}")
     return value
+
+
+def _env_list(name: str) -> tuple[str, ...]:
+    """A list: a JSON array (for values holding commas) or comma-separated."""
+    raw = os.environ.get(name, "").strip()
+    if raw.startswith("["):
+        try:
+            values = json.loads(raw)
+        except ValueError as error:
+            raise ValueError(f"{name} is not a JSON list: {error}") from None
+        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+            raise ValueError(f"{name} must be a JSON list of strings")
+    else:
+        values = raw.split(",")
+    return tuple(v.strip() for v in values if v.strip())
 
 
 def _env_float(name: str, default: float) -> float:
@@ -75,6 +91,14 @@ class Settings:
     # The Airflow pool of every vod-sr task: a pool of its own caps how many of them call EC2 and SSM at once
     # across all runs and DAGs (deferred waits hold no slot unless the pool counts deferred tasks).
     pool: str = "default_pool"
+    # vod_sr_nightly (dags/vod_sr_nightly.py), defined only when it has prefixes to watch.
+    nightly_prefixes: tuple[str, ...] = ()
+    nightly_schedule: str = "@daily"  # cron or preset; each run takes its data interval [start, end)
+    nightly_timezone: str = "UTC"
+    # A multipart upload's LastModified is when it *began*: a window is taken this long after it ends, so an upload
+    # that began inside it has had this long to complete before the listing. It bounds the upload time, not the delay.
+    nightly_settle: int = 3600
+    nightly_start_date: str = "2026-01-01"  # earliest date a backfill may cover
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -100,4 +124,9 @@ class Settings:
             max_active_runs=_env_int("VOD_SR_MAX_ACTIVE_RUNS", defaults.max_active_runs),
             duration_tolerance=_env_float("VOD_SR_DURATION_TOLERANCE", defaults.duration_tolerance),
             pool=os.environ.get("VOD_SR_POOL", "").strip() or defaults.pool,
+            nightly_prefixes=_env_list("VOD_SR_NIGHTLY_PREFIXES"),
+            nightly_schedule=os.environ.get("VOD_SR_NIGHTLY_SCHEDULE", "").strip() or defaults.nightly_schedule,
+            nightly_timezone=os.environ.get("VOD_SR_NIGHTLY_TIMEZONE", "").strip() or defaults.nightly_timezone,
+            nightly_settle=_env_int("VOD_SR_NIGHTLY_SETTLE_SECONDS", defaults.nightly_settle, minimum=0),
+            nightly_start_date=os.environ.get("VOD_SR_NIGHTLY_START_DATE", "").strip() or defaults.nightly_start_date,
         )

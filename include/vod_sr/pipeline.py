@@ -1,0 +1,289 @@
+"""The vod-sr DAG, built once for every DAG id that runs it (see `vod_sr_dag`). The DAG files in `dags/` only name
+the DAG, its schedule and where its sources come from; the tasks are wired here."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any, Literal
+
+from airflow.sdk import DAG, PokeReturnValue, get_current_context, task, task_group
+
+from include.vod_sr.operators import RunChunksOperator
+from include.vod_sr.params import trigger_form
+from include.vod_sr.settings import Settings
+
+Selection = Literal["params", "interval"]
+
+
+def vod_sr_dag(
+    dag_id: str,
+    *,
+    doc_md: str,
+    schedule: Any = None,
+    selection: Selection = "params",
+    settings: Settings | None = None,
+    **dag_kwargs: Any,
+) -> DAG:
+    """The vod-sr DAG under `dag_id`: the one implementation behind vod_sr_batch, vod_sr_nightly and the event
+    mode. `selection` says where the sources come from:
+
+    - "params": the run's params (sources, prefixes, manifest), as an operator or the REST API gives them;
+    - "interval": the objects under the params' prefixes whose LastModified falls in the run's data interval,
+      shifted back by the settle time (`nightly.selection_window`); an empty interval is a quick success.
+    """
+    settings = settings or Settings.from_env()
+    with DAG(
+        dag_id,
+        schedule=schedule,
+        params=trigger_form(settings, prefixes=settings.nightly_prefixes if selection == "interval" else ()),
+        max_active_runs=settings.max_active_runs,  # runs share the GPU instances: queue them (README, Configuration)
+        doc_md=doc_md,
+        tags=["vod-sr"],
+        default_args={"retries": 2, "retry_delay": timedelta(seconds=30), "pool": settings.pool},
+        **dag_kwargs,
+    ) as dag:
+        _wire(settings, selection)
+    return dag
+
+
+def _wire(settings: Settings, selection: Selection) -> None:
+    @task(retries=0)
+    def plan() -> list[dict[str, Any]]:
+        """Resolve, validate and chunk the sources; fail here, before any GPU starts.
+
+        Returns one lane per instance that has work (mapped over); the run's summary goes to XCom key "summary".
+        """
+        from airflow.sdk import Variable
+        from airflow.sdk.exceptions import AirflowFailException
+
+        from include.vod_sr.aws import aws_client
+        from include.vod_sr.catalog import ModelError, resolve_model
+        from include.vod_sr.nightly import selection_window
+        from include.vod_sr.plan import BatchRequest, PlanError, plan_batch, run_token
+
+        context = get_current_context()
+        try:
+            window = None
+            if selection == "interval":
+                window = selection_window(
+                    context.get("data_interval_start"), context.get("data_interval_end"), settings.nightly_settle
+                )
+            request = BatchRequest.from_params(context["params"], modified_window=window)
+            model = resolve_model(request.model, Variable.get(settings.models_variable, default=None))
+            planned = plan_batch(
+                request,
+                aws_client("s3", settings.aws_conn_id),
+                run_token=run_token(context["dag"].dag_id, context["run_id"]),
+            )
+        except (PlanError, ModelError) as error:
+            raise AirflowFailException(f"bad input, nothing was started: {error}") from None
+        print(
+            f"Planned {planned.file_count} file(s) in {len(planned.chunks)} chunk(s) on "
+            f"{len(planned.lanes())} instance(s); {len(planned.skipped)} skipped because their output exists"
+        )
+        context["ti"].xcom_push(key="summary", value=planned.summary())
+        return [{**lane, "model": model.to_xcom()} for lane in planned.lanes()]
+
+    @task_group
+    def lane(lane: dict[str, Any]) -> Any:
+        @task(retries=4, retry_exponential_backoff=True, retry_delay=timedelta(seconds=settings.start_retry_delay))
+        def acquire(lane: dict[str, Any]) -> dict[str, str]:
+            """Take a lease on the instance and start it if stopped. Capacity errors are retried with backoff; errors
+            no retry fixes (a permission missing, an unknown instance) fail at once, naming the error."""
+            from airflow.sdk.exceptions import AirflowFailException
+
+            from include.vod_sr.aws import aws_client
+            from include.vod_sr.instance import InstanceUnusable, acquire_instance
+
+            instance_id, lease_id = lane["instance_id"], lane["run_token"]
+            try:
+                acquire_instance(
+                    aws_client("ec2", settings.aws_conn_id),
+                    instance_id,
+                    lease_id,
+                    get_current_context()["run_id"],
+                    timeout=settings.instance_state_timeout,
+                    poll_interval=settings.poll_interval,
+                )
+            except InstanceUnusable as error:
+                raise AirflowFailException(str(error)) from None
+            return {"instance_id": instance_id, "lease_id": lease_id}
+
+        @task.sensor(poke_interval=settings.poll_interval, timeout=settings.agent_online_timeout, mode="reschedule")
+        def wait_for_agent(acquired: dict[str, str]) -> PokeReturnValue:
+            """Done when EC2 reports running and the SSM agent reports Online. An instance stopped under this run
+            (another run's release) is started again, within this wait's bound."""
+            from airflow.sdk.exceptions import AirflowFailException
+
+            from include.vod_sr.aws import aws_client
+            from include.vod_sr.instance import InstanceUnusable, is_ready, refresh_lease
+
+            instance_id, lease_id = acquired["instance_id"], acquired["lease_id"]
+            holder = get_current_context()["run_id"]
+            ec2, ssm = aws_client("ec2", settings.aws_conn_id), aws_client("ssm", settings.aws_conn_id)
+            try:
+                ready = is_ready(ec2, ssm, instance_id, lease_id=lease_id, holder=holder)
+            except InstanceUnusable as error:
+                raise AirflowFailException(str(error)) from None
+            if ready:
+                refresh_lease(ec2, instance_id, lease_id, holder)
+            return PokeReturnValue(is_done=ready, xcom_value=acquired)
+
+        @task
+        def install_cli(acquired: dict[str, str]) -> None:
+            """Install the AWS CLI on the instance unless `aws --version` already works there (with
+            VOD_SR_SKIP_CLI_INSTALL, only check that it does). A retry first cancels the earlier try's command."""
+            from include.vod_sr.aws import aws_client
+            from include.vod_sr.commands import run_and_wait
+            from include.vod_sr.instance import command_comment, refresh_lease
+            from include.vod_sr.script import CHECK_CLI_SCRIPT, install_cli_script
+
+            ec2 = aws_client("ec2", settings.aws_conn_id)
+            refresh_lease(ec2, acquired["instance_id"], acquired["lease_id"], get_current_context()["run_id"])
+            invocation = run_and_wait(
+                aws_client("ssm", settings.aws_conn_id),
+                acquired["instance_id"],
+                # apt may wait two thirds of the timeout for its locks; the rest is for the download and the install.
+                CHECK_CLI_SCRIPT
+                if settings.skip_cli_install
+                else install_cli_script(lock_wait=settings.install_cli_timeout * 2 // 3),
+                comment=command_comment(acquired["lease_id"], "install AWS CLI"),
+                timeout=settings.install_cli_timeout,
+                poll_interval=settings.poll_interval,
+                delivery_timeout=settings.command_delivery_timeout,
+                # SSM stores the whole output there; a failure shows its true end and the link (commands.py)
+                output_bucket=get_current_context()["params"]["output_bucket"],
+                s3=aws_client("s3", settings.aws_conn_id),
+            )
+            print(invocation["StandardOutputContent"])
+
+        run_chunks = RunChunksOperator(
+            task_id="run_chunks",
+            lane=lane,
+            poll_interval=settings.poll_interval,
+            delivery_timeout=settings.command_delivery_timeout,
+            release_timeout=settings.instance_state_timeout,
+            aws_conn_id=settings.aws_conn_id,
+            # A worker lost mid-task is retried: the retry re-attaches to the chunks SSM already has for this run
+            # and sends only the others (RunChunksOperator._reattach). Failed chunks fail it for good.
+            retries=2,
+        )
+
+        @task(trigger_rule="all_done")
+        def verify(lane: dict[str, Any]) -> dict[str, Any]:
+            """Check each output: exists, non-empty, written by this run, the size the instance reported."""
+            from include.vod_sr.aws import aws_client
+            from include.vod_sr.catalog import SrModel
+            from include.vod_sr.plan import Chunk
+            from include.vod_sr.verify import verify_chunks
+
+            chunks = [Chunk.from_xcom(c) for c in lane["chunks"]]
+            s3 = aws_client("s3", settings.aws_conn_id)
+            files = verify_chunks(
+                s3,
+                lane["output_bucket"],
+                lane["run_token"],
+                chunks,
+                ssm=aws_client("ssm", settings.aws_conn_id),
+                scale=SrModel.from_xcom(lane["model"]).scale,
+                duration_tolerance=settings.duration_tolerance,
+            )
+            return {"instance_id": lane["instance_id"], "files": files}
+
+        @task
+        def release(acquired: dict[str, str], lane: dict[str, Any]) -> str:
+            """Drop this run's lease; stop the instance unless another vod-sr run's lease or command still uses it.
+            The outcome goes to XCom "release" for the report, which says when and why an instance was left up."""
+            from airflow.sdk.exceptions import AirflowFailException
+
+            from include.vod_sr.aws import aws_client
+            from include.vod_sr.instance import RELEASE_XCOM_KEY, InstanceUnusable, unusable_when_unfixable
+            from include.vod_sr.instance import release as release_instance
+
+            instance_id, ti = acquired["instance_id"], get_current_context()["ti"]
+            try:
+                with unusable_when_unfixable(instance_id):
+                    outcome = release_instance(
+                        aws_client("ec2", settings.aws_conn_id),
+                        aws_client("ssm", settings.aws_conn_id),
+                        instance_id,
+                        acquired["lease_id"],
+                        stop=lane["stop_when_done"],
+                        timeout=settings.instance_state_timeout,
+                        poll_interval=settings.poll_interval,
+                    )
+            except Exception as error:
+                outcome = f"not released, it may still be running: {type(error).__name__}: {error}"
+                ti.xcom_push(key=RELEASE_XCOM_KEY, value={"instance_id": instance_id, "outcome": outcome})
+                if isinstance(error, InstanceUnusable):
+                    raise AirflowFailException(str(error)) from None
+                raise
+            print(f"Instance {instance_id}: {outcome}")
+            ti.xcom_push(key=RELEASE_XCOM_KEY, value={"instance_id": instance_id, "outcome": outcome})
+            return outcome
+
+        acquired = acquire(lane)
+        install_cli(wait_for_agent(acquired)) >> run_chunks
+        # The instance is released as soon as its commands end; verify needs only S3 and runs beside the stop.
+        # Verify stays outside the setup's scope so it still reports a lane whose instance never started. The
+        # teardown is never downstream of the report: with on_failure_fail_dagrun it would then be the only task
+        # deciding the run's state, and a failed report would end in a successful run. The report follows it.
+        released = release(acquired, lane).as_teardown(setups=acquired, on_failure_fail_dagrun=True)
+        run_chunks >> released
+        verified = verify(lane)
+        run_chunks >> verified
+        return {"verified": verified, "released": released}
+
+    @task(trigger_rule="all_done", retries=0)
+    def report(
+        summary: dict[str, Any],
+        lanes: list[dict[str, Any]],
+        verified: list[dict[str, Any]] | dict[str, Any] | None,
+    ) -> dict[str, Any]:
+        """Log a row per file, store the JSON report in S3, fail the run if any file failed."""
+        from airflow.configuration import conf
+        from airflow.sdk.exceptions import AirflowFailException
+
+        from include.vod_sr.aws import aws_client
+        from include.vod_sr.instance import RELEASE_XCOM_KEY
+        from include.vod_sr.operators import TRANSIENT_ERRORS_XCOM_KEY
+        from include.vod_sr.plan import Chunk, FileJob
+        from include.vod_sr.report import (
+            BatchFailed,
+            build_report,
+            format_table,
+            per_lane,
+            raise_if_failed,
+            write_report,
+        )
+
+        context = get_current_context()
+        verified_lanes = per_lane(verified)
+        result = build_report(
+            run_id=context["run_id"],
+            run_token=summary["run_token"],
+            params=context["params"],
+            planned=[job for lane in lanes for c in lane["chunks"] for job in Chunk.from_xcom(c).files],
+            verified=[lane_result["files"] for lane_result in verified_lanes],
+            skipped=[FileJob.from_xcom(f) for f in summary["skipped"]],
+            transient_aws_errors=per_lane(
+                context["ti"].xcom_pull(task_ids="lane.run_chunks", key=TRANSIENT_ERRORS_XCOM_KEY)
+            ),
+            released=per_lane(context["ti"].xcom_pull(task_ids="lane.release", key=RELEASE_XCOM_KEY)),
+            dag_id=context["dag"].dag_id,
+            ui_base_url=conf.get("api", "base_url", fallback="") or "",
+        )
+        print(format_table(result))
+        s3 = aws_client("s3", settings.aws_conn_id)
+        print("Report: " + write_report(s3, context["params"]["output_bucket"], result))
+        try:
+            raise_if_failed(result)
+        except BatchFailed as error:
+            raise AirflowFailException(str(error)) from None
+        return result["counts"]
+
+    planned = plan()
+    lanes = lane.expand(lane=planned)
+    # The report says which instances were left running and why, so it waits for each lane's release (a teardown
+    # upstream of the report, never downstream: the report alone decides the run's state).
+    lanes["released"] >> report(planned["summary"], planned, lanes["verified"])
