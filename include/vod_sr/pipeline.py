@@ -12,7 +12,7 @@ from include.vod_sr.operators import RunChunksOperator
 from include.vod_sr.params import trigger_form
 from include.vod_sr.settings import Settings
 
-Selection = Literal["params", "interval"]
+Selection = Literal["params", "interval", "events"]
 
 
 def vod_sr_dag(
@@ -29,9 +29,17 @@ def vod_sr_dag(
 
     - "params": the run's params (sources, prefixes, manifest), as an operator or the REST API gives them;
     - "interval": the objects under the params' prefixes whose LastModified falls in the run's data interval,
-      shifted back by the settle time (`nightly.selection_window`); an empty interval is a quick success.
+      shifted back by the settle time (`nightly.selection_window`); an empty interval is a quick success;
+    - "events": the objects named by the S3 event notifications behind the run's triggering asset events
+      (`events.sources_from_asset_events`), added to the params' sources.
+
+    Notifications (SNS on success and failure, a deadline alert for scheduled runs) come from the settings
+    (`notify.notification_kwargs`); nothing configured adds nothing.
     """
+    from include.vod_sr.notify import notification_kwargs
+
     settings = settings or Settings.from_env()
+    dag_kwargs = {**notification_kwargs(settings, scheduled=schedule is not None), **dag_kwargs}
     with DAG(
         dag_id,
         schedule=schedule,
@@ -68,7 +76,14 @@ def _wire(settings: Settings, selection: Selection) -> None:
                 window = selection_window(
                     context.get("data_interval_start"), context.get("data_interval_end"), settings.nightly_settle
                 )
-            request = BatchRequest.from_params(context["params"], modified_window=window)
+            params = context["params"]
+            if selection == "events":
+                from include.vod_sr.events import sources_from_asset_events
+
+                arrived = sources_from_asset_events(context["triggering_asset_events"])
+                params = {**params, "sources": [*(params.get("sources") or []), *arrived]}
+                print(f"{len(arrived)} upload(s) named by the triggering S3 event(s)")
+            request = BatchRequest.from_params(params, modified_window=window)
             model = resolve_model(request.model, Variable.get(settings.models_variable, default=None))
             planned = plan_batch(
                 request,
