@@ -114,7 +114,7 @@ def submit_and_follow(page: Any, airflow: AirflowStack, name: str) -> str:
     assert page.is_enabled(SUBMIT), "Trigger is disabled"
     page.screenshot(path=str(ARTIFACTS / f"form-{name}-filled.png"), full_page=True)
     page.click(SUBMIT)
-    page.wait_for_url("**/runs/**")
+    page.wait_for_url("**/runs/**", timeout=120_000)  # the API server may be slow on a loaded 2-core machine
     run_id = run_id_from_url(page.url)
     assert airflow.wait_for_run(run_id, 300) == "success", airflow.task_states(run_id)
     page.reload()
@@ -220,7 +220,7 @@ class TestPrefilledLink:
         assert json.loads(page.input_value("#conf")) == conf  # quotes, unicode and $(id) arrive intact
         page.screenshot(path=str(ARTIFACTS / "prefilled-link.png"), full_page=True)
         page.click("#trigger")
-        page.wait_for_url("**/runs/**")
+        page.wait_for_url("**/runs/**", timeout=120_000)  # the API server may be slow on a loaded 2-core machine
         run_id = run_id_from_url(page.url)
 
         assert airflow.wait_for_run(run_id, 300) == "success", airflow.task_states(run_id)
