@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from airflow.sdk import DAG, PokeReturnValue, get_current_context, task, task_group
 
+from include.vod_sr.assets import OUTPUTS_ALIAS, outputs_asset, outputs_event_extra
 from include.vod_sr.operators import RunChunksOperator
 from include.vod_sr.params import trigger_form
 from include.vod_sr.settings import Settings
@@ -249,7 +250,7 @@ def _wire(settings: Settings, selection: Selection) -> None:
         run_chunks >> verified
         return {"verified": verified, "released": released}
 
-    @task(trigger_rule="all_done", retries=0)
+    @task(trigger_rule="all_done", retries=0, outlets=[OUTPUTS_ALIAS])
     def report(
         summary: dict[str, Any],
         lanes: list[dict[str, Any]],
@@ -290,11 +291,15 @@ def _wire(settings: Settings, selection: Selection) -> None:
         )
         print(format_table(result))
         s3 = aws_client("s3", settings.aws_conn_id)
-        print("Report: " + write_report(s3, context["params"]["output_bucket"], result))
+        report_uri = write_report(s3, context["params"]["output_bucket"], result)
+        print("Report: " + report_uri)
         try:
             raise_if_failed(result)
         except BatchFailed as error:
             raise AirflowFailException(str(error)) from None
+        extra = outputs_event_extra(result, report_uri, context["dag"].dag_id)
+        if extra is not None:  # downstream DAGs scheduled on the outputs asset start with this run's outputs
+            context["outlet_events"][OUTPUTS_ALIAS].add(outputs_asset(settings), extra=extra)
         return result["counts"]
 
     planned = plan()
