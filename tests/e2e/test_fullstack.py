@@ -62,23 +62,30 @@ def test_marking_a_run_failed_still_stops_the_instance_and_cancels_its_command(a
     assert [c["Status"] for c in sr_commands] == ["Cancelled"]
 
 
-def test_a_batch_whose_lanes_land_on_both_workers_finishes(world, airflow_backend, tmp_path):
+def test_a_batch_whose_lanes_land_on_both_workers_finishes(world, airflow_backend, tmp_path, figures):
     # One task at a time per worker: while one worker runs a lane's task, the other lane's goes to the other worker.
     backend = dataclasses.replace(airflow_backend, worker_concurrency=1)
+    started = time.monotonic()
     airflow = AirflowStack(tmp_path / "airflow-home", dict(os.environ), backend=backend).start()
+    figures["celery_stack_start_seconds"] = round(time.monotonic() - started, 1)
     try:
         second_instance = create_world(world.emulator.endpoint_url)
         sources = [f"lanes/{n}.mp4" for n in range(4)]
         for key in sources:
             world.upload(key)
 
+        triggered = time.monotonic()
         run_id = airflow.trigger(
             {"sources": sources, "model": "cpu", "instance_ids": [world.instance_id, second_instance], "chunk_size": 1}
         )
 
         assert airflow.wait_for_run(run_id, 400) == "success", airflow.task_states(run_id)
+        figures["two_lanes_four_files_run_seconds"] = round(time.monotonic() - triggered, 1)
         tis = airflow.api("GET", f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances?limit=1000")["task_instances"]
         lane_hosts = {ti["hostname"] for ti in tis if ti["task_id"].startswith("lane.")}
+        figures["two_lanes_task_instances_per_worker"] = {
+            host: sum(ti["hostname"] == host for ti in tis) for host in sorted(lane_hosts)
+        }
         assert lane_hosts == {"worker-1", "worker-2"}, [(ti["task_id"], ti["map_index"], ti["hostname"]) for ti in tis]
         for key in sources:
             output = key.replace(".mp4", "_sr_cpu.mp4")
