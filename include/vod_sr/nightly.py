@@ -29,9 +29,10 @@ def selection_window(
     return interval_start - shift, interval_end - shift
 
 
-def check_nightly_settings(settings: Settings) -> None:
+def check_nightly_settings(settings: Settings, reason: str = "vod_sr_nightly watches VOD_SR_NIGHTLY_PREFIXES") -> None:
     """Scheduled runs take the form's defaults: refuse to define the DAG (an import error in the UI naming the
-    settings) rather than let Airflow reject it for "required params without default values"."""
+    settings) rather than let Airflow reject it for "required params without default values". `reason` names the
+    DAG and the setting that turned it on (vod_sr_events passes its own)."""
     missing = [
         name
         for name, value in (
@@ -42,7 +43,7 @@ def check_nightly_settings(settings: Settings) -> None:
         if not value
     ]
     if missing:
-        raise ValueError(f"vod_sr_nightly watches VOD_SR_NIGHTLY_PREFIXES but needs {', '.join(missing)} set too")
+        raise ValueError(f"{reason} but needs {', '.join(missing)} set too")
 
 
 def nightly_timetable(settings: Settings) -> Any:

@@ -80,6 +80,10 @@ class BatchRequest:
     # Scheduled selection (vod_sr_nightly): only objects under `prefixes` with window[0] <= LastModified < window[1]
     # are taken, and a window in which nothing arrived is an empty plan, not an error.
     modified_window: tuple[datetime, datetime] | None = None
+    # Event-driven selection (vod_sr_events): a batch of S3 events with no usable upload (a test event, a deleted or
+    # non-video object) is an empty plan, not an error. Set by the events selection for event-started runs (the
+    # `allow_empty` param, JSON true only; not a form field).
+    allow_empty: bool = False
 
     @classmethod
     def from_params(
@@ -102,6 +106,7 @@ class BatchRequest:
             file_timeout=_seconds(params, "file_timeout", None),
             chunk_size=int(params.get("chunk_size", 10)),
             modified_window=modified_window,
+            allow_empty=params.get("allow_empty") is True,
         )
         request.validate()
         return request
@@ -112,7 +117,7 @@ class BatchRequest:
                 "no watch prefixes: a scheduled run takes what arrived under its folders; set VOD_SR_NIGHTLY_PREFIXES "
                 "or give 'prefixes'"
             )
-        if not (self.sources or self.prefixes or self.manifest):
+        if not (self.sources or self.prefixes or self.manifest or self.allow_empty):
             raise PlanError("no sources: give keys or s3:// URIs in 'sources', folders in 'prefixes', or a 'manifest'")
         if not self.model:
             raise PlanError("no model chosen")
