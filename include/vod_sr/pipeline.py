@@ -79,11 +79,22 @@ def _wire(settings: Settings, selection: Selection) -> None:
                 )
             params = context["params"]
             if selection == "events":
-                from include.vod_sr.events import sources_from_asset_events
+                from include.vod_sr.events import late_asset_events, sources_from_asset_events, still_present
 
-                arrived = sources_from_asset_events(context["triggering_asset_events"])
-                params = {**params, "sources": [*(params.get("sources") or []), *arrived]}
-                print(f"{len(arrived)} upload(s) named by the triggering S3 event(s)")
+                # Non-videos, test events and malformed messages are logged and left out, as are uploads deleted
+                # since; the events Airflow 3.3 queued after this run's first one are taken too (events.py).
+                triggering = context["triggering_asset_events"]
+                arrived = sources_from_asset_events(triggering, params.get("extensions"))
+                late = sources_from_asset_events(late_asset_events(context), params.get("extensions"))
+                late = [uri for uri in late if uri not in arrived]
+                arrived = still_present([*arrived, *late], aws_client("s3", settings.aws_conn_id))
+                # An event batch with no usable upload is an empty plan: a quick success, no instance started.
+                params = {
+                    **params,
+                    "sources": [*(params.get("sources") or []), *arrived],
+                    "allow_empty": bool(triggering),
+                }
+                print(f"{len(arrived)} upload(s) named by the S3 events behind this run ({len(late)} queued late)")
             request = BatchRequest.from_params(params, modified_window=window)
             model = resolve_model(request.model, Variable.get(settings.models_variable, default=None))
             planned = plan_batch(

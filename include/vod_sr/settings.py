@@ -99,6 +99,16 @@ class Settings:
     # that began inside it has had this long to complete before the listing. It bounds the upload time, not the delay.
     nightly_settle: int = 3600
     nightly_start_date: str = "2026-01-01"  # earliest date a backfill may cover
+    # vod_sr_events (dags/vod_sr_events.py), defined only when S3 event notifications reach this SQS queue.
+    events_queue_url: str = ""
+    # Seconds the queue watcher pauses after a long poll (20 s) that found nothing: an upload made in the pause waits
+    # up to this long before it is seen. Each poll is an SQS request (about 100,000 a month at 5 s).
+    events_poll_pause: int = 5
+    # Notifications (include/vod_sr/notify.py). An SNS topic ARN: each run's success or failure is published there.
+    sns_topic_arn: str = ""
+    # Scheduled DAGs (vod_sr_nightly): alert the topic when a run is still going this many minutes after it was
+    # queued (Airflow's DeadlineAlert on DAGRUN_QUEUED_AT). 0: no deadline.
+    deadline_minutes: int = 0
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -129,4 +139,8 @@ class Settings:
             nightly_timezone=os.environ.get("VOD_SR_NIGHTLY_TIMEZONE", "").strip() or defaults.nightly_timezone,
             nightly_settle=_env_int("VOD_SR_NIGHTLY_SETTLE_SECONDS", defaults.nightly_settle, minimum=0),
             nightly_start_date=os.environ.get("VOD_SR_NIGHTLY_START_DATE", "").strip() or defaults.nightly_start_date,
+            events_queue_url=os.environ.get("VOD_SR_EVENTS_QUEUE_URL", "").strip(),
+            events_poll_pause=_env_int("VOD_SR_EVENTS_POLL_PAUSE_SECONDS", defaults.events_poll_pause, minimum=0),
+            sns_topic_arn=os.environ.get("VOD_SR_SNS_TOPIC_ARN", "").strip(),
+            deadline_minutes=_env_int("VOD_SR_DEADLINE_MINUTES", defaults.deadline_minutes, minimum=0),
         )
