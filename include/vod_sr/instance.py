@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 import logging
 import math
+import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ LEASE_TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 LEASE_TTL = timedelta(hours=49)
 LIVE_COMMAND_STATES = ("Pending", "InProgress", "Delayed", "Cancelling")
 COMMAND_COMMENT_PREFIX = "vod-sr "
-RELEASE_XCOM_KEY = "release"  # the release task's {"instance_id", "outcome"}, read by the report
+RELEASE_XCOM_KEY = "release"  # the release task's `release_record`, read by the report
 STOPPED_OUTCOMES = ("stopped", "stopping", "already stopped", "already terminated")
 # SSM delivers a command to an Online agent within seconds; one Pending this long is not going anywhere soon.
 STUCK_PENDING_AFTER = timedelta(minutes=10)
@@ -135,6 +136,7 @@ class InstanceStatus:
     launch_time: datetime | None = None  # EC2 sets it at every start
     reason_code: str = ""  # StateReason: why it is stopped (a stop asked for, or a start that failed)
     reason_message: str = ""
+    transition_reason: str = ""  # StateTransitionReason: "User initiated (2026-11-29 06:12:40 GMT)" after a stop
 
 
 def describe_instance(ec2: Any, instance_id: str) -> InstanceStatus:
@@ -150,7 +152,11 @@ def describe_instance(ec2: Any, instance_id: str) -> InstanceStatus:
     found = instances[0]
     reason = found.get("StateReason") or {}
     return InstanceStatus(
-        found["State"]["Name"], found.get("LaunchTime"), reason.get("Code", ""), reason.get("Message", "")
+        found["State"]["Name"],
+        found.get("LaunchTime"),
+        reason.get("Code", ""),
+        reason.get("Message", ""),
+        found.get("StateTransitionReason") or "",
     )
 
 
@@ -516,6 +522,36 @@ def release(
         return "stopping"
     ec2.get_waiter("instance_stopped").wait(InstanceIds=[instance_id], WaiterConfig=config)
     return "stopped"
+
+
+def release_record(ec2: Any, instance_id: str, outcome: str, *, now: datetime | None = None) -> dict[str, Any]:
+    """What the release task hands the report (XCom RELEASE_XCOM_KEY): the instance, the release's outcome and
+    `instance_seconds`, how long the instance ran in the start this run used, as EC2 tells it: from its LaunchTime
+    (set at every start) to its stop (the time in StateTransitionReason, "User initiated (... GMT)": EC2 bills
+    nothing from `stopping` on), whoever stopped it (run_chunks' early release usually has, before the teardown
+    runs); for an instance left running, to now. None when EC2 cannot tell (no LaunchTime, a stop time it does not
+    give or from before the launch) or cannot be asked: it is only reported, and never fails a release."""
+    seconds = None
+    try:
+        status = describe_instance(ec2, instance_id)
+    except Exception as error:
+        log.warning("Could not read the launch time of %s for the report: %s", instance_id, error)
+        status = None
+    if status is not None and status.launch_time is not None:
+        launched = status.launch_time if status.launch_time.tzinfo else status.launch_time.replace(tzinfo=UTC)
+        if status.state in ("running", "pending"):
+            until: datetime | None = now or datetime.now(UTC)
+        else:
+            until = _stop_time(status.transition_reason)
+        if until is not None and until >= launched:
+            seconds = round((until - launched).total_seconds())
+    return {"instance_id": instance_id, "outcome": outcome, "instance_seconds": seconds}
+
+
+def _stop_time(transition_reason: str) -> datetime | None:
+    """The time in EC2's StateTransitionReason after a stop: "User initiated (2026-11-29 06:12:40 GMT)"."""
+    match = re.search(r"\((\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) (?:GMT|UTC)\)", transition_reason)
+    return datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S").replace(tzinfo=UTC) if match else None
 
 
 def _cancel_orphans(ssm: Any, instance_id: str, commands: list[dict[str, Any]]) -> list[Exception]:

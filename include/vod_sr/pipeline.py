@@ -224,14 +224,20 @@ def _wire(settings: Settings, selection: Selection) -> None:
             from airflow.sdk.exceptions import AirflowFailException
 
             from include.vod_sr.aws import aws_client
-            from include.vod_sr.instance import RELEASE_XCOM_KEY, InstanceUnusable, unusable_when_unfixable
+            from include.vod_sr.instance import (
+                RELEASE_XCOM_KEY,
+                InstanceUnusable,
+                release_record,
+                unusable_when_unfixable,
+            )
             from include.vod_sr.instance import release as release_instance
 
             instance_id, ti = acquired["instance_id"], get_current_context()["ti"]
             try:
+                ec2 = aws_client("ec2", settings.aws_conn_id)
                 with unusable_when_unfixable(instance_id):
                     outcome = release_instance(
-                        aws_client("ec2", settings.aws_conn_id),
+                        ec2,
                         aws_client("ssm", settings.aws_conn_id),
                         instance_id,
                         acquired["lease_id"],
@@ -245,8 +251,9 @@ def _wire(settings: Settings, selection: Selection) -> None:
                 if isinstance(error, InstanceUnusable):
                     raise AirflowFailException(str(error)) from None
                 raise
-            print(f"Instance {instance_id}: {outcome}")
-            ti.xcom_push(key=RELEASE_XCOM_KEY, value={"instance_id": instance_id, "outcome": outcome})
+            record = release_record(ec2, instance_id, outcome)  # adds the instance's running time, for the report
+            print(f"Instance {instance_id}: {outcome}; up {record['instance_seconds']} s since its start")
+            ti.xcom_push(key=RELEASE_XCOM_KEY, value=record)
             return outcome
 
         acquired = acquire(lane)

@@ -48,8 +48,9 @@ def build_report(
 
     `transient_aws_errors`: each lane's count of throttling/5xx/connection errors that outlasted the client's retries
     (run_chunks' XCom `transient_aws_errors`); each was retried, and a count above zero says AWS was struggling.
-    `released`: each lane's release outcome (`{"instance_id", "outcome"}`); those that did not stop the instance are
-    listed under `instances_left_running` with the reason.
+    `released`: each lane's release outcome (`{"instance_id", "outcome", "instance_seconds"}`); those that did not
+    stop the instance are listed under `instances_left_running` with the reason, and each instance's running time in
+    the start the run used (`instance.release_record`) under `instance_seconds` (None: unknown).
     `dag_id` and `ui_base_url` (the Airflow UI's base URL, may be empty): for the one-click re-run link.
     """
     records = {record["index"]: dict(record) for lane in verified for record in lane}
@@ -78,9 +79,11 @@ def build_report(
         # Every SSM command's whole stdout and stderr, by command id; run_chunks' log links each failed one.
         report["command_output"] = f"s3://{params['output_bucket']}/{ssm_output_prefix(run_token)}"
     if released is not None:
+        released = list(released)
         report["instances_left_running"] = {
             r["instance_id"]: r["outcome"] for r in released if r["outcome"] not in STOPPED_OUTCOMES
         }
+        report["instance_seconds"] = {r["instance_id"]: r.get("instance_seconds") for r in released}
     return report
 
 
@@ -107,6 +110,10 @@ def format_table(report: Mapping[str, Any]) -> str:
     if report.get("command_output"):
         lines.append(f"whole output of the run's SSM commands: {report['command_output']}")
     lines += [f"instance {i} {why}" for i, why in (report.get("instances_left_running") or {}).items()]
+    lines += [
+        f"instance {i} was up {'an unknown time' if s is None else f'{s} s'} in the start this run used"
+        for i, s in (report.get("instance_seconds") or {}).items()
+    ]
     return "\n".join(lines)
 
 
