@@ -27,6 +27,8 @@ PRINCIPAL_POLICIES = {"airflow": "airflow-principal-policy.json", "instance": "i
 TRUST_POLICY = "instance-trust-policy.json"
 FLEET_VARIANT = "airflow-principal-policy.fleet.json"  # the tag-based variant of the Airflow principal's policy
 KMS_ADDITIONS = ("airflow-principal-policy.kms.json", "instance-role-policy.kms.json")  # for SSE-KMS and CMK volumes
+# Added to the Airflow principal's policy (either variant) when VOD_SR_SNS_TOPIC_ARN is set (include/vod_sr/notify.py)
+NOTIFICATIONS_ADDITION = "airflow-principal-policy.notifications.json"
 FLEET_TAG = "vod-sr-fleet"
 SAMPLE = {
     "REGION": "eu-west-1",
@@ -38,6 +40,7 @@ SAMPLE = {
     "VOLUME_KMS_KEY_ID": "00000000-0000-4000-8000-000000000001",
     "SOURCE_KMS_KEY_ID": "00000000-0000-4000-8000-000000000002",
     "OUTPUT_KMS_KEY_ID": "00000000-0000-4000-8000-000000000003",
+    "SNS_TOPIC_NAME": "vod-sr-notifications",
 }
 PLACEHOLDER = re.compile(r"\b[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+\b|\b(?:REGION|FLEET)\b")
 
@@ -172,7 +175,7 @@ REPORT = "vod-sr-reports/0123456789abcdef.json"
 
 class TestPolicyFiles:
     def test_every_file_in_iam_is_a_known_kind(self):
-        known = {*PRINCIPAL_POLICIES.values(), TRUST_POLICY, FLEET_VARIANT, *KMS_ADDITIONS}
+        known = {*PRINCIPAL_POLICIES.values(), TRUST_POLICY, FLEET_VARIANT, *KMS_ADDITIONS, NOTIFICATIONS_ADDITION}
 
         assert {p.name for p in IAM.glob("*")} == known  # a grant in an unknown file would escape every check
 
@@ -188,7 +191,7 @@ class TestPolicyFiles:
 
     def test_allowed_actions_are_named_one_by_one(self):
         # The end-to-end test compares granted actions with called ones: a wildcard would hide what it grants.
-        for name in (*PRINCIPAL_POLICIES.values(), FLEET_VARIANT, *KMS_ADDITIONS):
+        for name in (*PRINCIPAL_POLICIES.values(), FLEET_VARIANT, *KMS_ADDITIONS, NOTIFICATIONS_ADDITION):
             assert not [a for a in IamPolicy.load(name).granted_actions() if "*" in a or "?" in a], name
 
 
@@ -243,6 +246,18 @@ class TestAirflowPrincipal:
         assert policy.allows("s3:GetObject", output(RESULTS))
         assert not policy.allows("s3:GetObject", source("shows/ep1.mp4"))
         assert not policy.allows("s3:GetObject", output("shows/ep1_sr_A.mp4"))
+
+
+def test_notifications_publish_to_the_topic_only_and_read_reports_only():
+    policy = IamPolicy.load(NOTIFICATIONS_ADDITION)
+    topic = "arn:aws:sns:{}:{}:{}".format(SAMPLE["REGION"], SAMPLE["ACCOUNT_ID"], "{}")
+
+    assert policy.granted_actions() == {"sns:Publish", "s3:GetObject"}
+    assert policy.allows("sns:Publish", topic.format(SAMPLE["SNS_TOPIC_NAME"]))
+    assert not policy.allows("sns:Publish", topic.format("someone-elses-topic"))
+    assert policy.allows("s3:GetObject", output(REPORT))
+    assert not policy.allows("s3:GetObject", output("shows/ep1_sr_A.mp4"))
+    assert not policy.allows("s3:GetObject", source(REPORT))
 
 
 class TestFleetVariant:

@@ -17,7 +17,9 @@ until the policy grants it, and a grant the code stops needing fails until it is
 The runs: a success naming files, a folder and a manifest; a failure (a corrupt file) that also
 overwrites an existing output; a chunk cut off mid-way (every read of its command is refused, so run_chunks fails at
 once and the teardown cancels the live command, and verify asks SSM about the unfinished chunk). The instance also
-carries an expired lease of an abandoned run and the fleet tag.
+carries an expired lease of an abandoned run and the fleet tag. Notifications are on (VOD_SR_SNS_TOPIC_ARN): each run's
+callback reads its report and publishes to the topic, so the Airflow principal is checked with its notifications
+addition (iam/airflow-principal-policy.notifications.json).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from tests.e2e.conftest import BatchRun, World
 from tests.test_deployment_files import (
     FLEET_TAG,
     FLEET_VARIANT,
+    NOTIFICATIONS_ADDITION,
     PRINCIPAL_POLICIES,
     SAMPLE,
     IamPolicy,
@@ -68,6 +71,10 @@ REALTIME_MODEL = {
     "video_filter": "realtime,scale=iw*2:ih*2:flags=lanczos",
     "output_args": ["-c:v", "libx264", "-preset", "veryfast", "-c:a", "copy"],
 }
+# The runs publish their success or failure (VOD_SR_SNS_TOPIC_ARN): the Airflow principal's policy is checked with the
+# notifications addition, as a deployment with notifications has it.
+ADDITIONS = {"airflow": (NOTIFICATIONS_ADDITION,), "instance": ()}
+TOPIC_NAME = "vod-sr-iam-notifications"
 REFUSED_READS = {"invocation_read_errors": 10_000, "invocation_read_error": "AccessDeniedException"}
 EXPIRED_LEASE = ("vod-sr:lease:00000000abandoned", "2020-01-01T00:00:00Z a run that never released")
 
@@ -183,6 +190,8 @@ def iam_request(call: dict[str, Any], principal: str, run: str, tags: dict[str, 
             context |= {f"aws:RequestTag/{k}": params.get(f"Tag.{n}.Value", "") for n, k in tag_keys.items()}
     else:
         instance_ids = []
+    if action == "sns:Publish":  # authorized on the topic it publishes to
+        resources.append((params.get("TargetArn") or params.get("TopicArn") or "*", {}))
     resources += [(instance_arn(i, EMULATOR_REGION), tagged(tags.get(i, {})) | context) for i in instance_ids]
     return Request(principal, run, action, resources or [("*", context)])
 
@@ -255,6 +264,7 @@ def served(emulator, airflow_db, tmp_path_factory) -> Served:
             "INSTANCE_ID": instance_id,
             "SOURCE_BUCKET": SOURCE_BUCKET,
             "OUTPUT_BUCKET": OUTPUT_BUCKET,
+            "SNS_TOPIC_NAME": TOPIC_NAME,
         },
         instance_tags={instance_id: {FLEET_TAG: SAMPLE["FLEET"]}},
     )
@@ -282,6 +292,7 @@ def served(emulator, airflow_db, tmp_path_factory) -> Served:
             patch.setenv(variable, value)
         patch.setenv("VOD_SR_START_RETRY_DELAY", "1")
         patch.setenv("AIRFLOW_VAR_VOD_SR_MODELS", json.dumps({"rt": REALTIME_MODEL}))
+        patch.setenv("VOD_SR_SNS_TOPIC_ARN", boto_client("sns", endpoint).create_topic(Name=TOPIC_NAME)["TopicArn"])
         run(
             "success",
             sources=[f"{prefix}/a.mp4"],
@@ -312,10 +323,16 @@ def test_every_call_during_a_run_comes_from_airflow_or_the_instance(served):
     assert {r.principal for r in served.requests} == {"airflow", "instance"}
 
 
+def policy_of(name: str, principal: str, values: dict[str, str]) -> IamPolicy:
+    """A policy file with the principal's additions for the features the runs use (ADDITIONS), as one policy."""
+    statements = [s for n in (name, *ADDITIONS[principal]) for s in IamPolicy.load(n, values).statements]
+    return IamPolicy({"Statement": statements}, " + ".join((name, *ADDITIONS[principal])))
+
+
 @pytest.mark.parametrize("principal", sorted(PRINCIPAL_POLICIES))
 def test_each_principal_calls_exactly_the_actions_its_policy_grants(served, principal):
     used = {r.action for r in served.of(principal)}
-    granted = IamPolicy.load(PRINCIPAL_POLICIES[principal], served.values).granted_actions()
+    granted = policy_of(PRINCIPAL_POLICIES[principal], principal, served.values).granted_actions()
     not_exercised = set(NOT_EXERCISED[principal])
 
     assert {
@@ -331,13 +348,13 @@ def test_each_principal_calls_exactly_the_actions_its_policy_grants(served, prin
 
 @pytest.mark.parametrize("principal", sorted(PRINCIPAL_POLICIES))
 def test_every_call_is_allowed_by_its_principals_policy(served, principal):
-    policy = IamPolicy.load(PRINCIPAL_POLICIES[principal], served.values)
+    policy = policy_of(PRINCIPAL_POLICIES[principal], principal, served.values)
 
     assert sorted({refusal for r in served.of(principal) for refusal in r.refused_by(policy)}) == []
 
 
 def test_the_fleet_variant_allows_every_airflow_call_on_a_fleet_instance(served):
-    policy = IamPolicy.load(FLEET_VARIANT, served.values)
+    policy = policy_of(FLEET_VARIANT, "airflow", served.values)
 
     assert sorted({refusal for r in served.of("airflow") for refusal in r.refused_by(policy)}) == []
 
