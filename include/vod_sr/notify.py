@@ -166,6 +166,12 @@ async def deadline_alert(
             report_uri=report_uri(bucket, dag_id, run_id),
             run_url=run_url(dag_id, run_id),
         )
+        claimed, why = await asyncio.wait_for(
+            asyncio.to_thread(claim_alert, report_uri(bucket, dag_id, run_id), aws_conn_id), DEADLINE_PUBLISH_TIMEOUT
+        )
+        if not claimed:
+            log.info("Deadline alert of %s %s not sent: %s", dag_id, run_id, why)
+            return f"not sent: {why}"
         await asyncio.wait_for(
             apublish(topic_arn, aws_conn_id, subject, text, {"vod_sr_event": "deadline", "dag_id": dag_id}),
             DEADLINE_PUBLISH_TIMEOUT,
@@ -366,6 +372,29 @@ def read_report(uri: str, aws_conn_id: str | None) -> tuple[dict[str, Any] | Non
         return json.loads(body), ""
     except ValueError as error:
         return None, f"it is not JSON: {error}"
+
+
+def claim_alert(report: str, aws_conn_id: str | None) -> tuple[bool, str]:
+    """Whether this process may send a run's deadline alert: it creates `<report>.deadline-alert` only if it does not
+    exist (S3's conditional write). Airflow 3.3.2 may run one deadline callback in two triggerers at once (seen with
+    two: both fired within half a second); the second finds the marker and sends nothing. If the marker cannot be
+    written for another reason, the alert goes out anyway: a duplicate is better than silence."""
+    from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
+    from botocore.exceptions import ClientError
+
+    bucket, _, key = f"{report.removesuffix('.json')}.deadline-alert".removeprefix("s3://").partition("/")
+    try:
+        s3 = AwsBaseHook(aws_conn_id=aws_conn_id, client_type="s3", config=_config()).get_conn()
+        s3.put_object(Bucket=bucket, Key=key, Body=b"sent\n", IfNoneMatch="*")
+    except ClientError as error:
+        code = error.response.get("Error", {}).get("Code", "")
+        if code in ("PreconditionFailed", "ConditionalRequestConflict", "412"):
+            return False, "already sent by another triggerer"
+        log.warning("Could not mark the deadline alert as sent (%s): sending it anyway", code or error)
+    except Exception as error:
+        why = f"{type(error).__name__}: {error}"
+        log.warning("Could not mark the deadline alert as sent (%s): sending it anyway", why)
+    return True, ""
 
 
 def _sns_notifier(topic_arn: str, aws_conn_id: str | None, subject: str, text: str, attributes: dict[str, str]) -> Any:

@@ -477,6 +477,12 @@ def deadline_context(state: str = "running", run_type: str = "scheduled", conf: 
 
 
 class TestDeadlineAlert:
+    @pytest.fixture(autouse=True)
+    def unclaimed(self, request, monkeypatch):
+        """The alert is not marked sent yet (the claim itself is tested on moto's S3 below)."""
+        if "aws" not in request.fixturenames:
+            monkeypatch.setattr(notify, "claim_alert", lambda *args: (True, ""))
+
     def alert(self, topic: str, context: dict) -> str:
         return asyncio.run(
             deadline_alert(topic_arn=topic, aws_conn_id=None, output_bucket=OUTPUT, minutes=360, context=context)
@@ -541,3 +547,29 @@ class TestDeadlineAlert:
         monkeypatch.setattr(notify, "DEADLINE_PUBLISH_TIMEOUT", 0.2)
 
         assert self.alert(TOPIC, deadline_context()).startswith("not sent: TimeoutError")
+
+    def test_of_two_triggerers_running_the_same_alert_only_one_publishes(self, aws, monkeypatch):
+        # Seen with two triggerers on Airflow 3.3.2: one deadline callback ran in both within half a second.
+        sent = []
+
+        async def apublish(*args):
+            sent.append(args)
+
+        monkeypatch.setattr(notify, "apublish", apublish)
+
+        first, second = self.alert(TOPIC, deadline_context()), self.alert(TOPIC, deadline_context())
+
+        assert (first, second) == ("sent", "not sent: already sent by another triggerer")
+        assert len(sent) == 1
+
+    def test_an_alert_that_cannot_be_marked_sent_is_sent_anyway(self, aws, monkeypatch, caplog):
+        sent = []
+
+        async def apublish(*args):
+            sent.append(args)
+
+        monkeypatch.setattr(notify, "apublish", apublish)
+        context = deadline_context(conf={"output_bucket": "no-such-bucket"})
+
+        assert self.alert(TOPIC, context) == "sent" and len(sent) == 1
+        assert "Could not mark the deadline alert as sent (NoSuchBucket): sending it anyway" in caplog.text
