@@ -3,11 +3,10 @@ produced, written next to the reports, for a packaging or CDN step to pick up.""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from include.vod_sr.report import REPORT_PREFIX
+from include.vod_sr.report import REPORT_PREFIX, put_json
 
 PUBLISHED_PREFIX = f"{REPORT_PREFIX}published/"
 
@@ -34,11 +33,4 @@ def report_bucket(manifest: Mapping[str, Any]) -> str:
 
 
 def write_manifest(s3: Any, bucket: str, name: str, manifest: Mapping[str, Any]) -> str:
-    key = f"{PUBLISHED_PREFIX}{name}.json"
-    s3.put_object(
-        Bucket=bucket,
-        Key=key,
-        Body=json.dumps(manifest, indent=2, ensure_ascii=False).encode(),
-        ContentType="application/json",
-    )
-    return f"s3://{bucket}/{key}"
+    return put_json(s3, bucket, f"{PUBLISHED_PREFIX}{name}.json", manifest)

@@ -117,15 +117,19 @@ def format_table(report: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_report(s3: Any, bucket: str, report: Mapping[str, Any]) -> str:
-    key = f"{REPORT_PREFIX}{report['run_token']}.json"
+def put_json(s3: Any, bucket: str, key: str, document: Mapping[str, Any]) -> str:
+    """Store `document` as readable UTF-8 JSON; returns its s3:// URI."""
     s3.put_object(
         Bucket=bucket,
         Key=key,
-        Body=json.dumps(report, indent=2, ensure_ascii=False).encode(),
+        Body=json.dumps(document, indent=2, ensure_ascii=False).encode(),
         ContentType="application/json",
     )
     return f"s3://{bucket}/{key}"
+
+
+def write_report(s3: Any, bucket: str, report: Mapping[str, Any]) -> str:
+    return put_json(s3, bucket, f"{REPORT_PREFIX}{report['run_token']}.json", report)
 
 
 def raise_if_failed(report: Mapping[str, Any]) -> None:

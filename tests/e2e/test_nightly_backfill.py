@@ -118,5 +118,9 @@ def test_a_backfill_over_three_days_takes_each_days_files_one_run_after_the_othe
         f"s3://{OUTPUT_BUCKET}/nightly/day 2, first second_sr_cpu.mp4",
         f"s3://{OUTPUT_BUCKET}/nightly/day 3, last second_sr_cpu.mp4",
     ]
+    # A manifest is written before its task and run are marked done: wait for the runs to end, then judge them.
+    airflow.wait_until(
+        lambda: all(r["state"] in ("success", "failed") for r in runs_of(airflow, PUBLISH)), 120, "publish never ended"
+    )
     assert {r["state"] for r in runs_of(airflow, PUBLISH)} == {"success"}
     assert all(r["run_type"] == "asset_triggered" for r in runs_of(airflow, PUBLISH))
