@@ -29,6 +29,9 @@ FLEET_VARIANT = "airflow-principal-policy.fleet.json"  # the tag-based variant o
 KMS_ADDITIONS = ("airflow-principal-policy.kms.json", "instance-role-policy.kms.json")  # for SSE-KMS and CMK volumes
 # Added to the Airflow principal's policy (either variant) when VOD_SR_SNS_TOPIC_ARN is set (include/vod_sr/notify.py)
 NOTIFICATIONS_ADDITION = "airflow-principal-policy.notifications.json"
+# For the principal of the API server, whose Super-resolution tab reads reports, results, QC frames and signs links
+# to outputs (include/vod_sr/web.py)
+UI_ADDITION = "airflow-principal-policy.ui.json"
 FLEET_TAG = "vod-sr-fleet"
 SAMPLE = {
     "REGION": "eu-west-1",
@@ -175,7 +178,14 @@ REPORT = "vod-sr-reports/0123456789abcdef.json"
 
 class TestPolicyFiles:
     def test_every_file_in_iam_is_a_known_kind(self):
-        known = {*PRINCIPAL_POLICIES.values(), TRUST_POLICY, FLEET_VARIANT, *KMS_ADDITIONS, NOTIFICATIONS_ADDITION}
+        known = {
+            *PRINCIPAL_POLICIES.values(),
+            TRUST_POLICY,
+            FLEET_VARIANT,
+            *KMS_ADDITIONS,
+            NOTIFICATIONS_ADDITION,
+            UI_ADDITION,
+        }
 
         assert {p.name for p in IAM.glob("*")} == known  # a grant in an unknown file would escape every check
 
@@ -191,7 +201,7 @@ class TestPolicyFiles:
 
     def test_allowed_actions_are_named_one_by_one(self):
         # The end-to-end test compares granted actions with called ones: a wildcard would hide what it grants.
-        for name in (*PRINCIPAL_POLICIES.values(), FLEET_VARIANT, *KMS_ADDITIONS, NOTIFICATIONS_ADDITION):
+        for name in (*PRINCIPAL_POLICIES.values(), FLEET_VARIANT, *KMS_ADDITIONS, NOTIFICATIONS_ADDITION, UI_ADDITION):
             assert not [a for a in IamPolicy.load(name).granted_actions() if "*" in a or "?" in a], name
 
 
@@ -258,6 +268,16 @@ def test_notifications_publish_to_the_topic_only_and_read_reports_only():
     assert policy.allows("s3:GetObject", output(REPORT))
     assert not policy.allows("s3:GetObject", output("shows/ep1_sr_A.mp4"))
     assert not policy.allows("s3:GetObject", source(REPORT))
+
+
+def test_the_ui_addition_only_reads_the_output_bucket():
+    policy = IamPolicy.load(UI_ADDITION)
+
+    assert policy.granted_actions() == {"s3:GetObject"}
+    for key in (REPORT, RESULTS, "vod-sr-runs/0123456789abcdef/qc/7.jpg", "shows/ep1_sr_A.mp4"):
+        assert policy.allows("s3:GetObject", output(key)), key
+    assert not policy.allows("s3:GetObject", source("shows/ep1.mp4"))
+    assert not policy.allows("s3:PutObject", output(REPORT))
 
 
 class TestFleetVariant:

@@ -212,6 +212,12 @@ class BatchPlan:
             "file_count": self.file_count,
             "chunk_count": len(self.chunks),
             "instance_ids": sorted({c.instance_id for c in self.chunks}),
+            # O(chunks): what the run page needs to show progress per instance before any report exists.
+            "lanes": [
+                {"instance_id": lane["instance_id"], "chunks": [c["index"] for c in lane["chunks"]],
+                 "files": sum(len(c["files"]) for c in lane["chunks"])}
+                for lane in self.lanes()
+            ],
             "skipped": [f.to_xcom() for f in self.skipped],
             "modified_window": [t.isoformat() for t in self.request.modified_window or ()] or None,
         }
