@@ -16,6 +16,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -119,3 +120,62 @@ def test_a_user_who_may_trigger_the_dag_gets_the_page(api_server):
     status, body = api_server.get(page_path(), api_server.token("operator"))
 
     assert status == 200 and "a.mp4" in body and "<textarea" in body
+
+
+# --- The run pages, in a browser ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    from tests.e2e.test_trigger_form_browser import CHROMIUM_ARGS, chromium_path
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+RUN_PAGES = (
+    f"/vod-sr/dags/{DAG_ID}/runs/manual__2026-11-29T10%3A00%3A00%2B00%3A00",
+    f"/vod-sr/dags/{DAG_ID}/runs/manual__2026-11-29T10%3A00%3A00%2B00%3A00/qc/0.jpg",
+    f"/vod-sr/dags/{DAG_ID}/runs/manual__2026-11-29T10%3A00%3A00%2B00%3A00/report.json",
+    f"/vod-sr/dags/{DAG_ID}/history",
+)
+
+
+@pytest.mark.browser
+def test_a_browser_that_has_not_signed_in_is_refused_the_run_pages(api_server, browser):
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        for path in RUN_PAGES:
+            response = page.goto(f"http://127.0.0.1:{api_server.port}{path}")
+
+            assert response is not None and response.status == 401, path
+            assert "Not authenticated" in page.inner_text("body"), path
+    finally:
+        context.close()
+
+
+@pytest.mark.browser
+def test_a_viewer_who_signed_in_through_the_ui_reads_the_run_history(api_server, browser):
+    passwords = json.loads((api_server.home / "simple_auth_manager_passwords.json.generated").read_text())
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.set_default_timeout(60_000)
+        page.goto(f"http://127.0.0.1:{api_server.port}/")  # Airflow sends a stranger to its sign-in page
+        page.fill("input[name='username']", "watcher")
+        page.fill("input[name='password']", passwords["watcher"])
+        page.click("button[type='submit']")
+        page.wait_for_function("() => document.cookie.includes('_token=')")
+
+        response = page.goto(f"http://127.0.0.1:{api_server.port}/vod-sr/dags/{DAG_ID}/history")
+
+        assert response is not None and response.status == 200
+        assert "Super-resolution runs of vod_sr_batch" in page.inner_text("body")
+        assert "No runs yet." in page.inner_text("body")  # read from the metadata database: this server ran none
+    finally:
+        context.close()
