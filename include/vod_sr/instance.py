@@ -137,6 +137,7 @@ class InstanceStatus:
     reason_code: str = ""  # StateReason: why it is stopped (a stop asked for, or a start that failed)
     reason_message: str = ""
     transition_reason: str = ""  # StateTransitionReason: "User initiated (2026-11-29 06:12:40 GMT)" after a stop
+    instance_type: str | None = None  # "g6e.xlarge"; None when EC2 does not say
 
 
 def describe_instance(ec2: Any, instance_id: str) -> InstanceStatus:
@@ -157,6 +158,7 @@ def describe_instance(ec2: Any, instance_id: str) -> InstanceStatus:
         reason.get("Code", ""),
         reason.get("Message", ""),
         found.get("StateTransitionReason") or "",
+        found.get("InstanceType") or None,
     )
 
 
@@ -530,7 +532,8 @@ def release_record(ec2: Any, instance_id: str, outcome: str, *, now: datetime | 
     (set at every start) to its stop (the time in StateTransitionReason, "User initiated (... GMT)": EC2 bills
     nothing from `stopping` on), whoever stopped it (run_chunks' early release usually has, before the teardown
     runs); for an instance left running, to now. None when EC2 cannot tell (no LaunchTime, a stop time it does not
-    give or from before the launch) or cannot be asked: it is only reported, and never fails a release."""
+    give or from before the launch) or cannot be asked: it is only reported, and never fails a release.
+    `instance_type` (for the report's cost estimate): None when EC2 cannot be asked."""
     seconds = None
     try:
         status = describe_instance(ec2, instance_id)
@@ -545,7 +548,12 @@ def release_record(ec2: Any, instance_id: str, outcome: str, *, now: datetime | 
             until = _stop_time(status.transition_reason)
         if until is not None and until >= launched:
             seconds = round((until - launched).total_seconds())
-    return {"instance_id": instance_id, "outcome": outcome, "instance_seconds": seconds}
+    return {
+        "instance_id": instance_id,
+        "outcome": outcome,
+        "instance_seconds": seconds,
+        "instance_type": status.instance_type if status is not None else None,
+    }
 
 
 def _stop_time(transition_reason: str) -> datetime | None:

@@ -7,8 +7,9 @@ added to the DAG, nothing is sent.
   do changes the run's state. The notifier reads the run's JSON report
   (`s3://<output bucket>/vod-sr-reports/<run token>.json`, `report.write_report`) through the Amazon provider's hook
   and the deployment's AWS connection, and publishes its summary through the provider's `SnsNotifier`: counts, the
-  failed files (capped), each instance's running time, the report's location and, for failures, the re-run link and
-  conf. A run that ended before its report (bad input fails `plan`) says so and names the failed task.
+  failed files (capped), each instance's running time, the run's estimated EC2 cost, the report's location and, for
+  failures, the re-run link and conf. A run that ended before its report (bad input fails `plan`) says so and names
+  the failed task.
 - **Deadline** (`VOD_SR_DEADLINE_MINUTES`, scheduled DAGs only): a `DeadlineAlert` on `DAGRUN_QUEUED_AT` + the
   minutes, whose `AsyncCallback` is `deadline_alert`. Airflow 3.3.2 computes the deadline when the scheduler creates
   the run (queued_at: a scheduled run is created queued at the end of its data interval), checks it in every
@@ -243,6 +244,8 @@ def run_message(
         if len(failed) > max_failed:
             lines.append(f"  ... and {len(failed) - max_failed} more (all in the report)")
     lines.append(f"Instance time: {_instance_time(report.get('instance_seconds'))}")
+    if report.get("cost"):
+        lines.append(f"Estimated EC2 cost: {_cost(report['cost'])}")
     for instance_id, why in (report.get("instances_left_running") or {}).items():
         lines.append(f"Instance {instance_id} {why}")
     if report.get("transient_aws_errors"):
@@ -308,6 +311,15 @@ def _instance_time(seconds: Mapping[str, int | None] | None) -> str:
     if len(seconds) == 1:
         return each
     return f"{_duration(sum(known))} in all ({each})"
+
+
+def _cost(cost: Mapping[str, Any]) -> str:
+    """The report's estimated cost: its total, and how many instances it leaves out (see the report for why)."""
+    from include.vod_sr.cost import format_money
+
+    text = format_money(cost.get("total") or 0, cost.get("currency") or "?")
+    unpriced = len(cost.get("unpriced") or [])
+    return text + (f" (partial: {unpriced} instance(s) unpriced, see the report)" if unpriced else "")
 
 
 def _duration(seconds: int) -> str:

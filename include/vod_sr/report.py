@@ -8,6 +8,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from include.vod_sr.commands import ssm_output_prefix
+from include.vod_sr.cost import Rates, format_money, run_cost
 from include.vod_sr.instance import STOPPED_OUTCOMES
 from include.vod_sr.links import prefilled_trigger_link
 from include.vod_sr.plan import FileJob
@@ -42,6 +43,7 @@ def build_report(
     released: Iterable[Mapping[str, str]] | None = None,
     dag_id: str = "",
     ui_base_url: str = "",
+    rates: Rates | None = None,
 ) -> dict[str, Any]:
     """One record per file: verified ones as verify judged them, planned ones nobody verified as failed (their
     instance's lane stopped before verification, e.g. it could not be started), skipped ones as skipped.
@@ -52,6 +54,8 @@ def build_report(
     stop the instance are listed under `instances_left_running` with the reason, and each instance's running time in
     the start the run used (`instance.release_record`) under `instance_seconds` (None: unknown).
     `dag_id` and `ui_base_url` (the Airflow UI's base URL, may be empty): for the one-click re-run link.
+    `rates` (with `released`): the instances' estimated EC2 cost under `cost` (`cost.run_cost`), priced from each
+    release record's `instance_seconds` and `instance_type`.
     """
     records = {record["index"]: dict(record) for lane in verified for record in lane}
     for job in planned:
@@ -84,6 +88,8 @@ def build_report(
             r["instance_id"]: r["outcome"] for r in released if r["outcome"] not in STOPPED_OUTCOMES
         }
         report["instance_seconds"] = {r["instance_id"]: r.get("instance_seconds") for r in released}
+        if rates is not None:
+            report["cost"] = run_cost(released, rates)
     return report
 
 
@@ -114,7 +120,31 @@ def format_table(report: Mapping[str, Any]) -> str:
         f"instance {i} was up {'an unknown time' if s is None else f'{s} s'} in the start this run used"
         for i, s in (report.get("instance_seconds") or {}).items()
     ]
+    if report.get("cost"):
+        lines += cost_lines(report["cost"])
     return "\n".join(lines)
+
+
+def cost_lines(cost: Mapping[str, Any]) -> list[str]:
+    """The table's estimated cost: a line per instance, then the total (saying when it leaves instances out)."""
+    currency = cost["currency"]
+    why = {u["instance_id"]: u["reason"] for u in cost.get("unpriced") or []}
+    lines = []
+    for instance_id, entry in (cost.get("instances") or {}).items():
+        if entry.get("cost") is None:
+            lines.append(
+                f"instance {instance_id} ({entry.get('instance_type') or 'type unknown'}) cost unknown: "
+                f"{why.get(instance_id, 'not priced')}"
+            )
+        else:
+            lines.append(
+                f"instance {instance_id} ({entry['instance_type']}) cost about {format_money(entry['cost'], currency)}"
+                f": {entry['billed_seconds']} s billed at {entry['hourly_rate']} {currency}/h"
+            )
+    total = f"estimated EC2 cost: {format_money(cost['total'], currency)}"
+    if cost.get("unpriced"):
+        total += f" (partial: {len(cost['unpriced'])} instance(s) unpriced)"
+    return [*lines, total]
 
 
 def put_json(s3: Any, bucket: str, key: str, document: Mapping[str, Any]) -> str:

@@ -7,8 +7,12 @@ Variables, no network. Each value can still be overridden per run through the tr
 from __future__ import annotations
 
 import json
+import math
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from include.vod_sr.cost import DEFAULT_CURRENCY, DEFAULT_HOURLY_RATES, Rates
 
 
 def _env_int(name: str, default: int, minimum: int = 1) -> int:
@@ -63,6 +67,38 @@ def _env_bool(name: str, default: bool) -> bool:
     raise ValueError(f"{name}={raw!r} is not true or false")
 
 
+def _env_rates(name: str, defaults: Mapping[str, float]) -> dict[str, float]:
+    """Hourly rates: a JSON object of instance type -> price per hour, merged over `defaults`."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return dict(defaults)
+    example = '{"g6e.xlarge": 1.861}'
+    try:
+        given = json.loads(raw)
+    except ValueError as error:
+        raise ValueError(f"{name} is not JSON ({error}); give an object such as {example}") from None
+    if not isinstance(given, dict):
+        raise ValueError(f"{name} must be a JSON object of instance type -> price per hour, such as {example}")
+    rates = dict(defaults)
+    for instance_type, rate in given.items():
+        if not instance_type.strip():
+            raise ValueError(f"{name} has an empty instance type")
+        if isinstance(rate, bool) or not isinstance(rate, int | float) or not math.isfinite(rate):
+            raise ValueError(f"{name}: the rate of {instance_type!r} is {rate!r}, not a number")
+        if rate < 0:
+            raise ValueError(f"{name}: the rate of {instance_type!r} is {rate!r}, below zero")
+        rates[instance_type.strip()] = float(rate)
+    return rates
+
+
+def _env_cost_rates() -> Rates:
+    """VOD_SR_COST_CURRENCY and VOD_SR_HOURLY_RATES. The built-in rates are USD prices: in another currency only the
+    rates given apply (an instance type without one is reported unpriced, not priced in the wrong currency)."""
+    currency = os.environ.get("VOD_SR_COST_CURRENCY", "").strip() or DEFAULT_CURRENCY
+    defaults = DEFAULT_HOURLY_RATES if currency == DEFAULT_CURRENCY else {}
+    return Rates(currency, _env_rates("VOD_SR_HOURLY_RATES", defaults))
+
+
 @dataclass(frozen=True)
 class Settings:
     """Deployment-wide defaults for `vod_sr_batch`; see the README's Configuration table."""
@@ -109,6 +145,9 @@ class Settings:
     # Scheduled DAGs (vod_sr_nightly): alert the topic when a run is still going this many minutes after it was
     # queued (Airflow's DeadlineAlert on DAGRUN_QUEUED_AT). 0: no deadline.
     deadline_minutes: int = 0
+    # The report's estimated EC2 cost (include/vod_sr/cost.py): price per hour of each instance type, and its currency
+    # (VOD_SR_HOURLY_RATES over the built-in us-east-1 On-Demand list prices; VOD_SR_COST_CURRENCY).
+    rates: Rates = field(default_factory=Rates)
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -143,4 +182,5 @@ class Settings:
             events_poll_pause=_env_int("VOD_SR_EVENTS_POLL_PAUSE_SECONDS", defaults.events_poll_pause, minimum=0),
             sns_topic_arn=os.environ.get("VOD_SR_SNS_TOPIC_ARN", "").strip(),
             deadline_minutes=_env_int("VOD_SR_DEADLINE_MINUTES", defaults.deadline_minutes, minimum=0),
+            rates=_env_cost_rates(),
         )

@@ -29,6 +29,7 @@ from include.vod_sr.instance import (
     live_leases,
     refresh_lease,
     release,
+    release_record,
     take_lease,
     unfixable_error_code,
 )
@@ -722,6 +723,43 @@ class TestReleaseCancelsOrphans:
 
         assert release(ec2, ssm, instance_id, "run-a", stop=True, timeout=10, poll_interval=1) == "stopped"
         assert ssm.cancelled == []
+
+
+class TestReleaseRecordInstanceType:
+    """The release record names the instance type, which the report's cost estimate prices."""
+
+    def test_is_the_type_ec2_describes(self, ec2):
+        instance_id = ec2.run_instances(ImageId="ami-12345678", MinCount=1, MaxCount=1, InstanceType="g6e.2xlarge")[
+            "Instances"
+        ][0]["InstanceId"]
+        ec2.stop_instances(InstanceIds=[instance_id])
+
+        record = release_record(ec2, instance_id, "stopped")
+
+        assert record["instance_type"] == "g6e.2xlarge"
+        assert set(record) == {"instance_id", "outcome", "instance_seconds", "instance_type"}
+
+    def test_is_none_when_ec2_cannot_be_asked(self, ec2, caplog):
+        instance_id = new_instance(ec2)
+
+        def refuse(**_):
+            raise RuntimeError("EC2 is down")
+
+        ec2.meta.events.register("before-call.ec2.DescribeInstances", refuse)
+
+        record = release_record(ec2, instance_id, "left running")
+
+        assert (record["instance_type"], record["instance_seconds"]) == (None, None)
+
+    def test_is_none_when_ec2_does_not_say(self, ec2):
+        instance_id = new_instance(ec2)
+
+        def no_type(parsed, **_):
+            del parsed["Reservations"][0]["Instances"][0]["InstanceType"]
+
+        ec2.meta.events.register("after-call.ec2.DescribeInstances", no_type)
+
+        assert release_record(ec2, instance_id, "left running")["instance_type"] is None
 
 
 def status_of(ssm, command_id: str, instance_id: str) -> str:

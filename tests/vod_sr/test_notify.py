@@ -252,6 +252,37 @@ class TestRunMessage:
         assert f"or trigger vod_sr_batch with: {json.dumps(conf)}" in lines
         assert f"Whole output of the run's SSM commands: {stored['command_output']}" in lines
 
+    def test_the_estimated_cost_follows_the_instance_time(self):
+        cost = {"currency": "USD", "total": 0.9305, "partial": False, "instances": {}, "unpriced": []}
+        stored = report([record(0, "ok")], instance_seconds={"i-0aaa": 1800}, cost=cost)
+
+        _, text = self.message(stored, True)
+        lines = text.splitlines()
+
+        assert lines[lines.index("Instance time: i-0aaa 30 min 0 s") + 1] == "Estimated EC2 cost: 0.9305 USD"
+
+    def test_a_partial_cost_says_how_many_instances_it_leaves_out(self):
+        cost = {
+            "currency": "EUR",
+            "total": 1.5,
+            "partial": True,
+            "instances": {},
+            "unpriced": [
+                {"instance_id": "i-0bbb", "reason": "its running time is unknown"},
+                {"instance_id": "i-0ccc", "reason": "no EUR hourly rate for g5.xlarge"},
+            ],
+        }
+        stored = report([record(0, "failed", "broken")], instance_seconds={"i-0aaa": 3600}, cost=cost)
+
+        _, text = self.message(stored, False)
+
+        assert "Estimated EC2 cost: 1.5000 EUR (partial: 2 instance(s) unpriced, see the report)" in text.splitlines()
+
+    def test_a_report_without_a_cost_has_no_cost_line(self):
+        _, text = self.message(report([record(0, "ok")], instance_seconds={"i-0aaa": 60}), True)
+
+        assert "cost" not in text
+
     def test_a_conf_too_long_for_a_message_is_left_to_the_report(self):
         sources = [f"s3://src/{n:05d}.mp4" for n in range(500)]
         stored = report([record(0, "failed", "broken")], retry_conf={"sources": sources}, rerun_link=None)
@@ -311,6 +342,7 @@ class TestInstanceTime:
             "instance_id": instance_id,
             "outcome": "left running: ...",
             "instance_seconds": 312,
+            "instance_type": "m1.small",  # moto's default type
         }
 
     @pytest.mark.parametrize("outcome", ["stopped", "already stopped"])
@@ -408,6 +440,35 @@ class TestRunNotifier:
         assert "Instance time: i-0aaa 42 s" in message["Message"]
         assert f"Report: s3://{OUTPUT}/vod-sr-reports/{token}.json" in message["Message"]
         assert message["MessageAttributes"]["vod_sr_event"] == {"Type": "String", "Value": "success"}
+
+    def test_publishes_the_reports_estimated_cost(self, aws):
+        from include.vod_sr.cost import Rates
+
+        token = run_token("vod_sr_batch", "manual__1")
+        stored = build_report(
+            run_id="manual__1",
+            run_token=token,
+            params={},
+            planned=[],
+            verified=[],
+            skipped=[],
+            released=[
+                {
+                    "instance_id": "i-0aaa",
+                    "outcome": "stopped",
+                    "instance_seconds": 1800,
+                    "instance_type": "g6e.xlarge",
+                },
+                {"instance_id": "i-0bbb", "outcome": "stopped", "instance_seconds": 600, "instance_type": None},
+            ],
+            rates=Rates(),
+        )
+        aws.s3.put_object(Bucket=OUTPUT, Key=f"vod-sr-reports/{token}.json", Body=json.dumps(stored).encode())
+
+        self.notifier(aws, False)(callback_context())
+
+        (message,) = aws.published()
+        assert "Estimated EC2 cost: 0.9305 USD (partial: 1 instance(s) unpriced, see the report)" in message["Message"]
 
     def test_reads_the_report_from_the_runs_own_output_bucket(self, aws):
         aws.s3.create_bucket(Bucket="other-out")
