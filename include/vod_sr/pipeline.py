@@ -55,6 +55,11 @@ def vod_sr_dag(
     return dag
 
 
+def _name_lane(label: str) -> None:
+    """Name the running mapped task in the UI by its lane (the tasks' map_index_template reads `lane_label`)."""
+    get_current_context()["lane_label"] = label  # type: ignore[typeddict-unknown-key]
+
+
 def _wire(settings: Settings, selection: Selection) -> None:
     @task(retries=0)
     def plan() -> list[dict[str, Any]]:
@@ -113,10 +118,21 @@ def _wire(settings: Settings, selection: Selection) -> None:
 
     @task_group
     def lane(lane: dict[str, Any]) -> Any:
-        @task(retries=4, retry_exponential_backoff=True, retry_delay=timedelta(seconds=settings.start_retry_delay))
+        # Mapped task instances are named by their lane in the UI ("i-0abc… (10 files)"), not by a map index: each task
+        # puts the lane's label in its context; run_chunks' template reads its own lane argument, so its name shows
+        # from its start, also while it is deferred.
+        by_lane = {"map_index_template": "{{ lane_label | default('') }}"}
+
+        @task(
+            retries=4,
+            retry_exponential_backoff=True,
+            retry_delay=timedelta(seconds=settings.start_retry_delay),
+            **by_lane,
+        )
         def acquire(lane: dict[str, Any]) -> dict[str, str]:
             """Take a lease on the instance and start it if stopped. Capacity errors are retried with backoff; errors
             no retry fixes (a permission missing, an unknown instance) fail at once, naming the error."""
+            _name_lane(lane.get("label", ""))
             from airflow.sdk.exceptions import AirflowFailException
 
             from include.vod_sr.aws import aws_client
@@ -134,12 +150,18 @@ def _wire(settings: Settings, selection: Selection) -> None:
                 )
             except InstanceUnusable as error:
                 raise AirflowFailException(str(error)) from None
-            return {"instance_id": instance_id, "lease_id": lease_id}
+            return {"instance_id": instance_id, "lease_id": lease_id, "label": lane.get("label", instance_id)}
 
-        @task.sensor(poke_interval=settings.poll_interval, timeout=settings.agent_online_timeout, mode="reschedule")
+        @task.sensor(
+            poke_interval=settings.poll_interval,
+            timeout=settings.agent_online_timeout,
+            mode="reschedule",
+            **by_lane,
+        )
         def wait_for_agent(acquired: dict[str, str]) -> PokeReturnValue:
             """Done when EC2 reports running and the SSM agent reports Online. An instance stopped under this run
             (another run's release) is started again, within this wait's bound."""
+            _name_lane(acquired.get("label", ""))
             from airflow.sdk.exceptions import AirflowFailException
 
             from include.vod_sr.aws import aws_client
@@ -156,10 +178,11 @@ def _wire(settings: Settings, selection: Selection) -> None:
                 refresh_lease(ec2, instance_id, lease_id, holder)
             return PokeReturnValue(is_done=ready, xcom_value=acquired)
 
-        @task
+        @task(**by_lane)
         def install_cli(acquired: dict[str, str]) -> None:
             """Install the AWS CLI on the instance unless `aws --version` already works there (with
             VOD_SR_SKIP_CLI_INSTALL, only check that it does). A retry first cancels the earlier try's command."""
+            _name_lane(acquired.get("label", ""))
             from include.vod_sr.aws import aws_client
             from include.vod_sr.commands import run_and_wait
             from include.vod_sr.instance import command_comment, refresh_lease
@@ -194,11 +217,13 @@ def _wire(settings: Settings, selection: Selection) -> None:
             # A worker lost mid-task is retried: the retry re-attaches to the chunks SSM already has for this run
             # and sends only the others (RunChunksOperator._reattach). Failed chunks fail it for good.
             retries=2,
+            map_index_template="{{ task.lane.label | default('') }}",
         )
 
-        @task(trigger_rule="all_done")
+        @task(trigger_rule="all_done", **by_lane)
         def verify(lane: dict[str, Any]) -> dict[str, Any]:
             """Check each output: exists, non-empty, written by this run, the size the instance reported."""
+            _name_lane(lane.get("label", ""))
             from include.vod_sr.aws import aws_client
             from include.vod_sr.catalog import SrModel
             from include.vod_sr.plan import Chunk
@@ -217,10 +242,11 @@ def _wire(settings: Settings, selection: Selection) -> None:
             )
             return {"instance_id": lane["instance_id"], "files": files}
 
-        @task
+        @task(**by_lane)
         def release(acquired: dict[str, str], lane: dict[str, Any]) -> str:
             """Drop this run's lease; stop the instance unless another vod-sr run's lease or command still uses it.
             The outcome goes to XCom "release" for the report, which says when and why an instance was left up."""
+            _name_lane(lane.get("label", ""))
             from airflow.sdk.exceptions import AirflowFailException
 
             from include.vod_sr.aws import aws_client
@@ -306,6 +332,7 @@ def _wire(settings: Settings, selection: Selection) -> None:
             released=per_lane(context["ti"].xcom_pull(task_ids="lane.release", key=RELEASE_XCOM_KEY)),
             dag_id=context["dag"].dag_id,
             ui_base_url=conf.get("api", "base_url", fallback="") or "",
+            rates=settings.rates,
         )
         print(format_table(result))
         s3 = aws_client("s3", settings.aws_conn_id)

@@ -204,7 +204,16 @@ class BatchPlan:
             "file_timeout": self.request.file_timeout,
             "stop_when_done": self.request.stop_when_done,
         }
-        return [{**shared, "instance_id": i, "chunks": chunks} for i, chunks in by_instance.items()]
+        return [
+            {
+                **shared,
+                "instance_id": i,
+                "chunks": chunks,
+                # The lane's name in the UI (its tasks' map_index_template)
+                "label": f"{i} ({sum(len(c['files']) for c in chunks)} files)",
+            }
+            for i, chunks in by_instance.items()
+        ]
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -214,8 +223,11 @@ class BatchPlan:
             "instance_ids": sorted({c.instance_id for c in self.chunks}),
             # O(chunks): what the run page needs to show progress per instance before any report exists.
             "lanes": [
-                {"instance_id": lane["instance_id"], "chunks": [c["index"] for c in lane["chunks"]],
-                 "files": sum(len(c["files"]) for c in lane["chunks"])}
+                {
+                    "instance_id": lane["instance_id"],
+                    "chunks": [c["index"] for c in lane["chunks"]],
+                    "files": sum(len(c["files"]) for c in lane["chunks"]),
+                }
                 for lane in self.lanes()
             ],
             "skipped": [f.to_xcom() for f in self.skipped],

@@ -149,6 +149,10 @@ def _progress_section(progress: Sequence[LaneProgress]) -> str:
     )
 
 
+def _unpriced(entry: Any) -> str:
+    return f"{entry.get('instance_id')}: {entry.get('reason')}" if isinstance(entry, Mapping) else str(entry)
+
+
 def _cost_section(cost: Mapping[str, Any] | None, instance_seconds: Mapping[str, Any] | None) -> str:
     if not cost:
         if not instance_seconds:
@@ -169,7 +173,7 @@ def _cost_section(cost: Mapping[str, Any] | None, instance_seconds: Mapping[str,
     unpriced = cost.get("unpriced") or []
     note = (
         f"<p class='muted'>Partial: {len(unpriced)} instance(s) could not be priced "
-        f"({_e('; '.join(map(str, unpriced)))}).</p>"
+        f"({_e('; '.join(_unpriced(u) for u in unpriced))}).</p>"
         if unpriced
         else ""
     )

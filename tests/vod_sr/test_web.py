@@ -290,3 +290,29 @@ def test_the_history_lists_recent_runs_with_counts_and_cost(auth_manager, world,
     finished_row = page[page.index(finished.run_id) :]
     assert re.search(r"<td class='num'>3</td><td class='num'>2</td><td class='num'>1</td>", finished_row)
     assert "1.93 USD" in finished_row
+
+
+def test_a_partial_cost_names_the_instances_it_leaves_out():
+    from include.vod_sr.run_page import render_run_page
+
+    cost = {
+        "currency": "USD",
+        "total": 0.9305,
+        "partial": True,
+        "instances": {"i-0aaa": {"instance_type": "g6e.xlarge", "seconds": 1800, "hourly_rate": 1.861, "cost": 0.9305}},
+        "unpriced": [{"instance_id": "i-0bbb", "reason": "its running time is unknown"}],
+    }
+
+    page = render_run_page(
+        dag_id=DAG_ID,
+        run_id="r",
+        state="success",
+        report={"counts": {}, "files": [], "cost": cost},
+        progress=None,
+        report_uri=None,
+    )
+
+    assert (
+        "0.93 USD" in page
+        and "Partial: 1 instance(s) could not be priced (i-0bbb: its running time is unknown)" in page
+    )
