@@ -164,7 +164,7 @@ def render_sr_script(
     The payload stays small for any chunk size: the file list is read from S3. While ffmpeg runs on one file the
     next is downloaded and the previous uploaded, so the GPU does not wait on S3. The script goes on past a failed
     file, prints one tab-separated result line per file (`VODSR-RESULT index status bytes seconds stage
-    source-media output-media`, see `parse_result_lines`) and exits non-zero if any file failed.
+    source-media output-media qc`, see `parse_result_lines`) and exits non-zero if any file failed.
 
     Cancel and timeout kill the command's whole process group with SIGKILL, so nothing may wait for the end: the
     results at `results_uri` are rewritten as each file ends (an upload ends it), and the work directories killed
@@ -175,6 +175,13 @@ def render_sr_script(
     model has it; ffprobe is not always there): the first video stream's resolution, that stream's duration (read
     to its end by a stream copy, no decoding: the container's duration is its longest stream's, so a picture cut
     short under full-length copied audio would look whole) and the number of audio streams.
+
+    Each uploaded output also gets a QC contact sheet, made in the same background step while the source is still
+    on disk: one JPEG of the frame at the middle of the source's video, the source scaled plainly (bicubic) to the
+    output's size beside the output, each as its 1:1 centre crop of at most 640x360 px (so the JPEG is 2 x min(640,
+    output width) px wide and a few tens of KB). It goes to `s3://<results bucket>/vod-sr-runs/<run token>/qc/<file
+    index>.jpg`. It never fails the file: each of its two steps (ffmpeg, upload) may take 60 s at most and no more
+    than what is left of the budget, and where it could not be made or uploaded the result's qc field says why.
 
     Time limits (`budget.ChunkLimits`) are enforced here, not by SSM, whose clock starts before the chunk waits for
     the lock: the wait is bounded (`flock -w`; on expiry every file fails, not started); the budget counts from taking
@@ -245,8 +252,8 @@ save() {
     aws s3api put-object --bucket="${results_path%%/*}" --key="${results_path#*/}" --body "$workdir/results" >/dev/null
 }
 
-line() {  # index status bytes seconds stage source-media output-media
-    printf 'VODSR-RESULT\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$@" | tee -a "$workdir/results"
+line() {  # index status bytes seconds stage source-media output-media qc (fields not given print empty)
+    printf 'VODSR-RESULT\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$@" | tee -a "$workdir/results"
 }
 
 result() {
@@ -294,21 +301,79 @@ fetch() {  # file number: download its source next to the work in progress, with
         "$workdir/input-$1" >"$workdir/download-$1.log" 2>&1
 }
 
+qc_limit() {  # seconds one QC step may take: at most 60, and no more than what is left of the chunk's budget
+    local left
+    left=$(remaining)
+    if [ -n "$left" ] && [ "$left" -lt 60 ]; then echo "$left"; else echo 60; fi
+}
+
+contact_sheet() {  # file number, source media, output media: make $workdir/qc-N.jpg; prints "" or "-" and why not
+    # The middle frame of the source, scaled plainly (bicubic) to the output's size, beside the output's same frame:
+    # the 1:1 centre crop (at most 640x360 px) of each, so the picture shows detail at output pixels in a few tens of
+    # KB. Only for a person to look at: it never fails the file (every path prints a field and returns 0).
+    local size seconds at width height crop code=0
+    read -r size _ _ <<<"$3"
+    if ! [[ $size =~ ^([0-9]+)x([0-9]+)$ ]]; then
+        echo "-the output has no video stream"
+        return 0
+    fi
+    width=${BASH_REMATCH[1]} height=${BASH_REMATCH[2]}
+    crop="crop=$((width < 640 ? width : 640)):$((height < 360 ? height : 360))"
+    read -r _ seconds _ <<<"$2"
+    at=$(awk -v s="$seconds" 'BEGIN { printf "%.2f", s / 2 }')  # awk reads an unknown duration ("-") as 0
+    limited "$(qc_limit)" ffmpeg -nostdin -hide_banner -loglevel error -ss "$at" -i "$workdir/input-$1" \
+        -ss "$at" -i "$workdir/output-$1${fields[$1 * 5 + 4]}" -filter_complex \
+        "[0:v:0]scale=$width:$height:flags=bicubic,setsar=1,${crop}[s];[1:v:0]setsar=1,${crop}[o];[s][o]hstack[v]" \
+        -map '[v]' -frames:v 1 -q:v 5 -update 1 -y "$workdir/qc-$1.jpg" </dev/null >"$workdir/qc-$1.log" 2>&1 ||
+        code=$?
+    if [ "$code" -eq 0 ] && [ -s "$workdir/qc-$1.jpg" ]; then
+        echo ""
+    elif [ "$code" -eq 124 ] || [ "$code" -eq 137 ]; then
+        echo "-ffmpeg reached the time limit"
+    else
+        echo "vod-sr: no contact sheet for s3://${fields[$1 * 5 + 1]}/${fields[$1 * 5 + 2]}:" >&2
+        tail -n 5 "$workdir/qc-$1.log" >&2
+        echo "-ffmpeg could not make the frame"
+    fi
+    return 0
+}
+
+upload_sheet() {  # file number: upload $workdir/qc-N.jpg; prints its key or "-" and why not
+    local key="vod-sr-runs/$run_token/qc/${fields[$1 * 5]}.jpg" code=0
+    limited "$(qc_limit)" aws s3 cp --only-show-errors --content-type image/jpeg "$workdir/qc-$1.jpg" \
+        "s3://${results_path%%/*}/$key" >"$workdir/qc-$1.log" 2>&1 || code=$?
+    if [ "$code" -eq 0 ]; then
+        echo "$key"
+    elif [ "$code" -eq 124 ] || [ "$code" -eq 137 ]; then
+        echo "-upload reached the time limit"
+    else
+        echo "vod-sr: upload of the contact sheet $key failed:" >&2
+        tail -n 5 "$workdir/qc-$1.log" >&2
+        echo "-upload failed"
+    fi
+    return 0
+}
+
 upload() {  # file number, bytes, seconds
-    local base=$(($1 * 5)) source_media output_media
+    local base=$(($1 * 5)) source_media output_media qc
     local output="$workdir/output-$1${fields[base + 4]}"
     source_media=$(probe "$workdir/input-$1")
     output_media=$(probe "$output")
+    # Made while the source is still here; `||`: should it fail all the same, the file does not.
+    qc=$(contact_sheet "$1" "$source_media" "$output_media") || qc="-the contact sheet step failed"
     rm -f -- "$workdir/input-$1"
     if aws s3 cp --only-show-errors --metadata "vod-sr-run=$run_token" "$output" "${fields[base + 3]}" \
             2>"$workdir/upload-$1.log"; then
-        result "${fields[base]}" ok "$2" "$3" "" "$source_media" "$output_media"
+        if [ -z "$qc" ]; then
+            qc=$(upload_sheet "$1") || qc="-upload failed"
+        fi
+        result "${fields[base]}" ok "$2" "$3" "" "$source_media" "$output_media" "$qc"
     else
         echo "vod-sr: upload to ${fields[base + 3]} failed:" >&2
         tail -n 5 "$workdir/upload-$1.log" >&2
-        result "${fields[base]}" failed "$2" "$3" upload "$source_media" "$output_media"
+        result "${fields[base]}" failed "$2" "$3" upload "$source_media" "$output_media" ""
     fi
-    rm -f -- "$output"
+    rm -f -- "$output" "$workdir/qc-$1.jpg"
 }
 
 upload_pid=""
@@ -389,17 +454,22 @@ def parse_result_lines(stdout: str) -> dict[int, dict[str, object]]:
 
     `source_media` and `output_media` are the script's measurements (`WIDTHxHEIGHT SECONDS AUDIO-STREAMS`, see
     `verify.Media`), empty when the file failed before they were taken or the line predates them.
+
+    `qc` is the contact sheet's field as printed: its S3 key (in the results' bucket) when it was uploaded; `-` and
+    why not when it could not be made or uploaded (keys under `vod-sr-runs/` never start with `-`); empty when the
+    file failed; None for a line from before contact sheets (8 fields, or 6 from before the measurements).
     """
     results: dict[int, dict[str, object]] = {}
     for line in stdout.splitlines():
         parts = line.split("\t")
-        if len(parts) in (6, 8) and parts[0] == RESULT_MARKER and parts[1].isdigit():
+        if len(parts) in (6, 8, 9) and parts[0] == RESULT_MARKER and parts[1].isdigit():
             results[int(parts[1])] = {
                 "status": parts[2],
                 "bytes": int(parts[3]) if parts[3].isdigit() else 0,
                 "seconds": int(parts[4]) if parts[4].isdigit() else 0,
                 "stage": parts[5],
-                "source_media": parts[6] if len(parts) == 8 else "",
-                "output_media": parts[7] if len(parts) == 8 else "",
+                "source_media": parts[6] if len(parts) >= 8 else "",
+                "output_media": parts[7] if len(parts) >= 8 else "",
+                "qc": parts[8] if len(parts) == 9 else None,
             }
     return results

@@ -10,6 +10,10 @@ A chunk's script rewrites its results object as each file ends, so a chunk whose
 lack some of its files does verify ask SSM about the chunk's command: the `VODSR-RESULT` lines of its output fill in
 what the results object lacks (it is missing when storing it failed, and a kill can fall between a file's result
 line and its store), and each file still without a result is failed with how the command ended.
+
+Each record also names the file's QC contact sheet (see `script.render_sr_script`): `qc`, the `s3://` URI of the JPEG
+the instance uploaded (None when there is none), and `qc_reason`, "" when there is one, else why not. A sheet is only
+for a person to look at: it never decides a file's status.
 """
 
 from __future__ import annotations
@@ -105,6 +109,20 @@ def media_mismatch(source: Media | None, output: Media | None, *, scale: float, 
     return "; ".join(problems)
 
 
+QC_NOT_MADE = "not made"
+
+
+def qc_sheet(field: object, bucket: str) -> tuple[str | None, str]:
+    """The contact sheet's URI and why there is none, from a result's `qc` field (`script.parse_result_lines`): the
+    JPEG's key in `bucket` (the results object's), or `-` and why not; empty (a failed file) or None (a line from
+    before contact sheets) when none was made."""
+    if not isinstance(field, str) or field in ("", "-"):
+        return None, QC_NOT_MADE
+    if field.startswith("-"):
+        return None, field[1:]
+    return f"s3://{bucket}/{field}", ""
+
+
 def file_record(
     job: FileJob,
     status: str,
@@ -112,6 +130,8 @@ def file_record(
     bytes_written: int = 0,
     source_media: Media | None = None,
     output_media: Media | None = None,
+    qc: str | None = None,
+    qc_reason: str = QC_NOT_MADE,
 ) -> dict[str, Any]:
     return {
         "index": job.index,
@@ -122,6 +142,8 @@ def file_record(
         "bytes": bytes_written,
         "source_media": asdict(source_media) if source_media else None,
         "output_media": asdict(output_media) if output_media else None,
+        "qc": qc,
+        "qc_reason": qc_reason,
     }
 
 
@@ -165,18 +187,20 @@ def verify_file(
     *,
     scale: float = 2.0,
     duration_tolerance: float = 0.5,
+    results_bucket: str,
 ) -> dict[str, Any]:
     """One output: the script reported it written, it exists, is non-empty, has the size the script wrote, was
     written after this run sent its chunk (`sent_at`: the chunk list's LastModified, S3's own clock) and is its
     source upscaled `scale` times (`media_mismatch`). `unfinished` is the reason given when the instance reported
-    nothing for the file."""
+    nothing for the file. The contact sheet the result names is in `results_bucket` (see `qc_sheet`)."""
     if reported is None:
         return file_record(job, "failed", unfinished)
     source = Media.parse(str(reported.get("source_media") or ""))
     output = Media.parse(str(reported.get("output_media") or ""))
+    qc, qc_reason = qc_sheet(reported.get("qc"), results_bucket)
 
     def record(status: str, reason: str = "", size: int = 0) -> dict[str, Any]:
-        return file_record(job, status, reason, size, source, output)
+        return file_record(job, status, reason, size, source, output, qc, qc_reason)
 
     if reported["status"] != "ok":
         return record("failed", f"{reported['stage'] or 'processing'} failed on the instance")
@@ -290,6 +314,7 @@ def verify_chunks(
                     unfinished,
                     scale=scale,
                     duration_tolerance=duration_tolerance,
+                    results_bucket=bucket,
                 )
             )
     return records

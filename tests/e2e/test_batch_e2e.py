@@ -8,6 +8,7 @@ import pytest
 
 from include.local_aws.world import OUTPUT_BUCKET, SAMPLE_KEY, create_world, probe_video
 from include.vod_sr.report import REPORT_PREFIX
+from tests.vod_sr.test_script import jpeg_size
 
 pytestmark = pytest.mark.e2e
 
@@ -24,6 +25,25 @@ def stored_report(world, run) -> dict:
     return json.loads(world.s3.get_object(Bucket=OUTPUT_BUCKET, Key=reports[0])["Body"].read())
 
 
+def assert_contact_sheets(world, report: dict) -> list[int]:
+    """Each ok file's record names its QC contact sheet, a JPEG in the emulator's S3 made of two 640x360 crops (of
+    the 1280x960 outputs); returns the JPEGs' sizes in bytes."""
+    sizes = []
+    for record in report["files"]:
+        if record["status"] != "ok":
+            continue
+        assert (record["qc"] or "").startswith(f"s3://{OUTPUT_BUCKET}/vod-sr-runs/"), record
+        assert record["qc_reason"] == ""
+        bucket, key = record["qc"].removeprefix("s3://").split("/", 1)
+        stored = world.s3.get_object(Bucket=bucket, Key=key)
+        jpeg = stored["Body"].read()
+        assert stored["ContentType"] == "image/jpeg"
+        assert jpeg.startswith(b"\xff\xd8")
+        assert jpeg_size(jpeg) == (1280, 360)
+        sizes.append(len(jpeg))
+    return sizes
+
+
 def test_two_files_become_verified_2x_outputs_and_the_instance_stops(world, tmp_path):
     world.upload(SAMPLE_KEY)
     world.upload(NASTY_KEY)
@@ -38,6 +58,7 @@ def test_two_files_become_verified_2x_outputs_and_the_instance_stops(world, tmp_
         assert video.has_audio
     assert world.instance_state() == "stopped"
     assert stored_report(world, run)["counts"] == {"ok": 2}
+    assert len(assert_contact_sheets(world, stored_report(world, run))) == 2
 
 
 def test_corrupt_file_fails_the_run_keeps_the_other_output_and_stops_the_instance(world, tmp_path, capfd, caplog):
@@ -58,6 +79,8 @@ def test_corrupt_file_fails_the_run_keeps_the_other_output_and_stops_the_instanc
     files = {f["source"].rsplit("/", 1)[-1]: f for f in stored_report(world, run)["files"]}
     assert files["good.mp4"]["status"] == "ok"
     assert files["corrupt.mp4"]["status"] == "failed"
+    assert len(assert_contact_sheets(world, stored_report(world, run))) == 1
+    assert (files["corrupt.mp4"]["qc"], files["corrupt.mp4"]["qc_reason"]) == (None, "not made")
     assert world.instance_state() == "stopped"
     report = stored_report(world, run)
     assert report["transient_aws_errors"] == 0  # pulled from every lane's run_chunks

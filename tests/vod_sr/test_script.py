@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -72,6 +73,12 @@ case "$src" in
 esac
 """
 STUB_FFMPEG = r"""#!/bin/bash
+if [[ " $* " == *hstack* ]]; then  # the script's QC contact sheet: a stand-in JPEG, logged apart from the model's run
+    printf '%s\0' ffmpeg-qc "$@" > "$STUB_LOG/$(date +%s%N)-$$"
+    if grep -qs qc-stall -- "$@"; then exec sleep 60; fi  # a source named qc-stall: the sheet's ffmpeg never ends
+    printf '\377\330stub jpeg' > "${*: -1}"
+    exit 0
+fi
 if [ "$1" = -hide_banner ]; then  # the script's measurement: the report of a 2 s 64x48 clip with one audio stream
     printf '  Duration: 00:00:02.00\n  Stream #0:0: Video: h264 (avc1 / 0x31637661), yuv420p, 64x48, 25 fps\n'
     printf '  Stream #0:1: Audio: aac\nOutput #0, null:\n  Stream #0:0: Video: h264, 64x48\nout_time=00:00:01.960000\n'
@@ -230,9 +237,9 @@ class TestScriptSafety:
             assert secret not in INSTALL_CLI_SCRIPT
 
     def test_payload_does_not_grow_with_the_chunk(self):
-        # The file list is read from S3, so SendCommand carries a script of fixed size (about 7.5 KB with model A's
-        # environment and the time limits) for any chunk size and any key length.
-        assert len(sr_script("A", LIMITS)) < 8000
+        # The file list is read from S3, so SendCommand carries a script of fixed size (about 10.5 KB with model A's
+        # environment, the time limits and the QC contact sheet) for any chunk size and any key length.
+        assert len(sr_script("A", LIMITS)) < 12_000
 
     def test_model_arguments_reach_ffmpeg_literally(self, instance):
         instance.prepare(chunk_of("a.mp4"))
@@ -262,7 +269,7 @@ class TestScriptSafety:
         result = instance.run(sr_script())
 
         assert result.returncode == 0, result.stderr
-        transfers = [c for c in instance.calls() if c[:3] == ["aws", "s3", "cp"]]
+        transfers = [c for c in instance.calls() if c[:3] == ["aws", "s3", "cp"] and "image/jpeg" not in c]
         assert [c[-2:] for c in transfers] == [
             [f"s3://src-bucket/{key}", transfers[0][-1]],
             [transfers[1][-2], f"s3://out-bucket/sr/{key}"],
@@ -363,11 +370,21 @@ class TestChunkLoop:
 
     def test_result_lines_ignore_other_output(self):
         stdout = (
-            "noise\nVODSR-RESULT\t7\tok\t12\t3\t\t64x48 2.00 1\t128x96 2.00 1\n"
-            "VODSR-RESULT\tx\tok\t1\t1\t\t\t\nVODSR-RESULT\t8\tok\t1\t1\t\n"
+            "noise\nVODSR-RESULT\t7\tok\t12\t3\t\t64x48 2.00 1\t128x96 2.00 1\tvod-sr-runs/t/qc/7.jpg\n"
+            "VODSR-RESULT\tx\tok\t1\t1\t\t\t\t\nVODSR-RESULT\t9\tok\t1\t1\t\t\t\t\t\textra\n"
         )
 
-        assert parse_result_lines(stdout) == {
+        assert list(parse_result_lines(stdout)) == [7]
+
+
+class TestResultLines:
+    """The line grew a field at a time; lines stored by older scripts (a results object of an earlier run, a resent
+    chunk's first command) are still read."""
+
+    def test_nine_fields_with_the_contact_sheet(self):
+        line = "VODSR-RESULT\t7\tok\t12\t3\t\t64x48 2.00 1\t128x96 2.00 1\tvod-sr-runs/t/qc/7.jpg\n"
+
+        assert parse_result_lines(line) == {
             7: {
                 "status": "ok",
                 "bytes": 12,
@@ -375,8 +392,53 @@ class TestChunkLoop:
                 "stage": "",
                 "source_media": "64x48 2.00 1",
                 "output_media": "128x96 2.00 1",
-            },
-            8: {"status": "ok", "bytes": 1, "seconds": 1, "stage": "", "source_media": "", "output_media": ""},
+                "qc": "vod-sr-runs/t/qc/7.jpg",
+            }
+        }
+
+    def test_nine_fields_with_why_there_is_no_contact_sheet(self):
+        line = "VODSR-RESULT\t7\tok\t12\t3\t\t64x48 2.00 1\t128x96 2.00 1\t-upload failed\n"
+
+        assert parse_result_lines(line)[7]["qc"] == "-upload failed"
+
+    def test_nine_fields_of_a_failed_file(self):
+        # What `line 3 failed 0 0 download` prints: every field it was not given is empty.
+        line = "VODSR-RESULT\t3\tfailed\t0\t0\tdownload\t\t\t\n"
+
+        assert parse_result_lines(line)[3] == {
+            "status": "failed",
+            "bytes": 0,
+            "seconds": 0,
+            "stage": "download",
+            "source_media": "",
+            "output_media": "",
+            "qc": "",
+        }
+
+    def test_eight_fields_from_before_the_contact_sheet(self):
+        line = "VODSR-RESULT\t7\tok\t12\t3\t\t64x48 2.00 1\t128x96 2.00 1\n"
+
+        assert parse_result_lines(line)[7] == {
+            "status": "ok",
+            "bytes": 12,
+            "seconds": 3,
+            "stage": "",
+            "source_media": "64x48 2.00 1",
+            "output_media": "128x96 2.00 1",
+            "qc": None,
+        }
+
+    def test_six_fields_from_before_the_measurements(self):
+        assert parse_result_lines("VODSR-RESULT\t8\tok\t1\t1\t\n") == {
+            8: {
+                "status": "ok",
+                "bytes": 1,
+                "seconds": 1,
+                "stage": "",
+                "source_media": "",
+                "output_media": "",
+                "qc": None,
+            }
         }
 
 
@@ -493,6 +555,226 @@ class TestTimeLimits:
         while not instance.lock_is_free():
             assert time.monotonic() < deadline, "something the chunk started survived the kill and holds the lock"
             time.sleep(0.1)
+
+
+QC_KEY = f"{RUNS_PREFIX}{RUN_TOKEN}/qc/{{}}.jpg"  # the contact sheet of file {} in the results' bucket
+
+
+def qc_uri(index: int) -> str:
+    return f"s3://out-bucket/{QC_KEY.format(index)}"
+
+
+def jpeg_size(data: bytes) -> tuple[int, int]:
+    """A JPEG's width and height, read from its start-of-frame marker."""
+    assert data[:2] == b"\xff\xd8", "not a JPEG"
+    at = 2
+    while at + 9 <= len(data):
+        assert data[at] == 0xFF, f"no marker at byte {at}"
+        marker = data[at + 1]
+        if marker == 0xFF:  # a fill byte
+            at += 1
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # SOF0-15 but DHT, JPG and DAC
+            return int.from_bytes(data[at + 7 : at + 9], "big"), int.from_bytes(data[at + 5 : at + 7], "big")
+        at += 2 + int.from_bytes(data[at + 2 : at + 4], "big")
+    raise AssertionError("no start-of-frame marker")
+
+
+class TestContactSheetSteps:
+    """The contact sheet's place in the loop, with the stub `aws` and `ffmpeg` (whose sheet is a stand-in JPEG)."""
+
+    KEYS = ("good-1.mp4", "corrupt.mp4", "missing.mp4", "good-2.mp4")
+
+    def test_each_uploaded_output_gets_one_and_a_failed_file_none(self, instance):
+        instance.prepare(chunk_of(*self.KEYS), missing=("missing.mp4",))
+
+        result = instance.run(sr_script())
+
+        printed = parse_result_lines(result.stdout)
+        assert {i: r["qc"] for i, r in printed.items()} == {0: QC_KEY.format(0), 1: "", 2: "", 3: QC_KEY.format(3)}
+        assert parse_result_lines(instance.get(RESULTS_URI).decode()) == printed
+        assert instance.get(qc_uri(0)) == instance.get(qc_uri(3)) == b"\xff\xd8stub jpeg"
+        uploads = [c for c in instance.calls() if c[:3] == ["aws", "s3", "cp"] and "image/jpeg" in c]
+        assert [c[3:6] + c[-1:] for c in uploads] == [
+            ["--only-show-errors", "--content-type", "image/jpeg", qc_uri(n)] for n in (0, 3)
+        ]
+        sheets = [c for c in instance.calls() if c[0] == "ffmpeg-qc"]
+        assert len(sheets) == 2
+        # The middle of the source's video: the stub reports 1.96 s. Both inputs are read there.
+        assert [sheets[0][i + 1] for i, arg in enumerate(sheets[0]) if arg == "-ss"] == ["0.98", "0.98"]
+        assert sheets[0][sheets[0].index("-q:v") + 1] == "5"
+
+    def test_a_sheet_that_cannot_be_uploaded_leaves_the_file_ok(self, instance):
+        failing_aws = instance.bin / "aws"
+        failing_aws.write_text(
+            STUB_AWS.replace(
+                'args=("$@")\n',
+                'args=("$@")\n'
+                '[[ "${args[-1]}" == s3://*/qc/* ]] && { echo "upload failed: AccessDenied" >&2; exit 1; }\n',
+                1,
+            )
+        )
+        instance.prepare(chunk_of("a.mp4"))
+
+        result = instance.run(sr_script())
+
+        assert result.returncode == 0, result.stderr
+        (printed,) = parse_result_lines(result.stdout).values()
+        assert (printed["status"], printed["qc"]) == ("ok", "-upload failed")
+        assert f"upload of the contact sheet {QC_KEY.format(0)} failed:\nupload failed: AccessDenied" in result.stderr
+        assert instance.get("s3://out-bucket/sr/a.mp4") == b"a.mp4" * 2
+        assert instance.get(qc_uri(0)) is None
+
+    def test_a_sheet_that_hangs_is_stopped_at_the_chunks_budget(self, instance):
+        instance.prepare(chunk_of("qc-stall.mp4"))
+        started = time.monotonic()
+
+        result = instance.run(sr_script(limits=limits(budget=3)))
+
+        assert time.monotonic() - started < 20  # not the sheet's own 60 s, nor the stub's 60 s
+        assert result.returncode == 0, result.stderr
+        (printed,) = parse_result_lines(result.stdout).values()
+        assert (printed["status"], printed["qc"]) == ("ok", "-ffmpeg reached the time limit")
+        assert instance.get("s3://out-bucket/sr/qc-stall.mp4") == b"qc-stall.mp4" * 2
+
+
+def real_ffmpeg() -> str:
+    import imageio_ffmpeg
+
+    return imageio_ffmpeg.get_ffmpeg_exe()
+
+
+NULL_OUTPUT = ("-frames:v", "1", "-f", "null", "-")
+
+
+def psnr(inputs: list[str], graph: str) -> float:
+    """The PSNR (dB) of the first frames of the streams `graph` labels [a] and [b], by ffmpeg's psnr filter."""
+    result = subprocess.run(
+        [real_ffmpeg(), "-hide_banner", *inputs, "-filter_complex", f"{graph};[a][b]psnr", *NULL_OUTPUT],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return float(re.findall(r"average:(\S+)", result.stderr)[-1])
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory) -> dict[str, Path]:
+    """2 s test-pattern clips with a tone, and a 2 s clip with only the tone."""
+    from include.local_aws.world import make_sample_clip
+
+    folder = tmp_path_factory.mktemp("clips")
+    made = {size: make_sample_clip(folder / f"{size}.mp4", seconds=2, size=size) for size in ("64x48", "320x240")}
+    made["audio"] = folder / "audio.mp4"
+    tone = ["-f", "lavfi", "-i", "sine=frequency=440:duration=2", "-c:a", "aac", str(made["audio"])]
+    subprocess.run([real_ffmpeg(), "-loglevel", "error", *tone], check=True)
+    return made
+
+
+class RealFfmpegInstance(StubInstance):
+    """The stub S3 and `aws`, with the real ffmpeg (imageio-ffmpeg's build, as on the emulated instance) running the
+    cpu model, the measurements and the contact sheet."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        (self.bin / "ffmpeg").unlink()
+        (self.bin / "ffmpeg").symlink_to(real_ffmpeg())
+
+    def prepare_clips(self, clips: dict[str, Path]) -> Chunk:
+        """A chunk whose sources are `clips` (key -> file)."""
+        chunk = chunk_of(*clips)
+        self.put(FILES_URI, chunk_list(chunk))
+        for job in chunk.files:
+            self.put(job.source.uri, clips[job.source.key].read_bytes())
+        return chunk
+
+
+@pytest.fixture
+def real_ffmpeg_instance(tmp_path):
+    return RealFfmpegInstance(tmp_path)
+
+
+class TestContactSheetWithRealFfmpeg:
+    @pytest.mark.parametrize(
+        ("size", "sheet"),
+        [("64x48", (256, 96)), ("320x240", (1280, 360))],
+        ids=["whole-frames-of-a-small-output", "640x360-centre-crops-of-a-640x480-output"],
+    )
+    def test_the_middle_frame_of_source_and_output_side_by_side(self, real_ffmpeg_instance, clips, size, sheet):
+        instance = real_ffmpeg_instance
+        instance.prepare_clips({"a.mp4": clips[size]})
+
+        result = instance.run(sr_script())
+
+        assert result.returncode == 0, result.stderr
+        (printed,) = parse_result_lines(result.stdout).values()
+        assert printed["qc"] == QC_KEY.format(0)
+        jpeg = instance.get(qc_uri(0))
+        assert jpeg is not None and jpeg_size(jpeg) == sheet  # 2 x min(640, output width) wide
+        assert len(jpeg) < 60_000
+        picture, output = instance.tmp / "sheet.jpg", instance.tmp / "output.mp4"
+        picture.write_bytes(jpeg)
+        output.write_bytes(instance.get("s3://out-bucket/sr/a.mp4"))
+        width, height = sheet[0] // 2, sheet[1]
+        left_half, right_half = f"crop={width}:{height}:0:0", f"crop={width}:{height}:{width}:0"
+        # The same frame on both sides: the source scaled plainly is close to the model's lanczos (another frame of
+        # the moving test pattern scores about 20 dB)...
+        assert psnr(["-i", str(picture)], f"[0:v]split[l][r];[l]{left_half}[a];[r]{right_half}[b]") > 30
+        # ...and it is the output's frame at the middle of the source's video as the instance measured it (about
+        # 1 s of 2 s: frame 24 of the 25 fps clip), not its first.
+        middle = round(float(printed["source_media"].split()[1]) / 2 * 25)
+
+        def right_half_against_output_frame(n: int) -> float:
+            output_frame = f"select=eq(n\\,{n}),setpts=N,crop={width}:{height},format=yuv420p"
+            graph = f"[0:v]{right_half},format=yuv420p,setpts=N[a];[1:v]{output_frame}[b]"
+            return psnr(["-i", str(picture), "-i", str(output)], graph)
+
+        scores = {n: right_half_against_output_frame(n) for n in (0, middle - 1, middle, middle + 1)}
+        assert max(scores, key=scores.__getitem__) == middle and scores[middle] > 35, scores
+
+    def test_a_frame_that_cannot_be_made_leaves_the_file_ok_and_says_why(self, real_ffmpeg_instance, clips):
+        # A stand-in: an ffmpeg that fails only when asked for the contact sheet (as one might on a frame it cannot
+        # decode); every other call runs the real ffmpeg.
+        instance = real_ffmpeg_instance
+        (instance.bin / "ffmpeg").unlink()
+        (instance.bin / "ffmpeg").write_text(
+            "#!/bin/bash\n"
+            'if [[ " $* " == *hstack* ]]; then\n'
+            '    echo "stand-in: Invalid data found when processing input" >&2\n'
+            "    exit 1\n"
+            "fi\n"
+            f'exec {shlex.quote(real_ffmpeg())} "$@"\n'
+        )
+        (instance.bin / "ffmpeg").chmod(0o755)
+        instance.prepare_clips({"a.mp4": clips["64x48"]})
+
+        result = instance.run(sr_script())
+
+        assert result.returncode == 0, result.stderr
+        (printed,) = parse_result_lines(result.stdout).values()
+        assert (printed["status"], printed["qc"]) == ("ok", "-ffmpeg could not make the frame")
+        assert printed["output_media"].startswith("128x96 ")
+        assert "no contact sheet for s3://src-bucket/a.mp4:\nstand-in: Invalid data found" in result.stderr
+        assert probe_video(self.saved(instance, "s3://out-bucket/sr/a.mp4")).width == 128
+        assert instance.get(qc_uri(0)) is None
+
+    def test_an_output_without_video_has_no_sheet_and_says_why(self, real_ffmpeg_instance, clips):
+        # ffmpeg "upscales" a source with only audio into an output with only audio; the instance does not judge it
+        # (verify fails it: no video stream), and the sheet says there is nothing to show.
+        instance = real_ffmpeg_instance
+        instance.prepare_clips({"a.mp4": clips["audio"]})
+
+        result = instance.run(sr_script())
+
+        (printed,) = parse_result_lines(result.stdout).values()
+        assert (printed["status"], printed["qc"]) == ("ok", "-the output has no video stream")
+        assert instance.get(qc_uri(0)) is None
+
+    @staticmethod
+    def saved(instance: StubInstance, uri: str) -> Path:
+        path = instance.tmp / "saved.mp4"
+        path.write_bytes(instance.get(uri) or b"")
+        return path
 
 
 # The install's apt, dpkg, sudo, curl, unzip and installer cannot run here (no root, no network, and they would change
@@ -798,6 +1080,12 @@ class RealInstance:
         body = self.s3.get_object(Bucket=self.output_bucket, Key=RESULTS_KEY)["Body"].read()
         return parse_result_lines(body.decode())
 
+    def contact_sheet(self, result: dict[str, object]) -> bytes:
+        """The JPEG a result's qc field names, after checking it was stored as one."""
+        stored = self.s3.get_object(Bucket=self.output_bucket, Key=str(result["qc"]))
+        assert stored["ContentType"] == "image/jpeg"
+        return stored["Body"].read()
+
 
 @pytest.fixture
 def real_instance(running_instance, emulator_env) -> RealInstance:
@@ -831,6 +1119,8 @@ class TestHostileKeysWithTheRealAwsCli:
             video = probe_video(real_instance.download(key, tmp_path / f"out-{n}.mp4"))
             assert video.width == 128, key  # the cpu model's 2x of the 64x48 clip
             assert results[n]["output_media"].startswith("128x96 "), key  # as the instance measured it
+            assert results[n]["qc"] == QC_KEY.format(n), key
+            assert jpeg_size(real_instance.contact_sheet(results[n])) == (256, 96), key  # both 128x96 frames
         assert not marker.exists()
 
     def test_missing_source_with_a_dash_key_is_reported_by_name(self, real_instance, tiny_clip):
@@ -861,6 +1151,8 @@ class TestHostileKeysWithTheRealAwsCli:
         gets = [c for c in emulator_env.calls() if c["caller"] == "instance" and c["action"] == "GET object"]
         assert len(gets) >= 3  # the file list, then the source in at least two ranges
         assert probe_video(real_instance.download("-big.mp4", tmp_path / "out.mp4")).width == 640
+        (result,) = parse_result_lines(invocation["StandardOutputContent"]).values()
+        assert jpeg_size(real_instance.contact_sheet(result)) == (1280, 360)  # 640x360 crops of the 640x480 frames
 
     @pytest.mark.xfail(
         strict=True,

@@ -40,14 +40,21 @@ def send_chunk(s3) -> None:
 
 
 def instance_writes(
-    s3, body: bytes | None, result: str = "ok", reported_bytes: int | None = None, output_media: str = OUTPUT_MEDIA
+    s3,
+    body: bytes | None,
+    result: str = "ok",
+    reported_bytes: int | None = None,
+    output_media: str = OUTPUT_MEDIA,
+    qc: str | None = None,
 ) -> None:
-    """What the chunk script does: upload the output, then the results file."""
+    """What the chunk script does: upload the output, then the results file (with `qc`, the contact sheet's field,
+    as today's script writes it; without, as scripts from before contact sheets did)."""
     if body is not None:
         s3.put_object(Bucket=OUTPUT, Key="a_sr.mp4", Body=body)
     size = len(body or b"") if reported_bytes is None else reported_bytes
     stage = "" if result == "ok" else "ffmpeg"
-    line = f"VODSR-RESULT\t0\t{result}\t{size}\t3\t{stage}\t{SOURCE_MEDIA}\t{output_media}\n"
+    qc_field = "" if qc is None else f"\t{qc}"
+    line = f"VODSR-RESULT\t0\t{result}\t{size}\t3\t{stage}\t{SOURCE_MEDIA}\t{output_media}{qc_field}\n"
     s3.put_object(Bucket=OUTPUT, Key=RESULTS_KEY, Body=line.encode())
 
 
@@ -115,6 +122,72 @@ class TestVerify:
         verify(s3)
 
         assert sorted(calls) == ["GetObject", "ListObjectsV2", "ListObjectsV2"]
+
+
+QC_KEY = f"vod-sr-runs/{TOKEN}/qc/0.jpg"
+
+
+class TestContactSheet:
+    """The record names the instance's QC contact sheet; it never decides the file's status."""
+
+    def test_an_uploaded_sheet_is_named_by_its_uri(self, s3):
+        send_chunk(s3)
+        instance_writes(s3, b"x" * 100, qc=QC_KEY)
+
+        record = verify(s3)
+
+        assert (record["status"], record["qc"], record["qc_reason"]) == ("ok", f"s3://{OUTPUT}/{QC_KEY}", "")
+
+    def test_a_sheet_that_was_not_made_says_why_and_the_file_is_still_ok(self, s3):
+        send_chunk(s3)
+        instance_writes(s3, b"x" * 100, qc="-ffmpeg could not make the frame")
+
+        record = verify(s3)
+
+        assert (record["status"], record["qc"], record["qc_reason"]) == ("ok", None, "ffmpeg could not make the frame")
+
+    def test_a_line_from_before_contact_sheets(self, s3):
+        send_chunk(s3)
+        instance_writes(s3, b"x" * 100)  # 8 fields
+
+        record = verify(s3)
+
+        assert (record["status"], record["qc"], record["qc_reason"]) == ("ok", None, "not made")
+
+    def test_a_file_that_failed_on_the_instance_has_none(self, s3):
+        send_chunk(s3)
+        instance_writes(s3, b"x", result="failed", qc="")
+
+        record = verify(s3)
+
+        assert (record["status"], record["qc"], record["qc_reason"]) == ("failed", None, "not made")
+
+    def test_a_file_verify_fails_keeps_its_sheet_to_look_at(self, s3):
+        send_chunk(s3)
+        instance_writes(s3, b"x" * 100, output_media="1280x960 0.92 1", qc=QC_KEY)
+
+        record = verify(s3)
+
+        assert record["status"] == "failed"
+        assert record["qc"] == f"s3://{OUTPUT}/{QC_KEY}"
+
+    def test_a_file_without_a_result_has_none(self, s3):
+        send_chunk(s3)
+
+        record = verify(s3)
+
+        assert (record["qc"], record["qc_reason"]) == (None, "not made")
+
+    def test_a_sheet_named_only_in_the_commands_output(self, s3):
+        # The kill fell between the file's result line and its store: the line SSM kept names the sheet.
+        s3.put_object(Bucket=OUTPUT, Key=FILES_KEY, Body=chunk_list(THREE))
+        s3.put_object(Bucket=OUTPUT, Key="0_sr.mp4", Body=b"x" * 10)
+        printed = result_line(0, 10).rstrip("\n") + f"\tvod-sr-runs/{TOKEN}/qc/0.jpg\n"
+
+        records = verify_chunks(s3, OUTPUT, TOKEN, [THREE], ssm=StubSsm(stdout=printed))
+
+        assert (records[0]["status"], records[0]["qc"]) == ("ok", f"s3://{OUTPUT}/vod-sr-runs/{TOKEN}/qc/0.jpg")
+        assert [r["qc_reason"] for r in records[1:]] == ["not made", "not made"]
 
 
 THREE = Chunk(
