@@ -132,7 +132,9 @@ def file_record(
     output_media: Media | None = None,
     qc: str | None = None,
     qc_reason: str = QC_NOT_MADE,
+    sr_seconds: int | None = None,
 ) -> dict[str, Any]:
+    """A file's row in the report. `sr_seconds`: how long its ffmpeg ran on the instance (None: never ran)."""
     return {
         "index": job.index,
         "source": job.source.uri,
@@ -144,6 +146,7 @@ def file_record(
         "output_media": asdict(output_media) if output_media else None,
         "qc": qc,
         "qc_reason": qc_reason,
+        "sr_seconds": sr_seconds,
     }
 
 
@@ -198,9 +201,13 @@ def verify_file(
     source = Media.parse(str(reported.get("source_media") or ""))
     output = Media.parse(str(reported.get("output_media") or ""))
     qc, qc_reason = qc_sheet(reported.get("qc"), results_bucket)
+    # A file that failed before its ffmpeg ran (download, lock or budget) reports 0 s: no SR time to show.
+    stage = str(reported.get("stage") or "")
+    ran = reported["status"] == "ok" or (stage.startswith("ffmpeg") and "not started" not in stage)
+    sr_seconds = reported.get("seconds") if ran else None
 
     def record(status: str, reason: str = "", size: int = 0) -> dict[str, Any]:
-        return file_record(job, status, reason, size, source, output, qc, qc_reason)
+        return file_record(job, status, reason, size, source, output, qc, qc_reason, sr_seconds)
 
     if reported["status"] != "ok":
         return record("failed", f"{reported['stage'] or 'processing'} failed on the instance")

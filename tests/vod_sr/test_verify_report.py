@@ -15,7 +15,7 @@ from include.vod_sr.plan import Chunk, FileJob
 from include.vod_sr.report import BatchFailed, build_report, format_table, raise_if_failed, write_report
 from include.vod_sr.script import as_run_shell_command, chunk_keys, chunk_list, script_header
 from include.vod_sr.sources import S3Object
-from include.vod_sr.verify import Media, media_mismatch, media_summary, unfinished_reason, verify_chunks
+from include.vod_sr.verify import Media, media_mismatch, media_summary, unfinished_reason, verify_chunks, verify_file
 
 OUTPUT = "out-bucket"
 TOKEN = "1111222233334444"
@@ -536,3 +536,24 @@ def test_a_chunk_sent_twice_is_read_from_its_first_command_as_run_chunks_keeps_i
             return [{"Commands": [duplicate, first]}]
 
     assert chunk_commands(TwoCommands(), "i-1", TOKEN, first["RequestedDateTime"]) == {0: COMMAND_ID}
+
+
+class TestSrSeconds:
+    """The report shows how long each file's ffmpeg ran on the instance; a file whose ffmpeg never ran has none."""
+
+    @pytest.mark.parametrize(
+        ("status", "stage", "expected"),
+        [
+            ("ok", "", 42),
+            ("failed", "ffmpeg", 42),
+            ("failed", "ffmpeg (per-file limit 60 s reached)", 42),
+            ("failed", "ffmpeg (not started: chunk budget 600 s reached)", None),
+            ("failed", "download", None),
+        ],
+    )
+    def test_of_a_file(self, status, stage, expected):
+        reported = {"status": status, "bytes": 0, "seconds": 42, "stage": stage, "source_media": "", "output_media": ""}
+
+        record = verify_file(JOB, reported, None, None, results_bucket=OUTPUT)
+
+        assert record["sr_seconds"] == expected
