@@ -19,6 +19,13 @@ TRANSIENT_ERRORS_XCOM_KEY = "transient_aws_errors"
 RESEND_INDEX_BASE = 100_000
 
 
+def lane_label(lane: Mapping[str, Any]) -> str:
+    """A lane as a person reads it, for the mapped task's label (`map_index_template="{{ lane_label }}"`):
+    `i-0abc... (12 files)`."""
+    files = sum(len(chunk.get("files") or ()) for chunk in lane.get("chunks") or ())
+    return f"{lane.get('instance_id', '?')} ({files} files)"
+
+
 class RunChunksOperator(BaseOperator):
     """Run one instance's chunks, one SSM command per chunk, waiting deferred (no worker slot held).
 
@@ -27,6 +34,10 @@ class RunChunksOperator(BaseOperator):
     the one after. A failed chunk does not stop the others; the task fails at the end, with each failed command's
     Status, StatusDetails, exit code and output tails in its log. When the last command ends it releases the
     instance at once (see `_release_early`).
+
+    While chunks run, the deferred wait logs their progress (`chunk 3/20 on i-0abc: 7/10 files done (1 failed)`),
+    read from each live chunk's results object (see `SsmCommandsTrigger`). The task's context gets `lane_label`
+    (see `lane_label`) for its map index template.
 
     Transient AWS errors (throttling, 5xx, dropped connections) never fail the task: the trigger keeps polling until
     each command's deadline, and the reads after a command ended log them and go on. Each chunk's entry in the
@@ -90,6 +101,7 @@ class RunChunksOperator(BaseOperator):
         return aws_client("ec2", self.aws_conn_id)
 
     def execute(self, context: Any) -> list[dict[str, Any]]:
+        context["lane_label"] = lane_label(self.lane)
         return self._advance(context, self._reattach())
 
     def _reattach(self) -> list[dict[str, Any]]:
@@ -183,6 +195,11 @@ class RunChunksOperator(BaseOperator):
             "outcome": None if live(kept) else invocation_outcome(kept["Status"]).value,
             "transient_errors": 0,
         }
+        files = _commented_file_count(kept.get("Comment", ""))
+        if files is None and chunk["index"] < RESEND_INDEX_BASE:  # a resend's own files are fewer than its chunk's
+            files = len(chunk["files"])
+        if files is not None:
+            entry["files"] = files
         if entry["outcome"] is None:
             self.log.info(
                 "Chunk %s: waiting again for command %s (%s)", chunk["index"], kept["CommandId"], kept["Status"]
@@ -311,6 +328,7 @@ class RunChunksOperator(BaseOperator):
             or not isinstance(event.get("resume_state"), list)
         ):
             raise AirflowException(f"unexpected trigger event: {event!r}")
+        context["lane_label"] = lane_label(self.lane)
         sent: list[dict[str, Any]] = event["resume_state"]
         self._sent = sent
         polled = event.get("transient_errors") or {}
@@ -382,7 +400,31 @@ class RunChunksOperator(BaseOperator):
             "delivery_deadline": now + self.delivery_timeout,
             "outcome": None,
             "transient_errors": 0,
+            "files": len(chunk.files),  # the files this command processes (a resend: its chunk's unfinished ones)
         }
+
+    def _progress_fields(self, entry: Mapping[str, Any]) -> dict[str, Any]:
+        """What the trigger needs to log `entry`'s progress (see `SsmCommandsTrigger`); empty when unknown (an
+        entry made before vod-sr logged progress, for a resend)."""
+        from include.vod_sr.script import chunk_keys
+
+        chunks = self.lane["chunks"]
+        position = next((n for n, chunk in enumerate(chunks, 1) if chunk.get("index") == entry["chunk"]), None)
+        resent = bool(entry.get("resent"))
+        files = entry.get("files")
+        if files is None and position is not None and not resent:
+            files = len(chunks[position - 1].get("files") or ())
+        if position is None or not files:
+            return {}
+        _, results_key = chunk_keys(self.lane["run_token"], entry["chunk"] + (RESEND_INDEX_BASE if resent else 0))
+        fields = {
+            "position": position,
+            "lane_chunks": len(chunks),
+            "files": files,
+            "results_bucket": self.lane["output_bucket"],
+            "results_key": results_key,
+        }
+        return {**fields, "resent": True} if resent else fields
 
     def _report_end(self, entry: dict[str, Any]) -> None:
         """Log how a chunk's command ended. The outcome is already known: a read that fails with a transient error
@@ -473,7 +515,11 @@ class RunChunksOperator(BaseOperator):
             self.defer(
                 trigger=SsmCommandsTrigger(
                     commands=[
-                        {k: e[k] for k in ("command_id", "instance_id", "deadline", "delivery_deadline")} for e in live
+                        {
+                            **{k: e[k] for k in ("command_id", "instance_id", "deadline", "delivery_deadline")},
+                            **self._progress_fields(e),
+                        }
+                        for e in live
                     ],
                     poll_interval=self.poll_interval,
                     resume_state=sent,
@@ -491,3 +537,11 @@ class RunChunksOperator(BaseOperator):
                 + "; their detail is in the log above, and the per-file results in the report"
             )
         return sent
+
+
+def _commented_file_count(comment: str) -> int | None:
+    """The file count `_send` wrote in a chunk command's comment (`... chunk 7 (10 files)`), None if absent."""
+    import re
+
+    found = re.search(r"\((\d+) files\)$", comment)
+    return int(found.group(1)) if found else None

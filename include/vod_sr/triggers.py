@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
 from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
@@ -19,6 +22,55 @@ from include.vod_sr.commands import (
     is_transient_error,
 )
 
+# Bound of one read of a chunk's results object, the client's retries included: progress must not hold up the polls.
+PROGRESS_READ_TIMEOUT = 20.0
+# Keys a command dict carries for progress lines (see `ChunkProgress.of`); a trigger serialized without them (an older
+# vod-sr) waits as before, without progress lines.
+PROGRESS_FIELDS = ("position", "lane_chunks", "files", "results_bucket", "results_key")
+_NO_RESULTS_YET = frozenset({"NoSuchKey", "404"})  # before the chunk's first file ends
+
+
+@dataclass
+class ChunkProgress:
+    """What the wait knows of one command's chunk: where its results object is, and what was last read and logged."""
+
+    label: str  # "chunk 3/20", "chunk 3/20 (sent again)"
+    files: int
+    bucket: str
+    key: str
+    etag: str | None = None  # of the last results object read: the next read asks only for a newer one
+    counts: tuple[int, int] | None = None  # files with a result, of which failed; None: not read yet
+    logged: tuple[int, int] = (0, 0)
+    errors_logged: set[str] = field(default_factory=set)
+
+    @classmethod
+    def of(cls, command: Mapping[str, Any]) -> ChunkProgress | None:
+        try:
+            position, lane_chunks, files, bucket, key = (command[name] for name in PROGRESS_FIELDS)
+            label = f"chunk {int(position)}/{int(lane_chunks)}" + (" (sent again)" if command.get("resent") else "")
+            return cls(label, int(files), str(bucket), str(key))
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    def line(self, instance_id: str) -> str:
+        done, failed = self.counts or (0, 0)
+        return f"{self.label} on {instance_id}: {done}/{self.files} files done" + (
+            f" ({failed} failed)" if failed else ""
+        )
+
+
+def _error_code(error: BaseException) -> str:
+    if isinstance(error, ClientError):
+        return str(error.response.get("Error", {}).get("Code") or "")
+    return type(error).__name__
+
+
+def _not_modified(error: BaseException) -> bool:
+    return isinstance(error, ClientError) and (
+        error.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 304
+        or _error_code(error) in ("304", "NotModified")
+    )
+
 
 class SsmCommandsTrigger(BaseTrigger):
     """Fires as soon as one of `commands` has ended or passed a bound, listing every command that has.
@@ -27,6 +79,14 @@ class SsmCommandsTrigger(BaseTrigger):
     Polling costs one GetCommandInvocation per command still running each `poll_interval`, whatever the number of
     files those commands process. Bounds are absolute epoch times, so a triggerer restart does not extend them.
 
+    While a chunk runs, each poll also reads its results object (rewritten by the chunk's script as each file ends) and
+    logs, whenever the count moved, `chunk 3/20 on i-0abc: 7/10 files done (1 failed)`; when its command ends, the
+    final count, with the outcome. One GetObject per live command per poll, conditional on the ETag last read
+    (IfNoneMatch: an unchanged object answers 304, no body). Progress is only for the log: a read that fails (no
+    object before the first file ends, throttling, a denial, a timeout, anything) is logged once per command and
+    error code, at debug level for a missing object and warning otherwise, and never fails or ends the wait. A command
+    dict without the progress fields (a trigger serialized by an older vod-sr) is waited on without progress lines.
+
     A poll that fails with a transient error (throttling, a 5xx, a dropped connection or a timeout, after the
     client's own retries) leaves its command pending: it is logged, counted per command in the event's
     `transient_errors`, and polled again until the command's deadline. Failing the wait would fail the task, and its
@@ -34,7 +94,9 @@ class SsmCommandsTrigger(BaseTrigger):
     ends the wait at once with an event of status "error" and a message saying why.
 
     :param commands: dicts with `command_id`, `instance_id`, `deadline` (epoch seconds after which the wait gives
-        up: outcome "timeout") and `delivery_deadline` (by which SSM must list the invocation: "undelivered").
+        up: outcome "timeout") and `delivery_deadline` (by which SSM must list the invocation: "undelivered");
+        optionally, for progress lines, `position` (the chunk's 1-based place in its lane), `lane_chunks`, `files`
+        (files the command processes), `results_bucket`, `results_key` and `resent` (a chunk sent again).
     :param poll_interval: seconds between polls.
     :param resume_state: returned untouched in the event, for the deferring task to continue where it left off
         (dag.test() in Airflow 3.3 drops `defer(kwargs=...)`, so the state travels with the trigger).
@@ -75,6 +137,72 @@ class SsmCommandsTrigger(BaseTrigger):
 
         return SsmHook(aws_conn_id=self.aws_conn_id, region_name=self.region_name, config=POLL_CONFIG)
 
+    def s3_hook(self) -> Any:
+        """The hook of the S3 client that reads the chunks' results objects (progress lines only)."""
+        from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
+
+        return AwsBaseHook(
+            aws_conn_id=self.aws_conn_id, region_name=self.region_name, client_type="s3", config=POLL_CONFIG
+        )
+
+    async def _s3_client(self, stack: AsyncExitStack) -> Any:
+        """An async S3 client for progress, closed with `stack`; None (and a warning) if it cannot be made."""
+        try:
+            return await stack.enter_async_context(await self.s3_hook().get_async_conn())
+        except Exception as error:
+            self.log.warning(
+                "Cannot make an S3 client to read the chunks' progress (%s); waiting without progress lines",
+                describe_error(error),
+            )
+            return None
+
+    async def _get_results(self, s3: Any, progress: ChunkProgress) -> tuple[str | None, str]:
+        request = {"Bucket": progress.bucket, "Key": progress.key}
+        if progress.etag:
+            request["IfNoneMatch"] = progress.etag
+        response = await s3.get_object(**request)
+        async with response["Body"] as body:
+            data = await body.read()
+        return response.get("ETag"), data.decode("utf-8", errors="replace")
+
+    async def _progress(
+        self, s3: Any, command: Mapping[str, Any], progress: ChunkProgress | None, ended: str | None = None
+    ) -> None:
+        """Read `command`'s results object (one conditional GetObject) and log its count if it moved, or, once the
+        command has `ended` (its outcome), the final count. Never raises: progress is only for the log."""
+        if s3 is None or progress is None:
+            return
+        try:
+            etag, text = await asyncio.wait_for(self._get_results(s3, progress), PROGRESS_READ_TIMEOUT)
+        except Exception as error:
+            if not _not_modified(error):
+                code = _error_code(error) or "error"
+                if code in _NO_RESULTS_YET and progress.counts is None:
+                    progress.counts = (0, 0)  # no file has ended yet
+                if code not in progress.errors_logged:
+                    progress.errors_logged.add(code)
+                    self.log.log(
+                        logging.DEBUG if code in _NO_RESULTS_YET else logging.WARNING,
+                        "Cannot read the progress of %s on %s from s3://%s/%s (%s); the wait goes on",
+                        progress.label,
+                        command["instance_id"],
+                        progress.bucket,
+                        progress.key,
+                        describe_error(error) if not isinstance(error, TimeoutError) else "no answer in time",
+                    )
+        else:
+            from include.vod_sr.script import parse_result_lines
+
+            results = parse_result_lines(text)
+            progress.etag = etag
+            progress.counts = (len(results), sum(result["status"] != "ok" for result in results.values()))
+        if ended is not None:
+            if progress.counts is not None:
+                self.log.info("%s; its command ended (%s)", progress.line(command["instance_id"]), ended)
+        elif progress.counts is not None and progress.counts != progress.logged:
+            progress.logged = progress.counts
+            self.log.info("%s", progress.line(command["instance_id"]))
+
     async def _status(self, client: Any, command: dict[str, Any]) -> str | None:
         try:
             invocation = await client.get_command_invocation(
@@ -88,10 +216,14 @@ class SsmCommandsTrigger(BaseTrigger):
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         transient_errors = {command["command_id"]: 0 for command in self.commands}
-        async with await self.hook().get_async_conn() as client:
+        progress = {command["command_id"]: ChunkProgress.of(command) for command in self.commands}
+        async with AsyncExitStack() as stack:
+            client = await stack.enter_async_context(await self.hook().get_async_conn())
+            s3 = await self._s3_client(stack) if any(progress.values()) else None
             while True:
                 ended = []
                 for command in self.commands:
+                    ended_before = len(ended)
                     try:
                         status = await self._status(client, command)
                     except Exception as error:
@@ -119,22 +251,29 @@ class SsmCommandsTrigger(BaseTrigger):
                         )
                         if time.time() > command["deadline"]:
                             ended.append({**command, "outcome": "timeout", "invocation_status": None})
-                        continue
-                    outcome = invocation_outcome(status)
-                    now = time.time()
-                    if outcome is not Outcome.PENDING:
-                        ended.append({**command, "outcome": outcome.value, "invocation_status": status})
-                    elif status is None and now > command["delivery_deadline"]:
-                        ended.append({**command, "outcome": "undelivered", "invocation_status": None})
-                    elif now > command["deadline"]:
-                        ended.append({**command, "outcome": "timeout", "invocation_status": status})
                     else:
-                        self.log.info(
-                            "SSM command %s on %s: %s",
-                            command["command_id"],
-                            command["instance_id"],
-                            status or "not listed yet",
-                        )
+                        outcome = invocation_outcome(status)
+                        now = time.time()
+                        if outcome is not Outcome.PENDING:
+                            ended.append({**command, "outcome": outcome.value, "invocation_status": status})
+                        elif status is None and now > command["delivery_deadline"]:
+                            ended.append({**command, "outcome": "undelivered", "invocation_status": None})
+                        elif now > command["deadline"]:
+                            ended.append({**command, "outcome": "timeout", "invocation_status": status})
+                        else:
+                            self.log.info(
+                                "SSM command %s on %s: %s",
+                                command["command_id"],
+                                command["instance_id"],
+                                status or "not listed yet",
+                            )
+                    # After the status: a command seen ended has stored its last result.
+                    await self._progress(
+                        s3,
+                        command,
+                        progress[command["command_id"]],
+                        ended[-1]["outcome"] if len(ended) > ended_before else None,
+                    )
                 if ended:
                     yield TriggerEvent(
                         {

@@ -151,6 +151,8 @@ class TestAFailedRun:
         task_log = caplog.text + logs.out + logs.err
         assert f"(all of it: s3://{OUTPUT_BUCKET}/{chunk_stderr})" in task_log  # run_chunks' log of the chunk
         assert f"whole output of the run's SSM commands: s3://{OUTPUT_BUCKET}/{prefix}" in task_log  # the report
+        # The deferred wait's progress line for the two-file chunk, with its final count.
+        assert f"chunk 1/1 on {world.instance_id}: 2/2 files done (1 failed); its command ended (failed)" in task_log
 
 
 class TestInstallCliOnTheEmulatedInstance:
