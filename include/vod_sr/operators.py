@@ -19,13 +19,6 @@ TRANSIENT_ERRORS_XCOM_KEY = "transient_aws_errors"
 RESEND_INDEX_BASE = 100_000
 
 
-def lane_label(lane: Mapping[str, Any]) -> str:
-    """A lane as a person reads it, for the mapped task's label (`map_index_template="{{ lane_label }}"`):
-    `i-0abc... (12 files)`."""
-    files = sum(len(chunk.get("files") or ()) for chunk in lane.get("chunks") or ())
-    return f"{lane.get('instance_id', '?')} ({files} files)"
-
-
 class RunChunksOperator(BaseOperator):
     """Run one instance's chunks, one SSM command per chunk, waiting deferred (no worker slot held).
 
@@ -101,6 +94,8 @@ class RunChunksOperator(BaseOperator):
         return aws_client("ec2", self.aws_conn_id)
 
     def execute(self, context: Any) -> list[dict[str, Any]]:
+        from include.vod_sr.plan import lane_label
+
         context["lane_label"] = lane_label(self.lane)
         return self._advance(context, self._reattach())
 
@@ -328,6 +323,8 @@ class RunChunksOperator(BaseOperator):
             or not isinstance(event.get("resume_state"), list)
         ):
             raise AirflowException(f"unexpected trigger event: {event!r}")
+        from include.vod_sr.plan import lane_label
+
         context["lane_label"] = lane_label(self.lane)
         sent: list[dict[str, Any]] = event["resume_state"]
         self._sent = sent

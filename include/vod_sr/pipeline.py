@@ -55,9 +55,14 @@ def vod_sr_dag(
     return dag
 
 
-def _name_lane(label: str) -> None:
-    """Name the running mapped task in the UI by its lane (the tasks' map_index_template reads `lane_label`)."""
-    get_current_context()["lane_label"] = label  # type: ignore[typeddict-unknown-key]
+def _name_lane(lane: dict[str, Any] | None = None, *, label: str = "") -> str:
+    """Name the running mapped task in the UI by its lane, or by a `label` made from it (the tasks'
+    map_index_template reads `lane_label`); returns the name."""
+    from include.vod_sr.plan import lane_label
+
+    name = lane_label(lane) if lane is not None else label
+    get_current_context()["lane_label"] = name  # type: ignore[typeddict-unknown-key]
+    return name
 
 
 def _wire(settings: Settings, selection: Selection) -> None:
@@ -132,7 +137,7 @@ def _wire(settings: Settings, selection: Selection) -> None:
         def acquire(lane: dict[str, Any]) -> dict[str, str]:
             """Take a lease on the instance and start it if stopped. Capacity errors are retried with backoff; errors
             no retry fixes (a permission missing, an unknown instance) fail at once, naming the error."""
-            _name_lane(lane.get("label", ""))
+            label = _name_lane(lane)
             from airflow.sdk.exceptions import AirflowFailException
 
             from include.vod_sr.aws import aws_client
@@ -150,7 +155,7 @@ def _wire(settings: Settings, selection: Selection) -> None:
                 )
             except InstanceUnusable as error:
                 raise AirflowFailException(str(error)) from None
-            return {"instance_id": instance_id, "lease_id": lease_id, "label": lane.get("label", instance_id)}
+            return {"instance_id": instance_id, "lease_id": lease_id, "label": label}
 
         @task.sensor(
             poke_interval=settings.poll_interval,
@@ -161,7 +166,7 @@ def _wire(settings: Settings, selection: Selection) -> None:
         def wait_for_agent(acquired: dict[str, str]) -> PokeReturnValue:
             """Done when EC2 reports running and the SSM agent reports Online. An instance stopped under this run
             (another run's release) is started again, within this wait's bound."""
-            _name_lane(acquired.get("label", ""))
+            _name_lane(label=acquired.get("label", ""))
             from airflow.sdk.exceptions import AirflowFailException
 
             from include.vod_sr.aws import aws_client
@@ -182,7 +187,7 @@ def _wire(settings: Settings, selection: Selection) -> None:
         def install_cli(acquired: dict[str, str]) -> None:
             """Install the AWS CLI on the instance unless `aws --version` already works there (with
             VOD_SR_SKIP_CLI_INSTALL, only check that it does). A retry first cancels the earlier try's command."""
-            _name_lane(acquired.get("label", ""))
+            _name_lane(label=acquired.get("label", ""))
             from include.vod_sr.aws import aws_client
             from include.vod_sr.commands import run_and_wait
             from include.vod_sr.instance import command_comment, refresh_lease
@@ -223,7 +228,7 @@ def _wire(settings: Settings, selection: Selection) -> None:
         @task(trigger_rule="all_done", **by_lane)
         def verify(lane: dict[str, Any]) -> dict[str, Any]:
             """Check each output: exists, non-empty, written by this run, the size the instance reported."""
-            _name_lane(lane.get("label", ""))
+            _name_lane(lane)
             from include.vod_sr.aws import aws_client
             from include.vod_sr.catalog import SrModel
             from include.vod_sr.plan import Chunk
@@ -246,7 +251,7 @@ def _wire(settings: Settings, selection: Selection) -> None:
         def release(acquired: dict[str, str], lane: dict[str, Any]) -> str:
             """Drop this run's lease; stop the instance unless another vod-sr run's lease or command still uses it.
             The outcome goes to XCom "release" for the report, which says when and why an instance was left up."""
-            _name_lane(lane.get("label", ""))
+            _name_lane(lane)
             from airflow.sdk.exceptions import AirflowFailException
 
             from include.vod_sr.aws import aws_client

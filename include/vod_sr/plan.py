@@ -209,8 +209,7 @@ class BatchPlan:
                 **shared,
                 "instance_id": i,
                 "chunks": chunks,
-                # The lane's name in the UI (its tasks' map_index_template)
-                "label": f"{i} ({sum(len(c['files']) for c in chunks)} files)",
+                "label": lane_label({"instance_id": i, "chunks": chunks}),
             }
             for i, chunks in by_instance.items()
         ]
@@ -233,6 +232,12 @@ class BatchPlan:
             "skipped": [f.to_xcom() for f in self.skipped],
             "modified_window": [t.isoformat() for t in self.request.modified_window or ()] or None,
         }
+
+
+def lane_label(lane: Mapping[str, Any]) -> str:
+    """A lane as a person reads it, its mapped tasks' name in the UI (map_index_template): `i-0abc... (12 files)`."""
+    files = sum(len(chunk.get("files") or ()) for chunk in lane.get("chunks") or ())
+    return f"{lane.get('instance_id', '?')} ({files} files)"
 
 
 def run_token(dag_id: str, run_id: str) -> str:

@@ -86,9 +86,12 @@ STYLE = """
  .bar { background: #e2e8f0; border-radius: .3rem; height: .7rem; width: 14rem; overflow: hidden;
         display: inline-block; }
  .bar span { display: block; height: 100%; background: #2b6cb0; }
- .qc img { width: 16rem; height: auto; display: block; border: 1px solid #e2e8f0; }
- .muted { color: #718096; } .key { font-family: ui-monospace, monospace; word-break: break-all; }
- a.button { background: #2b4c7e; color: white; padding: .4rem .9rem; border-radius: .3rem; text-decoration: none; }
+ .qc img { width: 18rem; height: auto; display: block; border: 1px solid #e2e8f0; }
+ .muted { color: #718096; }
+ .key { font-family: ui-monospace, monospace; font-size: .8rem; overflow-wrap: anywhere; min-width: 12rem; }
+ .links { display: flex; gap: 1rem; align-items: center; flex-wrap: wrap; margin: 1rem 0; }
+ a.button { background: #2b4c7e; color: white; padding: .4rem .9rem; border-radius: .3rem; text-decoration: none;
+            white-space: nowrap; }
 """
 
 
@@ -207,12 +210,12 @@ def _file_rows(files: Iterable[Mapping[str, Any]], run_link: str) -> str:
         rows.append(
             f"<tr data-index='{index}' data-status='{_e(status)}'><td class='num'>{index}</td>"
             f"<td><span class='status {_e(status)}'>{_e(status)}</span></td>"
-            f"<td class='key'>{_e(record.get('source'))}</td><td class='key'>{output}</td>"
+            f"<td class='qc'>{qc}</td>"
+            f"<td class='key'>{_e(record.get('source'))}<br>&rarr; {output}</td>"
             f"<td>{_e(record.get('reason'))}</td>"
             f"<td>{_media(record.get('source_media'))}</td><td>{_media(record.get('output_media'))}</td>"
             f"<td class='num'>{int(record.get('bytes') or 0):,}</td>"
-            f"<td class='num'>{'' if sr_seconds is None else _e(sr_seconds)}</td>"
-            f"<td class='qc'>{qc}</td></tr>"
+            f"<td class='num'>{'' if sr_seconds is None else _e(sr_seconds)}</td></tr>"
         )
     return "".join(rows)
 
@@ -259,7 +262,7 @@ def render_run_page(
                 f"<a id='rerun' class='button' href='{_e(href)}'>"
                 f"Re-run the {counts.get('failed', 0)} failed file(s)</a>"
             )
-        parts.append("<p>" + " &nbsp; ".join(links) + "</p>")
+        parts.append("<div class='links'>" + "".join(links) + "</div>")
         parts.append(_cost_section(report.get("cost"), report.get("instance_seconds")))
         left = report.get("instances_left_running") or {}
         if left:
@@ -269,9 +272,9 @@ def render_run_page(
                 + "</ul>"
             )
         parts.append(
-            "<h2>Files</h2><table id='files'><tr><th>#</th><th>status</th><th>source</th><th>output</th>"
-            "<th>reason</th><th>source video</th><th>output video</th><th>bytes</th><th>SR s</th>"
-            "<th>QC: source upscaled plainly | SR output</th></tr>"
+            "<h2>Files</h2><table id='files'><tr><th>#</th><th>status</th>"
+            "<th>QC frame: source upscaled plainly | SR output</th><th>source &rarr; output</th>"
+            "<th>reason</th><th>source video</th><th>output video</th><th>bytes</th><th>SR seconds</th></tr>"
             + _file_rows(report.get("files") or [], run_link)
             + "</table>"
         )

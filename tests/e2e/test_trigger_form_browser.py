@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 import urllib.parse
@@ -235,3 +236,112 @@ class TestPrefilledLink:
 
         page.get_by_text("lowercase letters, digits, dots and hyphens", exact=False).first.wait_for()
         assert "/runs/" not in page.url
+
+
+def tab_frame(page: Any) -> Any:
+    """The vod-sr page inside the UI's plugin tab (a sandboxed iframe titled with the view's name)."""
+    frame_element = page.wait_for_selector("iframe[title='Super-resolution']")
+    frame = frame_element.content_frame()
+    assert frame is not None
+    return frame
+
+
+class TestRunTab:
+    """The run's Super-resolution tab: a run with one good and one broken file, followed in the tab from the moment
+    it is triggered until its report is shown, as an operator sees it in the UI."""
+
+    @pytest.fixture(scope="class")
+    def failed_run(self, airflow, sources, emulator) -> dict[str, Any]:
+        s3 = boto_client("s3", emulator.endpoint_url)
+        broken = "browser/tab/broken, not a video.mp4"
+        s3.put_object(Bucket=SOURCE_BUCKET, Key=broken, Body=b"this is not a video")
+        good = sources["key"]
+        conf = {"sources": [good, broken], "prefixes": [], "manifest": None, "model": "cpu", "overwrite": True}
+        return {"run_id": airflow.trigger(conf), "good": good, "broken": broken}
+
+    def test_the_tab_follows_the_run_then_shows_rows_cost_qc_frames_and_a_rerun_link(
+        self, page, airflow, failed_run, sources
+    ):
+        run_id = failed_run["run_id"]
+        quoted = urllib.parse.quote(run_id, safe="")
+        page.goto(f"http://127.0.0.1:{airflow.port}/dags/{DAG_ID}/runs/{quoted}/plugin/super-resolution")
+        frame = tab_frame(page)
+        # The page refreshes itself while the run goes: the report's table appears without a reload by the test.
+        frame.wait_for_selector("#files", timeout=300_000)
+        assert airflow.wait_for_run(run_id, 60) == "failed", airflow.task_states(run_id)
+        page.reload()  # the UI's own header polls the run's state on its own schedule: show it ended
+        frame = tab_frame(page)
+        frame.wait_for_selector("#files")
+
+        rows = frame.eval_on_selector_all("#files tr[data-index]", "rows => rows.map(r => r.dataset.status)")
+        assert rows == ["ok", "failed"]
+        text = frame.inner_text("body")
+        assert sources["key"] in text and failed_run["broken"] in text
+        assert "320x240" in text and "640x480" in text  # the source and its 2x output, as measured on the instance
+        assert re.search(r"estimated cost: \d+\.\d\d USD", text), text  # g6e.xlarge at the default rate
+        assert "g6e.xlarge" in text
+        # Loaded from the API server (which reads them from S3): a broken image has naturalWidth 0.
+        frame.wait_for_function(
+            "() => [...document.querySelectorAll('#files img')].every(i => i.complete && i.naturalWidth > 0)"
+        )
+        assert frame.locator("#files img").count() == 1  # the good file's QC frame; the broken one has none
+        width = frame.eval_on_selector("#files img", "i => i.naturalWidth")
+        assert width == 2 * 640  # source upscaled plainly beside the SR output, each 640 px (1:1 crop of 640x480)
+        page.screenshot(path=str(ARTIFACTS / "run-tab.png"), full_page=True)
+
+        frame.click("#rerun")  # the pre-filled trigger page opens in the tab, with only the failed file
+        frame.wait_for_selector("#conf")
+        conf = json.loads(frame.input_value("#conf"))
+        assert conf["sources"] == [f"s3://{SOURCE_BUCKET}/{failed_run['broken']}"] and conf["overwrite"] is True
+
+    def test_the_json_report_link_serves_the_report(self, page, airflow, failed_run):
+        airflow.wait_for_run(failed_run["run_id"], 300)
+        quoted = urllib.parse.quote(failed_run["run_id"], safe="")
+        response = page.request.get(f"http://127.0.0.1:{airflow.port}/vod-sr/dags/{DAG_ID}/runs/{quoted}/report.json")
+
+        assert response.status == 200 and response.json()["counts"] == {"ok": 1, "failed": 1}
+
+    def test_the_dag_tab_lists_runs_with_their_counts(self, page, airflow, failed_run):
+        airflow.wait_for_run(failed_run["run_id"], 300)
+        page.goto(f"http://127.0.0.1:{airflow.port}/dags/{DAG_ID}/plugin/super-resolution-runs")
+        frame = page.wait_for_selector("iframe[title='Super-resolution runs']").content_frame()
+        frame.wait_for_selector("#runs")
+
+        row = frame.locator("#runs tr", has_text=failed_run["run_id"])
+        assert "failed" in row.inner_text() and re.search(r"\d+\.\d\d USD", row.inner_text())
+        page.screenshot(path=str(ARTIFACTS / "run-history-tab.png"), full_page=True)
+
+    def test_a_report_of_1000_files_opens_in_the_tab(self, page, airflow, failed_run, emulator, figures):
+        """Load time of a big run's tab, measured in the browser (recorded, not asserted: a figure for the notes).
+        The run's report is replaced by one of 1,000 files for the test and put back after it."""
+        from include.vod_sr.plan import run_token
+        from include.vod_sr.report import REPORT_PREFIX
+
+        airflow.wait_for_run(failed_run["run_id"], 300)
+        s3 = boto_client("s3", emulator.endpoint_url)
+        key = f"{REPORT_PREFIX}{run_token(DAG_ID, failed_run['run_id'])}.json"
+        original = s3.get_object(Bucket=OUTPUT_BUCKET, Key=key)["Body"].read()
+        report = json.loads(original)
+        good = next(r for r in report["files"] if r["status"] == "ok")
+        report["files"] = [{**good, "index": n, "source": f"{good['source']}-{n}"} for n in range(1000)]
+        report["counts"] = {"ok": 1000}
+        s3.put_object(Bucket=OUTPUT_BUCKET, Key=key, Body=json.dumps(report).encode())
+        try:
+            quoted = urllib.parse.quote(failed_run["run_id"], safe="")
+            started = time.perf_counter()
+            page.goto(f"http://127.0.0.1:{airflow.port}/vod-sr/dags/{DAG_ID}/runs/{quoted}", wait_until="load")
+            loaded = time.perf_counter() - started
+            timing = page.evaluate(
+                "() => { const n = performance.getEntriesByType('navigation')[0];"
+                " return {response: n.responseEnd, load: n.loadEventEnd, bytes: n.transferSize}; }"
+            )
+
+            assert page.locator("#files tr[data-index]").count() == 1000
+            figures["run_tab_1000_files"] = {
+                "load_seconds": round(loaded, 2),
+                "server_response_seconds": round(timing["response"] / 1000, 2),
+                "load_event_seconds": round(timing["load"] / 1000, 2),
+                "page_bytes": timing["bytes"],
+            }
+        finally:
+            s3.put_object(Bucket=OUTPUT_BUCKET, Key=key, Body=original)

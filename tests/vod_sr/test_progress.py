@@ -20,7 +20,8 @@ from botocore.exceptions import ClientError
 
 from include.local_aws.world import boto_client
 from include.vod_sr.commands import send_command
-from include.vod_sr.operators import RESEND_INDEX_BASE, RunChunksOperator, lane_label
+from include.vod_sr.operators import RESEND_INDEX_BASE, RunChunksOperator
+from include.vod_sr.plan import lane_label
 from include.vod_sr.script import chunk_keys
 from include.vod_sr.triggers import ChunkProgress, SsmCommandsTrigger
 from tests.vod_sr.test_commands import StubAsyncSsm, aws_error
