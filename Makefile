@@ -47,9 +47,9 @@ test: install browser services
 test-fast: install  ## unit and DAG tests only, no emulator runs
 	$(BIN)/python -m pytest -m "not e2e and not fullstack and not services"
 
-screenshots: install browser  ## docs/trigger-form.png, taken by the browser test from the real form
-	$(BIN)/python -m pytest -q tests/e2e/test_trigger_form_browser.py -k form_opens
-	mkdir -p docs && cp test-artifacts/trigger-form.png docs/trigger-form.png
+screenshots: install browser services  ## docs/trigger-form.png and docs/run-tab.png, taken by the browser tests
+	$(BIN)/python -m pytest -q tests/e2e/test_trigger_form_browser.py -k "form_opens or the_tab_follows_the_run"
+	mkdir -p docs && cp test-artifacts/trigger-form.png docs/trigger-form.png && cp test-artifacts/run-tab.png docs/run-tab.png
 
 bench: install services
 	$(BIN)/python -m scripts.bench
