@@ -9,7 +9,10 @@ unchanged.
 Control endpoints, for tests and benchmarks:
     GET  /_local_aws/calls            every AWS call served: [{"service", "action", "time", "caller", "user_agent",
                                       and for S3 "bucket", "key", "query" (parameter names), else "params"}]
-    GET  /_local_aws/timeline         per instance: running intervals and command runs (wall-clock seconds)
+    GET  /_local_aws/timeline         per instance (wall-clock seconds): {"running": [[start, stop], ...],
+                                      "commands": [{"comment", "status", "start", "end"}, ...], "gpus": N (its
+                                      type's), "gpu_busy": {"<GPU>": [[start, end], ...]} (each model ffmpeg run, by
+                                      the CUDA_VISIBLE_DEVICES it ran with; see gpus.py)}
     POST /_local_aws/calls/reset      forget the recorded calls
     POST /_local_aws/faults           change timing and faults (see faults.py)
     POST /_local_aws/s3/last-modified {"bucket", "key", "last_modified": ISO 8601}: date an object as if uploaded then
@@ -35,8 +38,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
-from include.local_aws.ec2_lifecycle import Ec2Error, Ec2Lifecycle
+from include.local_aws.ec2_lifecycle import Ec2Error, Ec2Lifecycle, find_instance
 from include.local_aws.faults import DENIED_ERRORS, INVOCATION_READ_ERRORS, FaultPlan, InstanceFaults
+from include.local_aws.gpus import gpu_count
 from include.local_aws.ssm_agent import SsmAgent, SsmError
 
 # Not secrets: moto accepts any credentials, and botocore and the AWS CLI refuse to sign without some.
@@ -269,13 +273,18 @@ class Extension:
                 return self._json(start_response, "200 OK", list(self.calls))
         if path == "/_local_aws/timeline" and method == "GET":
             assert self.agent is not None
-            commands = self.agent.timeline()
-            instances = set(commands) | set(self.lifecycle.running_intervals)
+            commands, gpu_busy = self.agent.timeline(), self.agent.gpu_busy()
+            instances = set(commands) | set(self.lifecycle.running_intervals) | set(gpu_busy)
             return self._json(
                 start_response,
                 "200 OK",
                 {
-                    i: {"running": self.lifecycle.running_intervals.get(i, []), "commands": commands.get(i, [])}
+                    i: {
+                        "running": self.lifecycle.running_intervals.get(i, []),
+                        "commands": commands.get(i, []),
+                        "gpus": gpu_count(getattr(find_instance(i), "instance_type", None)),
+                        "gpu_busy": gpu_busy.get(i, {}),
+                    }
                     for i in sorted(instances)
                 },
             )

@@ -4,7 +4,9 @@ moto marks every command "Success" at once without running it. Here `AWS-RunShel
 `/bin/sh` (as the real agent does) in a per-instance sandbox directory, in the background, with the real exit
 code, stdout and stderr, `executionTimeout` enforced, cancellation, and delivery only while the instance's agent
 is Online. The `aws` CLI inside the scripts reaches the emulator through the environment the agent sets, the way
-an instance profile gives the real CLI its credentials: nothing is put into the script.
+an instance profile gives the real CLI its credentials: nothing is put into the script. First in each command's PATH
+come the instance's stand-in `nvidia-smi` (listing the GPUs of its instance type) and `ffmpeg` (the real one, timed
+per GPU for the timeline): see gpus.py.
 
 When SendCommand names `OutputS3BucketName`, the agent copies each invocation's whole stdout and stderr there when it
 ends, at the real agent's key layout (`ssm_output_key`), and GetCommandInvocation gives their addresses in
@@ -16,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import posixpath
+import shutil
 import signal
 import subprocess
 import threading
@@ -28,6 +31,7 @@ from typing import Any
 
 from include.local_aws.ec2_lifecycle import Ec2Lifecycle, find_instance
 from include.local_aws.faults import FaultPlan
+from include.local_aws.gpus import install_stand_ins, read_gpu_busy
 
 STDOUT_LIMIT = 24_000  # GetCommandInvocation's limits
 STDERR_LIMIT = 8_000
@@ -149,6 +153,7 @@ class SsmAgent:
         self._faults = faults
         self._lifecycle = lifecycle
         self._agent_env = agent_env
+        self._real_ffmpeg = shutil.which("ffmpeg", path=agent_env.get("PATH")) or "ffmpeg"
         self._lock = threading.RLock()
         self._commands: dict[str, Command] = {}
         self._stop = threading.Event()
@@ -306,6 +311,15 @@ class SsmAgent:
                         )
             return runs
 
+    def gpu_busy(self) -> dict[str, dict[str, list[list[float]]]]:
+        """Per instance, per GPU (the CUDA_VISIBLE_DEVICES of the run), when a model's ffmpeg ran: [[start, end], ...]
+        in wall-clock seconds (see gpus.py)."""
+        instances = self._root / "instances"
+        if not instances.is_dir():
+            return {}
+        busy = {sandbox.name: read_gpu_busy(sandbox) for sandbox in sorted(instances.iterdir())}
+        return {instance_id: gpus for instance_id, gpus in busy.items() if gpus}
+
     # --- the agent -----------------------------------------------------------------------------------------
 
     def instance_stopping(self, instance_id: str) -> None:
@@ -353,8 +367,12 @@ class SsmAgent:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "_script.sh").write_text(invocation.commands + "\n")
         instance = find_instance(invocation.instance_id)
+        stand_ins = install_stand_ins(
+            sandbox, invocation.instance_id, getattr(instance, "instance_type", None), self._real_ffmpeg
+        )
         env = {
             **self._agent_env,
+            "PATH": f"{stand_ins}:{self._agent_env.get('PATH', '/usr/bin:/bin')}",
             "HOME": str(sandbox / "home"),
             "TMPDIR": str(sandbox / "tmp"),
             "AWS_DEFAULT_REGION": instance.region_name if instance is not None else "us-east-1",

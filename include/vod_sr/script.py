@@ -90,22 +90,27 @@ aws --version
 """
 
 
-def install_cli_script(lock_wait: int = APT_LOCK_WAIT, retry_delay: int = APT_RETRY_DELAY) -> str:
+def install_cli_script(
+    lock_wait: int = APT_LOCK_WAIT, retry_delay: int = APT_RETRY_DELAY, *, count_gpus: bool = False
+) -> str:
     """The script install_cli sends: AWS CLI v2 the seed's way, unless `aws --version` already works.
 
     apt runs only when `unzip` or `curl` is missing. It waits up to `lock_wait` seconds in all for apt's locks
     (trying again every `retry_delay` seconds), then fails saying which process holds them; keep `lock_wait` below
     the command's execution timeout so that message, not SSM's kill, ends the wait. A dpkg run that an earlier,
     cancelled attempt interrupted is finished first (`dpkg --configure -a`).
+
+    `count_gpus`: first print the instance's GPU count (`gpu_count_script`, read by `parse_gpu_count`), before the
+    install (which ends the script early when the CLI is already there).
     """
-    return f"set -euo pipefail\nlock_wait={int(lock_wait)}\nretry_delay={int(retry_delay)}{_INSTALL_CLI_BODY}"
+    count = _GPU_COUNT_BODY if count_gpus else ""
+    return f"set -euo pipefail\n{count}lock_wait={int(lock_wait)}\nretry_delay={int(retry_delay)}{_INSTALL_CLI_BODY}"
 
 
 INSTALL_CLI_SCRIPT = install_cli_script()
 
 # install_cli with VOD_SR_SKIP_CLI_INSTALL: the AMI has the CLI baked in; only check that it runs.
-CHECK_CLI_SCRIPT = """\
-set -euo pipefail
+_CHECK_CLI_BODY = """\
 if ! command -v aws >/dev/null 2>&1; then
     echo "vod-sr: no AWS CLI on this instance's PATH, and VOD_SR_SKIP_CLI_INSTALL=true tells vod-sr not to install" \\
         "it: bake the AWS CLI into the AMI, or set VOD_SR_SKIP_CLI_INSTALL=false" >&2
@@ -113,6 +118,61 @@ if ! command -v aws >/dev/null 2>&1; then
 fi
 aws --version
 """
+
+
+def check_cli_script(*, count_gpus: bool = False) -> str:
+    """install_cli's script with VOD_SR_SKIP_CLI_INSTALL; `count_gpus` as in `install_cli_script`."""
+    return f"set -euo pipefail\n{_GPU_COUNT_BODY if count_gpus else ''}{_CHECK_CLI_BODY}"
+
+
+CHECK_CLI_SCRIPT = check_cli_script()
+
+
+GPU_COUNT_MARKER = "vod-sr: gpus="
+_GPU_COUNT_LINE = re.compile(r"^vod-sr: gpus=([0-9]+)\s*$", re.MULTILINE)
+
+# Counts the instance's GPUs as `nvidia-smi -L` lists them ("GPU 0: NVIDIA L40S (UUID: GPU-...)"; MIG devices are
+# indented under their GPU) and prints `vod-sr: gpus=N`. No GPU (no nvidia-smi, no driver, an empty list) prints
+# gpus=1 and a warning: a CPU-only instance still runs one stream. Runs under `set -euo pipefail` and never fails.
+_GPU_COUNT_BODY = """\
+gpus=0
+if command -v nvidia-smi >/dev/null 2>&1; then
+    why="nvidia-smi -L lists no GPU"
+    gpu_list=$(timeout 60 nvidia-smi -L 2>&1) || why="nvidia-smi -L failed: $(head -n 1 <<<"$gpu_list")"
+    gpus=$(grep -c '^GPU ' <<<"$gpu_list" || true)
+else
+    why="no nvidia-smi on this instance's PATH"
+fi
+if [ "${gpus:-0}" -lt 1 ]; then
+    echo "vod-sr: warning: $why; counting 1 slot (a CPU-only instance still runs one stream)" >&2
+    gpus=1
+fi
+echo "vod-sr: gpus=$gpus"
+"""
+
+
+def gpu_count_script() -> str:
+    """A script that prints the instance's GPU count as `vod-sr: gpus=N` (N >= 1; read it with `parse_gpu_count`).
+
+    Counts the lines of `nvidia-smi -L` that start with `GPU `. Without nvidia-smi, or when it fails or lists none,
+    it prints `gpus=1` and a warning on stderr: a CPU-only instance still runs one stream. It always exits 0. To count
+    in the same command as install_cli, pass `count_gpus=True` to `install_cli_script` or `check_cli_script`.
+    """
+    return f"set -euo pipefail\n{_GPU_COUNT_BODY}"
+
+
+GPU_COUNT_SCRIPT = gpu_count_script()
+
+
+def parse_gpu_count(stdout: str) -> int:
+    """The GPU count a command's output gives in its `vod-sr: gpus=N` line (the last one, if several; at least 1).
+
+    Raises ValueError when there is none: a script that does not count them, or output cut before the line.
+    """
+    counts = _GPU_COUNT_LINE.findall(stdout)
+    if not counts:
+        raise ValueError(f"no {GPU_COUNT_MARKER}N line in the command's output: {stdout[-300:]!r}")
+    return max(1, int(counts[-1]))
 
 
 def as_run_shell_command(body: str) -> str:
@@ -157,9 +217,18 @@ def render_sr_script(
     files_uri: str,
     results_uri: str,
     limits: ChunkLimits | None = None,
+    *,
+    gpus: int = 1,
+    streams_per_gpu: int = 1,
 ) -> str:
     """The bash script that runs `model` over the files listed at `files_uri` (see `chunk_list`), within `limits`
-    (None: no limit but SSM's).
+    (None: no limit but SSM's), in one slot of an instance with `gpus` GPUs each running `streams_per_gpu` streams.
+
+    Slots: the instance has `gpus * streams_per_gpu` of them; the chunk takes any free one, slot k held with the lock
+    `$TMPDIR/vod-sr.slot-<k>.lock` (flock) for the chunk's whole run, and its ffmpeg sees only GPU `k //
+    streams_per_gpu` (`CUDA_VISIBLE_DEVICES`). So as many chunks run at once as there are slots, and the others wait
+    for one (see `limits.lock_wait`). Every chunk sent to an instance must be rendered with the same `gpus` and
+    `streams_per_gpu`: chunks that count the slots differently would share them wrongly.
 
     The payload stays small for any chunk size: the file list is read from S3. While ffmpeg runs on one file the
     next is downloaded and the previous uploaded, so the GPU does not wait on S3. The script goes on past a failed
@@ -168,8 +237,8 @@ def render_sr_script(
 
     Cancel and timeout kill the command's whole process group with SIGKILL, so nothing may wait for the end: the
     results at `results_uri` are rewritten as each file ends (an upload ends it), and the work directories killed
-    chunks left behind are removed by the next chunk once it holds the instance's lock (only the lock's holder has
-    one).
+    chunks left behind are removed by the next chunk that takes the same slot (each slot's holder has one, named
+    `vod-sr.slot-<k>.XXXXXXXX`).
 
     Each output and its source are measured right after ffmpeg, with ffmpeg itself (every instance that runs a
     model has it; ffprobe is not always there): the first video stream's resolution, that stream's duration (read
@@ -184,11 +253,14 @@ def render_sr_script(
     than what is left of the budget, and where it could not be made or uploaded the result's qc field says why.
 
     Time limits (`budget.ChunkLimits`) are enforced here, not by SSM, whose clock starts before the chunk waits for
-    the lock: the wait is bounded (`flock -w`; on expiry every file fails, not started); the budget counts from taking
-    the lock; each download and ffmpeg run is stopped at the budget's end (`timeout`, TERM then KILL), ffmpeg also at
-    the per-file limit; no file starts once the budget is spent. Each file stopped or not started says which limit it
+    a slot: the wait is bounded (on expiry every file fails, not started); the budget counts from taking the slot; each
+    download and ffmpeg run is stopped at the budget's end (`timeout`, TERM then KILL), ffmpeg also at the per-file
+    limit; no file starts once the budget is spent. Each file stopped or not started says which limit it
     met in its result's stage. Uploads of finished outputs are never cut.
     """
+    for name, value in (("gpus", gpus), ("streams_per_gpu", streams_per_gpu)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}")
     lines = [
         f"{script_header(run_token, chunk_index)} model {model.name}",
         "set -euo pipefail",
@@ -203,6 +275,8 @@ def render_sr_script(
         f"budget={_seconds(limits and limits.budget)}",
         f"file_limit={_seconds(limits and limits.file_limit)}",
         f"kill_grace={KILL_GRACE}",
+        f"slots={gpus * streams_per_gpu}",
+        f"streams_per_gpu={streams_per_gpu}",
         SR_LOOP,
     ]
     return "\n".join(lines)
@@ -220,23 +294,59 @@ def _extension(key: str) -> str:
 SR_LOOP = r"""
 tmp=${TMPDIR:-/var/tmp}
 trap 'exit 143' TERM INT
-# One chunk at a time per instance: every command sent to the instance shares its GPU. SSM's clock already runs
-# while this waits, so the wait is bounded and the budget starts once the lock is held.
-exec 9>"$tmp/vod-sr.lock"
-locked=1
-if [ -z "$lock_wait" ]; then
-    flock 9
-elif ! flock -w "$lock_wait" 9; then
-    locked=0
-    echo "vod-sr: gave up waiting for the instance lock $tmp/vod-sr.lock after $lock_wait s (the chunks ahead" \
-        "still hold it); no file was started" >&2
-fi
+# Each chunk takes a free slot of the instance: one GPU x one stream, slot k on GPU k / streams_per_gpu, held with the
+# lock $tmp/vod-sr.slot-<k>.lock. SSM's clock already runs while this waits, so the wait is bounded and the budget
+# starts once a slot is held. A chunk waiting tries every slot, then waits up to 1 s on one of them (in turn), so a
+# slot freed is taken at once when it is the one waited on, and within a second otherwise.
+now_ms() { date +%s%3N; }
+slot=""
+wait_end=$(($(now_ms) + ${lock_wait:-0} * 1000))
+for ((try = 0; ; try++)); do
+    for ((k = 0; k < slots; k++)); do
+        exec 9>"$tmp/vod-sr.slot-$k.lock"
+        if flock -n 9; then
+            slot=$k
+            break 2
+        fi
+    done
+    wait_ms=1000
+    if [ -n "$lock_wait" ]; then
+        left_ms=$((wait_end - $(now_ms)))
+        if [ "$left_ms" -le 0 ]; then
+            break
+        elif [ "$left_ms" -lt "$wait_ms" ]; then
+            wait_ms=$left_ms
+        fi
+    fi
+    k=$((try % slots))
+    exec 9>"$tmp/vod-sr.slot-$k.lock"
+    if flock -w "$((wait_ms / 1000)).$(printf %03d $((wait_ms % 1000)))" 9; then
+        slot=$k
+        break
+    fi
+done
 budget_end=$((SECONDS + ${budget:-0}))
-if [ "$locked" = 1 ]; then
-    # Cancel and timeout send SIGKILL, which runs no trap: remove the work directories of killed chunks.
-    find "$tmp" -mindepth 1 -maxdepth 1 -type d -name 'vod-sr.*' -exec rm -rf -- {} +
-    workdir=$(mktemp -d "$tmp/vod-sr.XXXXXXXX")
+if [ -n "$slot" ]; then
+    locked=1
+    gpu=$((slot / streams_per_gpu))
+    export CUDA_VISIBLE_DEVICES=$gpu
+    echo "vod-sr: took slot $slot of $slots ($tmp/vod-sr.slot-$slot.lock): GPU $gpu (CUDA_VISIBLE_DEVICES=$gpu)," \
+        "stream $((slot % streams_per_gpu + 1)) of $streams_per_gpu" >&2
+    # Cancel and timeout send SIGKILL, which runs no trap: remove the work directories killed chunks left in this slot
+    # (the other slots' holders are working in theirs).
+    find "$tmp" -mindepth 1 -maxdepth 1 -type d -name "vod-sr.slot-$slot.*" -exec rm -rf -- {} +
+    if [ "$slot" = 0 ] && [ -e "$tmp/vod-sr.lock" ]; then
+        # Left by the scripts from before the slots, which named their work directories vod-sr.XXXXXXXX and held this
+        # lock while they ran: once no such script holds it, what they left is stale.
+        { flock -n 7 && find "$tmp" -mindepth 1 -maxdepth 1 -type d -name 'vod-sr.*' ! -name 'vod-sr.slot-*' \
+            -exec rm -rf -- {} +; } 7>"$tmp/vod-sr.lock" || true
+    fi
+    workdir=$(mktemp -d "$tmp/vod-sr.slot-$slot.XXXXXXXX")
 else
+    locked=0
+    exec 9>&-
+    echo "vod-sr: gave up waiting for a free slot after $lock_wait s: all $slots slot lock(s)" \
+        "$tmp/vod-sr.slot-{0..$((slots - 1))}.lock are held by the chunks ahead; no file was started" >&2
     workdir=$(mktemp -d "$tmp/vod-sr-unlocked.XXXXXXXX")
 fi
 trap 'rm -rf -- "$workdir"' EXIT
@@ -264,7 +374,7 @@ result() {
 
 if [ "$locked" = 0 ]; then
     for ((n = 0; n < count; n++)); do
-        line "${fields[n * 5]}" failed 0 0 "ffmpeg (not started: waited $lock_wait s for the instance lock)"
+        line "${fields[n * 5]}" failed 0 0 "ffmpeg (not started: waited $lock_wait s for a free slot)"
     done
     save
     exit 1
@@ -413,8 +523,9 @@ for ((n = 0; n < count; n++)); do
     started=$SECONDS
     output="$workdir/output-$n${fields[base + 4]}"
     code=0
-    limited "$limit" ffmpeg -y -i "$workdir/input-$n" -vf "$video_filter" "${output_args[@]}" "$output" \
-        </dev/null >"$workdir/ffmpeg.log" 2>&1 || code=$?
+    # VOD_SR_SR_RUN marks the model's run (not the measurements or the contact sheet) for whoever watches the GPU.
+    VOD_SR_SR_RUN=1 limited "$limit" ffmpeg -y -i "$workdir/input-$n" -vf "$video_filter" "${output_args[@]}" \
+        "$output" </dev/null >"$workdir/ffmpeg.log" 2>&1 || code=$?
     if [ "$code" -ne 0 ]; then
         stage=ffmpeg
         if [ -n "$limit" ] && [ $((SECONDS - started)) -ge "$limit" ]; then

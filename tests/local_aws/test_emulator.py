@@ -419,3 +419,111 @@ def test_timeline_records_command_runs_and_the_instances_calls(clients, running_
 
     assert run["comment"] == "timed" and run["end"] - run["start"] >= 1
     assert any(c["caller"] == "instance" and c["service"] == "s3" for c in emulator_env.calls())
+
+
+@pytest.fixture
+def four_gpu_instance(emulator_env):
+    """A fresh g6e.12xlarge (4 GPUs) whose SSM agent is Online."""
+    ec2, ssm = boto_client("ec2", emulator_env.endpoint_url), boto_client("ssm", emulator_env.endpoint_url)
+    instance_id = ec2.run_instances(ImageId="ami-12345678", MinCount=1, MaxCount=1, InstanceType="g6e.12xlarge")[
+        "Instances"
+    ][0]["InstanceId"]
+    deadline = time.monotonic() + 30
+    while not ssm.describe_instance_information(Filters=[{"Key": "InstanceIds", "Values": [instance_id]}])[
+        "InstanceInformationList"
+    ]:
+        assert time.monotonic() < deadline, "the emulated agent never came Online"
+        time.sleep(0.2)
+    return instance_id
+
+
+class TestGpus:
+    """Each instance has its type's GPUs: a stand-in nvidia-smi lists them, a stand-in ffmpeg (the real one, timed)
+    records each model run's GPU in the timeline."""
+
+    @pytest.mark.parametrize(
+        ("instance_type", "gpus"),
+        [("g6e.xlarge", 1), ("g6e.12xlarge", 4), ("g6e.24xlarge", 4), ("g6e.48xlarge", 8), ("m5.large", 0)],
+    )
+    def test_one_table_of_gpus_per_instance_type(self, instance_type, gpus):
+        from include.local_aws.gpus import gpu_count
+
+        assert gpu_count(instance_type) == gpus
+
+    def test_nvidia_smi_lists_the_instance_types_gpus_and_the_script_counts_them(
+        self, clients, four_gpu_instance, emulator_env
+    ):
+        from include.vod_sr.script import GPU_COUNT_SCRIPT, as_run_shell_command, parse_gpu_count
+
+        _, ssm, _ = clients
+
+        listed = wait_for_invocation(ssm, send(ssm, four_gpu_instance, "nvidia-smi -L"), four_gpu_instance)
+        counted = wait_for_invocation(
+            ssm, send(ssm, four_gpu_instance, as_run_shell_command(GPU_COUNT_SCRIPT)), four_gpu_instance
+        )
+
+        lines = listed["StandardOutputContent"].splitlines()
+        assert [line.split(" (UUID: GPU-")[0] for line in lines] == [f"GPU {k}: NVIDIA L40S" for k in range(4)]
+        assert len({line.split("UUID: ")[1] for line in lines}) == 4
+        assert (counted["Status"], parse_gpu_count(counted["StandardOutputContent"])) == ("Success", 4)
+        assert emulator_env.timeline()[four_gpu_instance]["gpus"] == 4
+
+    def test_an_instance_without_gpus_counts_one_slot_with_a_warning(self, clients, running_instance):
+        from include.vod_sr.script import GPU_COUNT_SCRIPT, as_run_shell_command, parse_gpu_count
+
+        _, ssm, _ = clients
+
+        counted = wait_for_invocation(
+            ssm, send(ssm, running_instance, as_run_shell_command(GPU_COUNT_SCRIPT)), running_instance
+        )
+
+        assert parse_gpu_count(counted["StandardOutputContent"]) == 1
+        assert "nvidia-smi -L failed: NVIDIA-SMI has failed" in counted["StandardErrorContent"]
+
+    def test_four_chunks_sent_at_once_run_on_the_four_gpus_together(
+        self, clients, four_gpu_instance, emulator_env, tmp_path
+    ):
+        import uuid
+
+        from include.local_aws.world import make_sample_clip
+        from include.vod_sr.catalog import SrModel
+        from include.vod_sr.commands import send_command
+        from include.vod_sr.plan import Chunk, FileJob
+        from include.vod_sr.script import chunk_keys, chunk_list, parse_result_lines, render_sr_script
+        from include.vod_sr.sources import S3Object
+
+        _, ssm, s3 = clients
+        bucket = f"gpus-{uuid.uuid4().hex[:12]}"
+        s3.create_bucket(Bucket=bucket)
+        s3.upload_file(str(make_sample_clip(tmp_path / "clip.mp4", seconds=6, size="64x48")), bucket, "clip.mp4")
+        # `realtime`: each model run lasts as long as the clip plays, so runs that overlap show in the timeline.
+        model = SrModel(
+            name="rt", title="rt", video_filter="realtime,scale=iw*2:ih*2", output_args=("-c:v", "libx264", "-an")
+        )
+        commands = []
+        for index in range(4):
+            files_key, results_key = chunk_keys("gpus", index)
+            job = FileJob(index, S3Object(bucket, "clip.mp4"), S3Object(bucket, f"out/{index}.mp4"))
+            s3.put_object(Bucket=bucket, Key=files_key, Body=chunk_list(Chunk(index, four_gpu_instance, (job,))))
+            body = render_sr_script(
+                model, "gpus", index, f"s3://{bucket}/{files_key}", f"s3://{bucket}/{results_key}", gpus=4
+            )
+            commands.append(body)
+        command_ids = [
+            send_command(ssm, four_gpu_instance, body, comment=f"gpus {n}", execution_timeout=120, delivery_timeout=60)
+            for n, body in enumerate(commands)
+        ]
+
+        invocations = [wait_for_invocation(ssm, c, four_gpu_instance, timeout=120) for c in command_ids]
+
+        for invocation in invocations:
+            assert invocation["Status"] == "Success", invocation["StandardErrorContent"]
+            assert [r["status"] for r in parse_result_lines(invocation["StandardOutputContent"]).values()] == ["ok"]
+        slots = sorted(int(i["StandardErrorContent"].split("took slot ")[1].split()[0]) for i in invocations)
+        assert slots == [0, 1, 2, 3]
+        busy = emulator_env.timeline()[four_gpu_instance]["gpu_busy"]
+        assert sorted(busy) == ["0", "1", "2", "3"]
+        assert all(len(runs) == 1 for runs in busy.values())  # one model run each; probes and contact sheets aside
+        runs = [runs[0] for runs in busy.values()]
+        assert max(start for start, _ in runs) < min(end for _, end in runs)  # all four GPUs busy at once
+        assert all(end - start >= 5 for start, end in runs)

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 from botocore.exceptions import ClientError
 
+from include.local_aws.gpus import GPU_BUSY_LOG, NO_DRIVER, ffmpeg_stand_in, nvidia_smi_stand_in, read_gpu_busy
 from include.local_aws.world import probe_video
 from include.vod_sr.budget import ChunkLimits, chunk_limits
 from include.vod_sr.catalog import BUILTIN_MODELS
@@ -31,11 +32,14 @@ from include.vod_sr.commands import describe_invocation
 from include.vod_sr.plan import Chunk, FileJob
 from include.vod_sr.script import (
     CHECK_CLI_SCRIPT,
+    GPU_COUNT_SCRIPT,
     INSTALL_CLI_SCRIPT,
     RUNS_PREFIX,
     as_run_shell_command,
+    check_cli_script,
     chunk_list,
     install_cli_script,
+    parse_gpu_count,
     parse_result_lines,
     render_sr_script,
 )
@@ -176,16 +180,19 @@ class StubInstance:
     def work_directories(self) -> list[str]:
         return sorted(p.name for p in self.tmp.iterdir() if p.is_dir() and p.name.startswith("vod-sr."))
 
-    def lock_is_free(self) -> bool:
-        """Whether the instance's lock could be taken now (util-linux flock, as the chunk script takes it)."""
-        lock = self.tmp / "vod-sr.lock"
-        return subprocess.run(["flock", "-n", str(lock), "true"]).returncode == 0
+    def slot_lock(self, slot: int = 0) -> Path:
+        return self.tmp / f"vod-sr.slot-{slot}.lock"
 
-    def hold_lock(self, seconds: float) -> subprocess.Popen[bytes]:
-        """Another chunk on the instance: holds the lock for `seconds`."""
-        holder = subprocess.Popen(["flock", str(self.tmp / "vod-sr.lock"), "sleep", str(seconds)])
+    def lock_is_free(self, slot: int = 0) -> bool:
+        """Whether a slot's lock could be taken now (util-linux flock, as the chunk script takes it)."""
+        return subprocess.run(["flock", "-n", str(self.slot_lock(slot)), "true"]).returncode == 0
+
+    def hold_lock(self, seconds: float, slot: int = 0, lock: Path | None = None) -> subprocess.Popen[bytes]:
+        """Another chunk on the instance: holds a slot's lock (or `lock`) for `seconds`."""
+        path = lock or self.slot_lock(slot)
+        holder = subprocess.Popen(["flock", str(path), "sleep", str(seconds)])
         deadline = time.monotonic() + 10
-        while self.lock_is_free():
+        while subprocess.run(["flock", "-n", str(path), "true"]).returncode == 0:
             assert time.monotonic() < deadline, "the lock was never taken"
             time.sleep(0.05)
         return holder
@@ -210,8 +217,17 @@ class TestRenderedScriptsAreValidBash:
         [
             pytest.param(sr_script("A"), id="sr-chunk"),
             pytest.param(sr_script("A", LIMITS), id="sr-chunk-with-limits"),
+            pytest.param(
+                render_sr_script(
+                    BUILTIN_MODELS["A"], RUN_TOKEN, 0, FILES_URI, RESULTS_URI, LIMITS, gpus=4, streams_per_gpu=2
+                ),
+                id="sr-chunk-with-slots",
+            ),
             pytest.param(INSTALL_CLI_SCRIPT, id="install-cli"),
             pytest.param(CHECK_CLI_SCRIPT, id="check-cli"),
+            pytest.param(GPU_COUNT_SCRIPT, id="gpu-count"),
+            pytest.param(install_cli_script(count_gpus=True), id="install-cli-counting-gpus"),
+            pytest.param(check_cli_script(count_gpus=True), id="check-cli-counting-gpus"),
         ],
     )
     def test_shellcheck_is_clean(self, body, tmp_path):
@@ -237,9 +253,9 @@ class TestScriptSafety:
             assert secret not in INSTALL_CLI_SCRIPT
 
     def test_payload_does_not_grow_with_the_chunk(self):
-        # The file list is read from S3, so SendCommand carries a script of fixed size (about 10.5 KB with model A's
-        # environment, the time limits and the QC contact sheet) for any chunk size and any key length.
-        assert len(sr_script("A", LIMITS)) < 12_000
+        # The file list is read from S3, so SendCommand carries a script of fixed size (about 12.5 KB with model A's
+        # environment, the time limits, the QC contact sheet and the slots) for any chunk size and any key length.
+        assert len(sr_script("A", LIMITS)) < 13_000
 
     def test_model_arguments_reach_ffmpeg_literally(self, instance):
         instance.prepare(chunk_of("a.mp4"))
@@ -281,7 +297,7 @@ class TestScriptSafety:
 
         instance.run(sr_script())
 
-        assert [p.name for p in instance.tmp.iterdir()] == ["vod-sr.lock"]
+        assert [p.name for p in instance.tmp.iterdir()] == ["vod-sr.slot-0.lock"]
 
 
 class TestChunkLoop:
@@ -356,7 +372,7 @@ class TestChunkLoop:
         assert len(instance.work_directories()) == 1  # SIGKILL ran no trap
 
     def test_next_chunk_removes_work_directories_killed_chunks_left(self, instance):
-        stale = instance.tmp / "vod-sr.AbCdEfGh"
+        stale = instance.tmp / "vod-sr.slot-0.AbCdEfGh"
         stale.mkdir()
         (stale / "input-3").write_bytes(b"x" * 1000)
         (instance.tmp / "vod-sr-cli.12345678").mkdir()  # the CLI install's, which runs outside the chunks' lock
@@ -528,14 +544,17 @@ class TestTimeLimits:
 
         assert waited < 15
         assert result.returncode == 1
-        assert f"gave up waiting for the instance lock {instance.tmp}/vod-sr.lock after 1 s" in result.stderr
+        assert (
+            f"gave up waiting for a free slot after 1 s: all 1 slot lock(s) {instance.tmp}/vod-sr.slot-{{0..0}}.lock"
+            " are held by the chunks ahead" in result.stderr
+        )
         results = parse_result_lines(result.stdout)
         assert {i: (r["status"], r["stage"]) for i, r in results.items()} == {
-            n: ("failed", "ffmpeg (not started: waited 1 s for the instance lock)") for n in (0, 1)
+            n: ("failed", "ffmpeg (not started: waited 1 s for a free slot)") for n in (0, 1)
         }
         assert parse_result_lines(instance.get(RESULTS_URI).decode()) == results
         assert not [c for c in instance.calls() if c[0] == "ffmpeg" or c[:3] == ["aws", "s3", "cp"]]
-        assert sorted(p.name for p in instance.tmp.iterdir()) == ["vod-sr.lock"]  # no work directory left
+        assert sorted(p.name for p in instance.tmp.iterdir()) == ["vod-sr.slot-0.lock"]  # no work directory left
 
     def test_a_killed_chunk_leaves_no_ffmpeg_holding_the_gpu_or_the_lock(self, instance):
         # `timeout` puts itself in a new process group unless --foreground: SSM's kill of the command's group would
@@ -555,6 +574,318 @@ class TestTimeLimits:
         while not instance.lock_is_free():
             assert time.monotonic() < deadline, "something the chunk started survived the kill and holds the lock"
             time.sleep(0.1)
+
+
+class SlotInstance(StubInstance):
+    """A StubInstance whose `ffmpeg` is the emulator's per-GPU timing stand-in (include/local_aws/gpus.py) in front
+    of the stub: each model run (not the measurements or the contact sheet) is logged with its CUDA_VISIBLE_DEVICES.
+    Each chunk has its own file list and results, one file `c<index>.mp4`."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.root = root
+        stub = self.bin / "ffmpeg-stub"
+        (self.bin / "ffmpeg").rename(stub)
+        (self.bin / "ffmpeg").write_text(ffmpeg_stand_in(str(stub), root / GPU_BUSY_LOG))
+        (self.bin / "ffmpeg").chmod(0o755)
+
+    @staticmethod
+    def uris(index: int) -> tuple[str, str]:
+        base = f"s3://out-bucket/vod-sr-runs/run/chunk-{index:05d}"
+        return f"{base}.files", f"{base}.results"
+
+    def script(self, index: int, *, gpus: int = 1, streams: int = 1, limits: ChunkLimits | None = None) -> str:
+        chunk = chunk_of(f"c{index}.mp4", index=index)
+        files_uri, results_uri = self.uris(index)
+        self.put(files_uri, chunk_list(chunk))
+        self.put(chunk.files[0].source.uri, f"c{index}.mp4".encode())
+        return render_sr_script(
+            BUILTIN_MODELS["cpu"], RUN_TOKEN, index, files_uri, results_uri, limits, gpus=gpus, streams_per_gpu=streams
+        )
+
+    def launch(self, body: str, **env: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            ["/bin/sh", "-c", as_run_shell_command(body)],
+            env=self.env(**env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+
+    def busy(self) -> dict[str, list[list[float]]]:
+        return read_gpu_busy(self.root)
+
+
+@pytest.fixture
+def slot_instance(tmp_path):
+    return SlotInstance(tmp_path)
+
+
+def finish(processes: list[subprocess.Popen[str]]) -> list[tuple[int, str, str]]:
+    ended = []
+    for process in processes:
+        stdout, stderr = process.communicate(timeout=60)
+        ended.append((process.returncode, stdout, stderr))
+    return ended
+
+
+def most_at_once(intervals: list[list[float]]) -> int:
+    edges = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals])
+    running = most = 0
+    for _, step in edges:
+        running += step
+        most = max(most, running)
+    return most
+
+
+TOOK_SLOT = re.compile(r"vod-sr: took slot (\d+) of (\d+) \(.*/vod-sr\.slot-(\d+)\.lock\): GPU (\d+)")
+
+
+class TestSlots:
+    """Every GPU slot of a multi-GPU instance busy: a chunk takes any free slot lock, its ffmpeg sees that slot's
+    GPU. Real bash and flock; stub aws and ffmpeg behind the emulator's timing stand-in."""
+
+    def test_two_slots_run_two_chunks_at_once_and_the_third_waits_for_one(self, slot_instance):
+        bodies = [slot_instance.script(n, gpus=2) for n in range(3)]
+        started = time.monotonic()
+
+        ended = finish([slot_instance.launch(body, STUB_FFMPEG_SECONDS="2") for body in bodies])
+
+        elapsed = time.monotonic() - started
+        assert [code for code, _, _ in ended] == [0, 0, 0], [err for _, _, err in ended]
+        busy = slot_instance.busy()
+        runs = sorted(run for gpu in busy.values() for run in gpu)
+        assert len(runs) == 3  # one model run per chunk: the measurements and contact sheets are not counted
+        assert most_at_once(runs) == 2
+        first, second, third = runs
+        assert second[0] < first[1]  # the first two ran at once, on the two slots' GPUs
+        assert third[0] >= min(first[1], second[1])  # the third waited for one of them to end
+        assert elapsed >= 4
+        slots = sorted(int(TOOK_SLOT.search(err).group(1)) for _, _, err in ended)
+        assert slots in ([0, 0, 1], [0, 1, 1])
+        assert sorted(busy) == ["0", "1"]
+
+    @pytest.mark.parametrize(
+        ("held", "slot", "gpu"),
+        [((), 0, 0), ((0,), 1, 0), ((0, 1), 2, 1), ((0, 1, 2), 3, 1), ((1, 3), 0, 0), ((0, 1, 3), 2, 1)],
+        ids=lambda v: str(v),
+    )
+    def test_each_slot_runs_on_its_gpu(self, slot_instance, held, slot, gpu):
+        # gpus=2, streams=2: slots 0 and 1 on GPU 0, slots 2 and 3 on GPU 1.
+        holders = [slot_instance.hold_lock(30, slot=k) for k in held]
+        try:
+            ((code, stdout, stderr),) = finish([slot_instance.launch(slot_instance.script(0, gpus=2, streams=2))])
+        finally:
+            for holder in holders:
+                holder.kill()
+                holder.wait()
+
+        assert code == 0, stderr
+        assert parse_result_lines(stdout)[0]["status"] == "ok"
+        assert (
+            f"vod-sr: took slot {slot} of 4 ({slot_instance.tmp}/vod-sr.slot-{slot}.lock): GPU {gpu} "
+            f"(CUDA_VISIBLE_DEVICES={gpu}), stream {slot % 2 + 1} of 2" in stderr
+        )
+        busy = slot_instance.busy()
+        assert list(busy) == [str(gpu)] and len(busy[str(gpu)]) == 1
+
+    def test_four_chunks_at_once_fill_two_gpus_with_two_streams_each(self, slot_instance):
+        bodies = [slot_instance.script(n, gpus=2, streams=2) for n in range(4)]
+
+        ended = finish([slot_instance.launch(body, STUB_FFMPEG_SECONDS="2") for body in bodies])
+
+        assert [code for code, _, _ in ended] == [0] * 4, [err for _, _, err in ended]
+        taken = sorted((int(m.group(1)), int(m.group(4))) for _, _, err in ended if (m := TOOK_SLOT.search(err)))
+        assert taken == [(0, 0), (1, 0), (2, 1), (3, 1)]
+        busy = slot_instance.busy()
+        assert {gpu: len(runs) for gpu, runs in busy.items()} == {"0": 2, "1": 2}
+        assert most_at_once([run for runs in busy.values() for run in runs]) == 4
+
+    def test_wait_for_a_free_slot_is_bounded_when_every_slot_is_taken(self, slot_instance):
+        body = slot_instance.script(0, gpus=2, limits=limits(budget=60, lock_wait=2))
+        holders = [slot_instance.hold_lock(30, slot=k) for k in (0, 1)]
+        try:
+            started = time.monotonic()
+            ((code, stdout, stderr),) = finish([slot_instance.launch(body)])
+            waited = time.monotonic() - started
+        finally:
+            for holder in holders:
+                holder.kill()
+                holder.wait()
+
+        assert 2 <= waited < 10
+        assert code == 1
+        assert (
+            f"gave up waiting for a free slot after 2 s: all 2 slot lock(s) {slot_instance.tmp}/vod-sr.slot-{{0..1}}"
+            ".lock are held by the chunks ahead; no file was started" in stderr
+        )
+        assert parse_result_lines(stdout) == {0: {**parse_result_lines(stdout)[0], "status": "failed"}}
+        assert parse_result_lines(stdout)[0]["stage"] == "ffmpeg (not started: waited 2 s for a free slot)"
+        assert not [c for c in slot_instance.calls() if c[0] == "ffmpeg" or c[:3] == ["aws", "s3", "cp"]]
+        assert slot_instance.busy() == {}
+        assert slot_instance.work_directories() == []
+
+    def test_a_slot_freed_within_the_wait_is_taken(self, slot_instance):
+        body = slot_instance.script(0, gpus=2, limits=limits(budget=60, lock_wait=20))
+        holders = [slot_instance.hold_lock(seconds, slot=k) for k, seconds in ((0, 30), (1, 2))]
+        try:
+            started = time.monotonic()
+            ((code, _, stderr),) = finish([slot_instance.launch(body)])
+            waited = time.monotonic() - started
+        finally:
+            for holder in holders:
+                holder.kill()
+                holder.wait()
+
+        assert code == 0, stderr
+        assert 1.5 <= waited < 10
+        assert TOOK_SLOT.search(stderr).group(1) == "1"
+
+    def test_a_slots_holder_removes_only_its_own_slots_stale_work_directories(self, slot_instance):
+        tmp = slot_instance.tmp
+        for name in ("vod-sr.slot-0.AbCdEfGh", "vod-sr.slot-1.IjKlMnOp", "vod-sr.slot-10.QrStUvWx"):
+            (tmp / name).mkdir()
+            (tmp / name / "input-0").write_bytes(b"x" * 100)
+        body = slot_instance.script(0, gpus=2)
+        holder = slot_instance.hold_lock(30, slot=0)  # slot 0's chunk is working in its directory
+        try:
+            ((code, _, stderr),) = finish([slot_instance.launch(body)])
+        finally:
+            holder.kill()
+            holder.wait()
+
+        assert code == 0, stderr
+        assert TOOK_SLOT.search(stderr).group(1) == "1"
+        assert slot_instance.work_directories() == ["vod-sr.slot-0.AbCdEfGh", "vod-sr.slot-10.QrStUvWx"]
+
+    @pytest.mark.parametrize("old_script_running", [False, True], ids=["old-lock-free", "old-lock-held"])
+    def test_work_directories_of_the_scripts_before_slots_go_once_no_such_script_runs(
+        self, slot_instance, old_script_running
+    ):
+        old_lock = slot_instance.tmp / "vod-sr.lock"
+        old_lock.touch()
+        (slot_instance.tmp / "vod-sr.AbCdEfGh").mkdir()
+        body = slot_instance.script(0)
+        holder = slot_instance.hold_lock(30, lock=old_lock) if old_script_running else None
+        try:
+            ((code, _, stderr),) = finish([slot_instance.launch(body)])
+        finally:
+            if holder is not None:
+                holder.kill()
+                holder.wait()
+
+        assert code == 0, stderr
+        assert slot_instance.work_directories() == (["vod-sr.AbCdEfGh"] if old_script_running else [])
+
+    @pytest.mark.parametrize(
+        "arguments",
+        [{"gpus": 0}, {"streams_per_gpu": 0}, {"gpus": -1}, {"gpus": 1.5}, {"gpus": True}, {"streams_per_gpu": "2"}],
+        ids=str,
+    )
+    def test_slot_arguments_are_checked(self, arguments):
+        name, value = next(iter(arguments.items()))
+
+        with pytest.raises(
+            ValueError, match=rf"{name} must be a whole number of at least 1, got {re.escape(repr(value))}"
+        ):
+            render_sr_script(BUILTIN_MODELS["cpu"], RUN_TOKEN, 0, FILES_URI, RESULTS_URI, **arguments)
+
+    def test_default_is_one_slot_on_gpu_0(self, slot_instance):
+        ((code, _, stderr),) = finish([slot_instance.launch(slot_instance.script(0))])
+
+        assert code == 0, stderr
+        assert "took slot 0 of 1" in stderr and "(CUDA_VISIBLE_DEVICES=0)" in stderr
+        assert list(slot_instance.busy()) == ["0"]
+
+
+class TestGpuCount:
+    """`vod-sr: gpus=N` from `nvidia-smi -L`, run with real bash; the emulator's stand-in nvidia-smi lists L40S GPUs
+    as the real one does."""
+
+    @staticmethod
+    def run(tmp_path: Path, body: str, nvidia_smi: str | None) -> subprocess.CompletedProcess[str]:
+        bin_dir = tmp_path / "bin"
+        bin_dir.mkdir()
+        for tool in ("grep", "head", "timeout"):
+            (bin_dir / tool).symlink_to(shutil.which(tool))
+        if nvidia_smi is not None:
+            (bin_dir / "nvidia-smi").write_text(nvidia_smi)
+            (bin_dir / "nvidia-smi").chmod(0o755)
+        return subprocess.run(
+            ["/bin/sh", "-c", as_run_shell_command(body)],
+            env={"PATH": str(bin_dir)},  # no other nvidia-smi than this one
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    @pytest.mark.parametrize("gpus", [1, 4, 8])
+    def test_counts_the_gpus_nvidia_smi_lists(self, tmp_path, gpus):
+        result = self.run(tmp_path, GPU_COUNT_SCRIPT, nvidia_smi_stand_in("i-0123456789abcdef0", gpus))
+
+        assert (result.returncode, result.stdout, result.stderr) == (0, f"vod-sr: gpus={gpus}\n", "")
+        assert parse_gpu_count(result.stdout) == gpus
+
+    def test_mig_devices_are_not_counted_as_gpus(self, tmp_path):
+        listing = (
+            "GPU 0: NVIDIA A100-SXM4-40GB (UUID: GPU-1)\n  MIG 1g.5gb      Device  0: (UUID: MIG-2)\n"
+            "  MIG 1g.5gb      Device  1: (UUID: MIG-3)\nGPU 1: NVIDIA A100-SXM4-40GB (UUID: GPU-4)\n"
+        )
+
+        result = self.run(tmp_path, GPU_COUNT_SCRIPT, f"#!/bin/sh\nprintf '{listing}'\n")
+
+        assert parse_gpu_count(result.stdout) == 2
+
+    @pytest.mark.parametrize(
+        ("nvidia_smi", "why"),
+        [
+            (None, "no nvidia-smi on this instance's PATH"),
+            (nvidia_smi_stand_in("i-0123456789abcdef0", 0), f"nvidia-smi -L failed: {NO_DRIVER}"),
+            ("#!/bin/sh\necho 'No devices were found'\n", "nvidia-smi -L lists no GPU"),
+        ],
+        ids=["no-nvidia-smi", "no-driver", "no-devices"],
+    )
+    def test_no_gpu_counts_one_slot_with_a_warning(self, tmp_path, nvidia_smi, why):
+        result = self.run(tmp_path, GPU_COUNT_SCRIPT, nvidia_smi)
+
+        assert (result.returncode, result.stdout) == (0, "vod-sr: gpus=1\n")
+        assert result.stderr == (
+            f"vod-sr: warning: {why}; counting 1 slot (a CPU-only instance still runs one stream)\n"
+        )
+
+    def test_install_cli_counts_the_gpus_before_it_finds_the_cli_installed(self, instance):
+        (instance.bin / "nvidia-smi").write_text(nvidia_smi_stand_in("i-0123456789abcdef0", 4))
+        (instance.bin / "nvidia-smi").chmod(0o755)
+
+        installed = instance.run(install_cli_script(count_gpus=True))
+        checked = instance.run(check_cli_script(count_gpus=True))
+
+        assert installed.returncode == 0 and "already installed" in installed.stdout
+        assert parse_gpu_count(installed.stdout) == 4
+        assert (checked.returncode, checked.stdout) == (0, "vod-sr: gpus=4\naws-cli/stub\n")
+        assert "gpus=" not in INSTALL_CLI_SCRIPT + CHECK_CLI_SCRIPT  # counting is asked for
+
+    @pytest.mark.parametrize(
+        ("stdout", "gpus"),
+        [
+            ("vod-sr: gpus=4\n", 4),
+            ("vod-sr: gpus=8", 8),
+            ("aws-cli/2.x\nvod-sr: gpus=1\nvod-sr: AWS CLI already installed; nothing to do\n", 1),
+            ("vod-sr: gpus=2\r\n", 2),
+            ("vod-sr: gpus=2\nvod-sr: gpus=4\n", 4),
+            ("vod-sr: gpus=0\n", 1),
+        ],
+    )
+    def test_parse_gpu_count(self, stdout, gpus):
+        assert parse_gpu_count(stdout) == gpus
+
+    @pytest.mark.parametrize(
+        "stdout", ["", "aws-cli/2.x\n", "vod-sr: gpus=\n", "vod-sr: gpus=four\n", "x vod-sr: gpus=4"]
+    )
+    def test_output_without_a_count_is_an_error(self, stdout):
+        with pytest.raises(ValueError, match="no vod-sr: gpus=N line"):
+            parse_gpu_count(stdout)
 
 
 QC_KEY = f"{RUNS_PREFIX}{RUN_TOKEN}/qc/{{}}.jpg"  # the contact sheet of file {} in the results' bucket
