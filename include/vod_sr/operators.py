@@ -6,6 +6,7 @@ Imported by the DAG file, so botocore and the provider are imported only where t
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from functools import cached_property
 from typing import Any
@@ -93,10 +94,19 @@ class RunChunksOperator(BaseOperator):
 
         return aws_client("ec2", self.aws_conn_id)
 
-    def execute(self, context: Any) -> list[dict[str, Any]]:
+    def _load_chunks(self) -> None:
+        """The lane arrives as a reference (stored_plan.Lane); its chunks are read from S3 at each start and resume
+        (a lane given with its `chunks` is used as it is)."""
+        if "chunks" not in self.lane:
+            from include.vod_sr.stored_plan import Lane, load_chunks
+
+            self.lane = {**self.lane, "chunks": load_chunks(self.s3, Lane.from_xcom(self.lane))}
+
+    def execute(self, context: Any) -> dict[str, Any]:
         from include.vod_sr.plan import lane_label
 
         context["lane_label"] = lane_label(self.lane)
+        self._load_chunks()
         return self._advance(context, self._reattach())
 
     def _reattach(self) -> list[dict[str, Any]]:
@@ -316,7 +326,7 @@ class RunChunksOperator(BaseOperator):
                 lines[file_index] = line
         return lines
 
-    def resume(self, context: Any, event: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    def resume(self, context: Any, event: dict[str, Any] | None = None) -> dict[str, Any]:
         if (
             not event
             or event.get("status") not in ("ended", "error")
@@ -326,6 +336,7 @@ class RunChunksOperator(BaseOperator):
         from include.vod_sr.plan import lane_label
 
         context["lane_label"] = lane_label(self.lane)
+        self._load_chunks()
         sent: list[dict[str, Any]] = event["resume_state"]
         self._sent = sent
         polled = event.get("transient_errors") or {}
@@ -497,7 +508,7 @@ class RunChunksOperator(BaseOperator):
         context["ti"].xcom_push(key=TRANSIENT_ERRORS_XCOM_KEY, value=total)
         return total
 
-    def _advance(self, context: Any, sent: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def _advance(self, context: Any, sent: list[dict[str, Any]]) -> dict[str, Any]:
         from include.vod_sr.instance import refresh_lane_lease
         from include.vod_sr.triggers import SsmCommandsTrigger
 
@@ -533,7 +544,8 @@ class RunChunksOperator(BaseOperator):
                 + ", ".join(f"chunk {e['chunk']} {e['outcome']}" for e in failed)
                 + "; their detail is in the log above, and the per-file results in the report"
             )
-        return sent
+        # XCom gets counts, not an entry per chunk: O(1) per lane whatever the number of files.
+        return {"chunks": len(sent), "outcomes": dict(Counter(str(entry["outcome"]) for entry in sent))}
 
 
 def _commented_file_count(comment: str) -> int | None:

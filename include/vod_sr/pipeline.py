@@ -79,6 +79,7 @@ def _wire(settings: Settings, selection: Selection) -> None:
         from include.vod_sr.catalog import ModelError, resolve_model
         from include.vod_sr.nightly import selection_window
         from include.vod_sr.plan import BatchRequest, PlanError, plan_batch, run_token
+        from include.vod_sr.stored_plan import store_plan
 
         context = get_current_context()
         try:
@@ -107,19 +108,18 @@ def _wire(settings: Settings, selection: Selection) -> None:
                 print(f"{len(arrived)} upload(s) named by the S3 events behind this run ({len(late)} queued late)")
             request = BatchRequest.from_params(params, modified_window=window)
             model = resolve_model(request.model, Variable.get(settings.models_variable, default=None))
-            planned = plan_batch(
-                request,
-                aws_client("s3", settings.aws_conn_id),
-                run_token=run_token(context["dag"].dag_id, context["run_id"]),
-            )
+            s3 = aws_client("s3", settings.aws_conn_id)
+            planned = plan_batch(request, s3, run_token=run_token(context["dag"].dag_id, context["run_id"]))
         except (PlanError, ModelError) as error:
             raise AirflowFailException(f"bad input, nothing was started: {error}") from None
         print(
             f"Planned {planned.file_count} file(s) in {len(planned.chunks)} chunk(s) on "
             f"{len(planned.lanes())} instance(s); {len(planned.skipped)} skipped because their output exists"
         )
-        context["ti"].xcom_push(key="summary", value=planned.summary())
-        return [{**lane, "model": model.to_xcom()} for lane in planned.lanes()]
+        # The chunks go to S3, XCom gets references: O(instances) whatever the number of files (stored_plan.py).
+        lanes, summary = store_plan(s3, planned, model.to_xcom())
+        context["ti"].xcom_push(key="summary", value=summary)
+        return [lane.to_xcom() for lane in lanes]
 
     @task_group
     def lane(lane: dict[str, Any]) -> Any:
@@ -232,20 +232,21 @@ def _wire(settings: Settings, selection: Selection) -> None:
             from include.vod_sr.aws import aws_client
             from include.vod_sr.catalog import SrModel
             from include.vod_sr.plan import Chunk
+            from include.vod_sr.stored_plan import Lane, load_chunks, store_verified
             from include.vod_sr.verify import verify_chunks
 
-            chunks = [Chunk.from_xcom(c) for c in lane["chunks"]]
+            work = Lane.from_xcom(lane)
             s3 = aws_client("s3", settings.aws_conn_id)
             files = verify_chunks(
                 s3,
-                lane["output_bucket"],
-                lane["run_token"],
-                chunks,
+                work.output_bucket,
+                work.run_token,
+                [Chunk.from_xcom(c) for c in load_chunks(s3, work)],
                 ssm=aws_client("ssm", settings.aws_conn_id),
-                scale=SrModel.from_xcom(lane["model"]).scale,
+                scale=SrModel.from_xcom(work.model).scale,
                 duration_tolerance=settings.duration_tolerance,
             )
-            return {"instance_id": lane["instance_id"], "files": files}
+            return store_verified(s3, work, files)  # the records go to S3, the report reads them there
 
         @task(**by_lane)
         def release(acquired: dict[str, str], lane: dict[str, Any]) -> str:
@@ -312,7 +313,7 @@ def _wire(settings: Settings, selection: Selection) -> None:
         from include.vod_sr.aws import aws_client
         from include.vod_sr.instance import RELEASE_XCOM_KEY
         from include.vod_sr.operators import TRANSIENT_ERRORS_XCOM_KEY
-        from include.vod_sr.plan import Chunk, FileJob
+        from include.vod_sr.plan import Chunk
         from include.vod_sr.report import (
             BatchFailed,
             build_report,
@@ -321,16 +322,20 @@ def _wire(settings: Settings, selection: Selection) -> None:
             raise_if_failed,
             write_report,
         )
+        from include.vod_sr.stored_plan import Lane, load_chunks, load_skipped, load_verified
 
         context = get_current_context()
-        verified_lanes = per_lane(verified)
+        s3 = aws_client("s3", settings.aws_conn_id)
+        bucket, token = summary["output_bucket"], summary["run_token"]
         result = build_report(
             run_id=context["run_id"],
-            run_token=summary["run_token"],
+            run_token=token,
             params=context["params"],
-            planned=[job for lane in lanes for c in lane["chunks"] for job in Chunk.from_xcom(c).files],
-            verified=[lane_result["files"] for lane_result in verified_lanes],
-            skipped=[FileJob.from_xcom(f) for f in summary["skipped"]],
+            planned=[
+                job for lane in lanes for c in load_chunks(s3, Lane.from_xcom(lane)) for job in Chunk.from_xcom(c).files
+            ],
+            verified=load_verified(s3, bucket, per_lane(verified)),
+            skipped=load_skipped(s3, bucket, token),
             transient_aws_errors=per_lane(
                 context["ti"].xcom_pull(task_ids="lane.run_chunks", key=TRANSIENT_ERRORS_XCOM_KEY)
             ),
@@ -340,7 +345,6 @@ def _wire(settings: Settings, selection: Selection) -> None:
             rates=settings.rates,
         )
         print(format_table(result))
-        s3 = aws_client("s3", settings.aws_conn_id)
         report_uri = write_report(s3, context["params"]["output_bucket"], result)
         print("Report: " + report_uri)
         try:

@@ -236,6 +236,8 @@ class BatchPlan:
 
 def lane_label(lane: Mapping[str, Any]) -> str:
     """A lane as a person reads it, its mapped tasks' name in the UI (map_index_template): `i-0abc... (12 files)`."""
+    if "label" in lane:  # a stored_plan.Lane
+        return str(lane["label"])
     files = sum(len(chunk.get("files") or ()) for chunk in lane.get("chunks") or ())
     return f"{lane.get('instance_id', '?')} ({files} files)"
 

@@ -223,9 +223,12 @@ def _report(source: RunSource, run: RunInfo) -> tuple[dict[str, Any] | None, str
 def _progress(source: RunSource, run: RunInfo, summary: Mapping[str, Any]) -> list[LaneProgress]:
     """Each instance's files done so far, from the results objects the chunk scripts rewrite as each file ends."""
     from include.vod_sr.script import chunk_keys
+    from include.vod_sr.stored_plan import load_lane_index
 
-    lanes = summary.get("lanes") or []
     bucket, token = source.output_bucket(run), summary["run_token"]
+    lanes = summary.get("lanes") or []
+    if lanes and not isinstance(lanes[0].get("chunks"), list):  # the summary counts chunks; their indices are in S3
+        lanes = load_lane_index(source.s3, bucket, token)
 
     def results(index: int) -> tuple[int, str | None]:
         body = _get_object(source.s3, bucket, chunk_keys(token, index)[1])

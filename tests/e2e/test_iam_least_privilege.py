@@ -368,9 +368,16 @@ def test_s3_writes_stay_in_their_principals_places(served):
     # The instance: outputs (under the runs' prefix) and its results; never a report or a chunk list.
     assert [k for k in instance if not k.startswith(f"{served.prefix}/") and not k.startswith("vod-sr-runs/")] == []
     assert [k for k in instance if k.startswith("vod-sr-runs/") and k.endswith(".files")] == []
+    assert [k for k in instance if re.fullmatch(r"vod-sr-runs/[^/]+/plan/.+", k)] == []
     assert any(k.endswith(".results") for k in instance)
-    # Airflow: chunk lists, reports and (only for a chunk sent again) merged results; never an output.
-    assert [k for k in airflow if not re.fullmatch(r"vod-sr-runs/.+\.(files|results)|vod-sr-reports/.+", k)] == []
+    # Airflow: the plan and verify's records (stored_plan.py), chunk lists, reports and (only for a chunk sent again)
+    # merged results; never an output.
+    assert any(re.fullmatch(r"vod-sr-runs/[^/]+/plan/lane-i-.+\.json", k) for k in airflow)
+    assert [
+        k
+        for k in airflow
+        if not re.fullmatch(r"vod-sr-runs/.+\.(files|results)|vod-sr-runs/[^/]+/plan/.+|vod-sr-reports/.+", k)
+    ] == []
 
 
 def test_manifests_are_read_only_where_they_live(served):

@@ -10,8 +10,10 @@ import urllib.parse
 import pytest
 from fastapi.testclient import TestClient
 
+from include.local_aws.world import OUTPUT_BUCKET
 from include.vod_sr.plan import run_token
 from include.vod_sr.settings import Settings
+from include.vod_sr.stored_plan import load_lane_index
 from include.vod_sr.web import RunSource, app, run_source
 from tests.vod_sr.test_web import auth_manager, token  # noqa: F401 (a fixture)
 
@@ -89,4 +91,8 @@ def test_the_plan_summary_gives_the_run_page_each_instances_chunks(world):
     summary = RunSource(Settings.from_env()).plan_summary("vod_sr_batch", run.run_id)
     assert summary is not None
     assert summary["run_token"] == run_token("vod_sr_batch", run.run_id)
-    assert summary["lanes"] == [{"instance_id": world.instance_id, "chunks": [0], "files": 1}]
+    assert summary["lanes"] == [{"instance_id": world.instance_id, "chunks": 1, "files": 1}]
+    # the chunk indices the page reads for progress are in S3, not in XCom
+    assert load_lane_index(world.s3, OUTPUT_BUCKET, summary["run_token"]) == [
+        {"instance_id": world.instance_id, "files": 1, "chunks": [0]}
+    ]

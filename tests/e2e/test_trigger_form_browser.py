@@ -293,6 +293,12 @@ class TestRunTab:
         frame.wait_for_selector("#conf")
         conf = json.loads(frame.input_value("#conf"))
         assert conf["sources"] == [f"s3://{SOURCE_BUCKET}/{failed_run['broken']}"] and conf["overwrite"] is True
+        frame.click("#trigger")  # inside the tab, the new run's tab page follows
+        frame.wait_for_url(f"**/vod-sr/dags/{DAG_ID}/runs/**")
+        rerun_id = urllib.parse.unquote(frame.url.rsplit("/runs/", 1)[1])
+        assert rerun_id != run_id and frame.locator("h1", has_text=f"Super-resolution: {rerun_id}").count() == 1
+        assert run_conf(airflow, rerun_id)["sources"] == conf["sources"]
+        airflow.api("PATCH", f"/dags/{DAG_ID}/dagRuns/{urllib.parse.quote(rerun_id, safe='')}", {"state": "failed"})
 
     def test_the_json_report_link_serves_the_report(self, page, airflow, failed_run):
         airflow.wait_for_run(failed_run["run_id"], 300)
