@@ -44,7 +44,10 @@ class RunChunksOperator(BaseOperator):
 
     :param lane: the plan's work for one instance: `instance_id`, `run_token`, `model`, `output_bucket`,
         `execution_timeout` (each chunk's budget from taking the instance's lock), `file_timeout` and `chunks`.
-    :param in_flight: commands out at once on the instance.
+    :param gpus: the instance's GPU count (install_cli's return value).
+    :param streams_per_gpu: chunks run at once on each GPU (VOD_SR_STREAMS_PER_GPU).
+    :param in_flight: commands out at once on the instance; None: one per slot (`gpus * streams_per_gpu`) plus one
+        waiting for a slot, so no slot idles between two chunks.
     :param poll_interval: seconds between status polls in the triggerer.
     :param delivery_timeout: seconds SSM may take to list an invocation after SendCommand.
     :param release_timeout: bound of the wait for `running` should the instance still be pending when released.
@@ -52,13 +55,15 @@ class RunChunksOperator(BaseOperator):
     :param region_name: AWS region; the connection's when None.
     """
 
-    template_fields: Sequence[str] = ("lane",)
+    template_fields: Sequence[str] = ("lane", "gpus")
 
     def __init__(
         self,
         *,
         lane: Mapping[str, Any],
-        in_flight: int = 2,
+        gpus: int = 1,
+        streams_per_gpu: int = 1,
+        in_flight: int | None = None,
         poll_interval: float = 15,
         delivery_timeout: int = 300,
         release_timeout: int = 600,
@@ -68,13 +73,26 @@ class RunChunksOperator(BaseOperator):
     ) -> None:
         super().__init__(**kwargs)
         self.lane = lane
+        self.gpus = gpus
+        self.streams_per_gpu = streams_per_gpu
+        self._in_flight = in_flight
         self.release_timeout = release_timeout
-        self.in_flight = in_flight
         self.poll_interval = poll_interval
         self.delivery_timeout = delivery_timeout
         self.aws_conn_id = aws_conn_id
         self.region_name = region_name
         self._sent: list[dict[str, Any]] = []
+
+    @property
+    def slots(self) -> int:
+        """Chunks the instance runs at once: one per GPU per stream (`gpus` is install_cli's count, known only at
+        run time)."""
+        return max(1, int(self.gpus)) * max(1, int(self.streams_per_gpu))
+
+    @property
+    def in_flight(self) -> int:
+        """Commands out at once: one per slot, plus one waiting for the first slot to free up."""
+        return self._in_flight if self._in_flight is not None else self.slots + 1
 
     @cached_property
     def ssm(self) -> Any:
@@ -376,8 +394,12 @@ class RunChunksOperator(BaseOperator):
         files_key, results_key = chunk_keys(token, chunk.index)
         self.s3.put_object(Bucket=bucket, Key=files_key, Body=chunk_list(chunk))
         # The script enforces the budget from taking the lock; SSM's timeout, which runs from delivery, is a backstop.
+        # A chunk waits for a slot behind at most one round of the chunks ahead (each slot frees within a budget).
+        waiting = self.in_flight - self.slots
         limits = chunk_limits(
-            lane["execution_timeout"], queued_ahead=self.in_flight - 1, file_limit=lane.get("file_timeout")
+            lane["execution_timeout"],
+            queued_ahead=max(0, -(-waiting // self.slots)),
+            file_limit=lane.get("file_timeout"),
         )
         script = render_sr_script(
             SrModel.from_xcom(lane["model"]),
@@ -386,6 +408,8 @@ class RunChunksOperator(BaseOperator):
             f"s3://{bucket}/{files_key}",
             f"s3://{bucket}/{results_key}",
             limits,
+            gpus=max(1, int(self.gpus)),
+            streams_per_gpu=max(1, int(self.streams_per_gpu)),
         )
         now = time.time()
         command_id = send_command(

@@ -184,14 +184,15 @@ def _wire(settings: Settings, selection: Selection) -> None:
             return PokeReturnValue(is_done=ready, xcom_value=acquired)
 
         @task(**by_lane)
-        def install_cli(acquired: dict[str, str]) -> None:
+        def install_cli(acquired: dict[str, str]) -> int:
             """Install the AWS CLI on the instance unless `aws --version` already works there (with
-            VOD_SR_SKIP_CLI_INSTALL, only check that it does). A retry first cancels the earlier try's command."""
+            VOD_SR_SKIP_CLI_INSTALL, only check that it does), and count its GPUs (`nvidia-smi -L`) in the same
+            command: run_chunks keeps every GPU slot busy. A retry first cancels the earlier try's command."""
             _name_lane(label=acquired.get("label", ""))
             from include.vod_sr.aws import aws_client
             from include.vod_sr.commands import run_and_wait
             from include.vod_sr.instance import command_comment, refresh_lease
-            from include.vod_sr.script import CHECK_CLI_SCRIPT, install_cli_script
+            from include.vod_sr.script import check_cli_script, install_cli_script, parse_gpu_count
 
             ec2 = aws_client("ec2", settings.aws_conn_id)
             refresh_lease(ec2, acquired["instance_id"], acquired["lease_id"], get_current_context()["run_id"])
@@ -199,9 +200,9 @@ def _wire(settings: Settings, selection: Selection) -> None:
                 aws_client("ssm", settings.aws_conn_id),
                 acquired["instance_id"],
                 # apt may wait two thirds of the timeout for its locks; the rest is for the download and the install.
-                CHECK_CLI_SCRIPT
+                check_cli_script(count_gpus=True)
                 if settings.skip_cli_install
-                else install_cli_script(lock_wait=settings.install_cli_timeout * 2 // 3),
+                else install_cli_script(lock_wait=settings.install_cli_timeout * 2 // 3, count_gpus=True),
                 comment=command_comment(acquired["lease_id"], "install AWS CLI"),
                 timeout=settings.install_cli_timeout,
                 poll_interval=settings.poll_interval,
@@ -211,19 +212,11 @@ def _wire(settings: Settings, selection: Selection) -> None:
                 s3=aws_client("s3", settings.aws_conn_id),
             )
             print(invocation["StandardOutputContent"])
-
-        run_chunks = RunChunksOperator(
-            task_id="run_chunks",
-            lane=lane,
-            poll_interval=settings.poll_interval,
-            delivery_timeout=settings.command_delivery_timeout,
-            release_timeout=settings.instance_state_timeout,
-            aws_conn_id=settings.aws_conn_id,
-            # A worker lost mid-task is retried: the retry re-attaches to the chunks SSM already has for this run
-            # and sends only the others (RunChunksOperator._reattach). Failed chunks fail it for good.
-            retries=2,
-            map_index_template="{{ task.lane.label | default('') }}",
-        )
+            try:
+                return parse_gpu_count(invocation["StandardOutputContent"])
+            except ValueError:  # the count comes first, so only output cut short loses it: run one slot
+                print("No GPU count in the output; running one chunk at a time on this instance")
+                return 1
 
         @task(trigger_rule="all_done", **by_lane)
         def verify(lane: dict[str, Any]) -> dict[str, Any]:
@@ -289,7 +282,22 @@ def _wire(settings: Settings, selection: Selection) -> None:
             return outcome
 
         acquired = acquire(lane)
-        install_cli(wait_for_agent(acquired)) >> run_chunks
+        # install_cli counts the instance's GPUs; run_chunks keeps every slot (GPU x streams) busy.
+        gpus = install_cli(wait_for_agent(acquired))
+        run_chunks = RunChunksOperator(
+            task_id="run_chunks",
+            lane=lane,
+            gpus=gpus,
+            streams_per_gpu=settings.streams_per_gpu,
+            poll_interval=settings.poll_interval,
+            delivery_timeout=settings.command_delivery_timeout,
+            release_timeout=settings.instance_state_timeout,
+            aws_conn_id=settings.aws_conn_id,
+            # A worker lost mid-task is retried: the retry re-attaches to the chunks SSM already has for this run
+            # and sends only the others (RunChunksOperator._reattach). Failed chunks fail it for good.
+            retries=2,
+            map_index_template="{{ task.lane.label | default('') }}",
+        )
         # The instance is released as soon as its commands end; verify needs only S3 and runs beside the stop.
         # Verify stays outside the setup's scope so it still reports a lane whose instance never started. The
         # teardown is never downstream of the report: with on_failure_fail_dagrun it would then be the only task

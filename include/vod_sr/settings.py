@@ -122,6 +122,8 @@ class Settings:
     # Runs of one DAG share its GPU instances: a second run would wait for the GPU with its execution timeouts
     # already ticking. One at a time queues it visibly instead; raise it when runs name disjoint instances.
     max_active_runs: int = 1
+    # SR streams per GPU: each GPU slot runs one chunk at a time (script.py). 1 is the safe choice for vendor SR.
+    streams_per_gpu: int = 1
     # Seconds an output's duration may differ from its source's before verify fails the file.
     duration_tolerance: float = 0.5
     # The Airflow pool of every vod-sr task: a pool of its own caps how many of them call EC2 and SSM at once
@@ -171,6 +173,7 @@ class Settings:
             command_delivery_timeout=_env_int("VOD_SR_COMMAND_DELIVERY_TIMEOUT", defaults.command_delivery_timeout),
             start_retry_delay=_env_int("VOD_SR_START_RETRY_DELAY", defaults.start_retry_delay),
             max_active_runs=_env_int("VOD_SR_MAX_ACTIVE_RUNS", defaults.max_active_runs),
+            streams_per_gpu=_env_int("VOD_SR_STREAMS_PER_GPU", defaults.streams_per_gpu),
             duration_tolerance=_env_float("VOD_SR_DURATION_TOLERANCE", defaults.duration_tolerance),
             pool=os.environ.get("VOD_SR_POOL", "").strip() or defaults.pool,
             nightly_prefixes=_env_list("VOD_SR_NIGHTLY_PREFIXES"),
