@@ -9,42 +9,62 @@ measures from the emulator's own records (instance running intervals, command ru
 - AWS API calls per file, split into sends, polls, S3, EC2 (target <= 3 per file without polls), and polls per
   minute at two batch sizes (should not grow with files);
 - plan time and chunk/mapped counts for 10,000 sources under a prefix (targets <= 20 s, <= 1024);
+- planning 1,000,000 sources from a manifest, in a fresh child process, against an in-process S3 STAND-IN for the
+  listing (the emulator cannot hold a million objects quickly): the planner's own time and peak RSS (targets <= 60 s,
+  <= 1 GiB), and the XCom bytes of what the plan task returns at 1,000 / 100,000 / 1,000,000 files;
 - DAG file parse time over a bare `import airflow.sdk` (target <= 0.3 s);
 - the same 20-file batch through a DAG of stock provider operators (benchmarks/baseline_stock_operators.py).
 
-Prints the figures and writes them to bench-results.json. Not a test: nothing here asserts.
+Each step's figures are merged into bench-results.json as soon as they are taken, with `status` ("partial" until
+every step has figures, then "complete"), `failed_steps` (step -> error) and `targets` (figure, target, met). A step
+that fails is recorded and the next steps still run; whatever the bench started is stopped however it ends.
+`--only plan_1m[,parse...]` runs some steps and merges their figures into the existing file.
+
+Not a test: nothing here asserts. Exits 1 when a step failed.
 """
 
 from __future__ import annotations
 
+import argparse
+import bisect
+import contextlib
+import io
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections import Counter
-from datetime import datetime
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from include.local_aws.airflow_stack import AirflowStack, Backend
-from include.local_aws.services import PostgresServer
-from include.local_aws.world import (
-    OUTPUT_BUCKET,
-    REPO_ROOT,
-    SOURCE_BUCKET,
-    EmulatorProcess,
-    airflow_env,
-    boto_client,
-    create_world,
-    make_sample_clip,
-)
+if TYPE_CHECKING:  # the heavy imports are made where used: the planning child process stays lean
+    from include.local_aws.airflow_stack import AirflowStack
+    from include.local_aws.world import EmulatorProcess
+    from include.vod_sr.plan import BatchPlan
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULTS_PATH = REPO_ROOT / "bench-results.json"
 POLL_INTERVAL = 2  # seconds; production default is 15 (see the note printed with the results)
 POLL_ACTIONS = {"GetCommandInvocation", "ListCommandInvocations", "DescribeInstanceInformation", "DescribeInstances"}
 EC2_ACTIONS = {"StartInstances", "StopInstances", "CreateTags", "DeleteTags", "DescribeTags"}
+
+RUN_STEPS = ("vod_sr_20_files", "vod_sr_40_files", "vod_sr_20_files_30s", "baseline_20_files")  # need Airflow
+EMULATOR_STEPS = (*RUN_STEPS, "plan_10000")  # need the emulator
+STEPS = ("parse", "plan_1m", *EMULATOR_STEPS)  # in the order they run
+
+PLAN_SIZES = (1_000, 100_000, 1_000_000)  # files planned from a manifest by the plan_1m step (one child each)
+PLAN_CHILD_TIMEOUT = 900  # seconds; the target is 60
+
+
+# --- the figures -------------------------------------------------------------------------------------------------
 
 
 def union_seconds(intervals: list[tuple[float, float]]) -> float:
@@ -76,14 +96,42 @@ def classify(calls: list[dict[str, Any]]) -> Counter[str]:
     return kinds
 
 
+def with_retries(call: Callable[[], Any], what: str, attempts: int = 6, backoff: float = 1.0) -> Any:
+    """`call()`, tried again (1, 2, 4, 8, 16 s apart) when the emulator's control API times out, is unreachable or
+    answers 5xx; like AirflowStack.api for the Airflow API."""
+    import http.client
+    import urllib.error
+
+    for attempt in range(1, attempts + 1):
+        try:
+            return call()
+        except urllib.error.HTTPError as error:
+            if error.code < 500 or attempt == attempts:
+                raise
+            last: Exception = error
+        except (OSError, http.client.HTTPException) as error:
+            if attempt == attempts:
+                raise RuntimeError(f"{what}: no answer after {attempts} attempts; last error: {error!r}") from error
+            last = error
+        print(f"    {what}: {last!r}; trying again", flush=True)
+        time.sleep(backoff * 2 ** (attempt - 1))
+    raise AssertionError("unreachable")
+
+
 def measure_run(
     stack: AirflowStack, emulator: EmulatorProcess, instance_id: str, dag_id: str, conf: dict[str, Any], files: int
 ) -> dict[str, Any]:
     run_id = stack.trigger(conf, dag_id)
-    state = stack.wait_for_run(run_id, 1800, dag_id)
+    try:
+        state = stack.wait_for_run(run_id, 1800, dag_id)
+    except Exception:
+        # A run left going would hold the instance and skew the next step's figures: end it (best effort).
+        with contextlib.suppress(Exception):
+            stack.api("PATCH", f"/dags/{dag_id}/dagRuns/{run_id}", {"state": "failed"})
+        raise
     run = stack.run(run_id, dag_id)
     started, ended = parse_time(run["start_date"]), parse_time(run["end_date"])
-    timeline = emulator.timeline()[instance_id]
+    timeline = with_retries(emulator.timeline, "emulator timeline")[instance_id]
     in_run = [(s, e if e is not None else ended) for s, e in timeline["running"] if s >= started]
     running = union_seconds(in_run)
     sr_runs = [
@@ -94,7 +142,7 @@ def measure_run(
     sr_seconds = union_seconds(sr_runs)
     head = min(s for s, _ in sr_runs) - min(s for s, _ in in_run) if sr_runs and in_run else None
     tail = max(e for _, e in in_run) - max(e for _, e in sr_runs) if sr_runs and in_run else None
-    calls = [c for c in emulator.calls() if started - 1 <= c["time"] <= ended + 1]
+    calls = [c for c in with_retries(emulator.calls, "emulator calls") if started - 1 <= c["time"] <= ended + 1]
     kinds = classify(calls)
     wall = ended - started
     status_polls = sum(1 for c in calls if c["action"] in ("GetCommandInvocation", "ListCommandInvocations"))
@@ -121,9 +169,18 @@ def measure_run(
     }
 
 
+def xcom_bytes(plan: BatchPlan) -> int:
+    """Bytes of XCom the plan task writes for `plan`: its return value and its "summary" key.
+
+    Today: every lane with its chunks' file lists, plus the summary (O(chunks)); the per-lane model entry the task
+    adds is left out (a few hundred bytes). Update this when the plan task's return value changes."""
+    return len(json.dumps(plan.lanes())) + len(json.dumps(plan.summary()))
+
+
 def plan_at_scale(endpoint_url: str, count: int = 10_000) -> dict[str, Any]:
     from concurrent.futures import ThreadPoolExecutor
 
+    from include.local_aws.world import OUTPUT_BUCKET, SOURCE_BUCKET, boto_client
     from include.vod_sr.plan import BatchRequest, plan_batch
 
     s3 = boto_client("s3", endpoint_url)
@@ -149,7 +206,7 @@ def plan_at_scale(endpoint_url: str, count: int = 10_000) -> dict[str, Any]:
         "plan_seconds": round(seconds, 2),
         "chunks": len(plan.chunks),
         "mapped_task_instances_per_task": len(plan.lanes()),
-        "xcom_bytes": len(json.dumps(plan.lanes())),
+        "xcom_bytes": xcom_bytes(plan),
     }
 
 
@@ -160,7 +217,9 @@ def parse_overhead(repeats: int = 7) -> dict[str, Any]:
     )
     samples = []
     for _ in range(repeats):
-        out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True, timeout=300
+        )
         samples.append([float(x) for x in out.stdout.split()[-2:]])
     return {
         "import_airflow_sdk_seconds": round(statistics.median(s[0] for s in samples), 3),
@@ -168,92 +227,584 @@ def parse_overhead(repeats: int = 7) -> dict[str, Any]:
     }
 
 
-def main() -> int:
-    work = Path(tempfile.mkdtemp(prefix="vod-sr-bench-"))
-    results: dict[str, Any] = {"poll_interval_seconds": POLL_INTERVAL}
-    print("==> DAG parse time", flush=True)
-    results["parse"] = parse_overhead()
-    # PostgreSQL, not SQLite: the baseline's 20 concurrent task processes had SQLite's scheduler die with "database
-    # is locked". One machine, so the LocalExecutor; the full-stack tests cover Celery.
-    with EmulatorProcess(work / "emulator") as emulator, PostgresServer() as postgres:
-        vod_instance, baseline_instance = create_world(emulator.endpoint_url), create_world(emulator.endpoint_url)
-        clip = make_sample_clip(work / "clip.mp4")
-        long_clip = make_sample_clip(work / "clip-30s.mp4", seconds=30)
-        s3 = boto_client("s3", emulator.endpoint_url)
-        keys = [f"bench/clip-{n:02}.mp4" for n in range(40)]
-        long_keys = [f"bench-30s/clip-{n:02}.mp4" for n in range(20)]
-        for key in keys:
-            s3.upload_file(str(clip), SOURCE_BUCKET, key)
-        for key in long_keys:
-            s3.upload_file(str(long_clip), SOURCE_BUCKET, key)
+# --- planning a million sources: the S3 stand-in and the child process -----------------------------------------
 
-        dags = work / "dags"
-        dags.mkdir()
-        (dags / "vod_sr_batch.py").symlink_to(REPO_ROOT / "dags" / "vod_sr_batch.py")
-        (dags / "baseline_stock_operators.py").symlink_to(REPO_ROOT / "benchmarks" / "baseline_stock_operators.py")
-        env = {**os.environ, **airflow_env(emulator.endpoint_url, vod_instance, poll_interval=POLL_INTERVAL)}
-        print("==> Starting Airflow on PostgreSQL (API server, scheduler, dag-processor, triggerer)", flush=True)
-        backend = Backend(database_url=postgres.url(postgres.create_database()))
-        stack = AirflowStack(work / "airflow", env, dags_folder=dags, parallelism=32, backend=backend)
-        try:
-            stack.start(dag_ids=("vod_sr_batch", "baseline_stock_operators"))
-            batches = {"vod_sr_20_files": keys[:20], "vod_sr_40_files": keys, "vod_sr_20_files_30s": long_keys}
-            for name, batch in batches.items():
-                print(f"==> vod_sr_batch: {name}", flush=True)
-                conf = {"sources": batch, "model": "cpu", "overwrite": True}
-                results[name] = measure_run(stack, emulator, vod_instance, "vod_sr_batch", conf, len(batch))
-            print(
-                "==> baseline_stock_operators, 20 files (stock intervals: 15 s EC2 checks, 120 s SSM pokes)", flush=True
-            )
-            results["baseline_20_files"] = measure_run(
-                stack,
-                emulator,
-                baseline_instance,
-                "baseline_stock_operators",
-                {
-                    "sources": keys[:20],
-                    "source_bucket": SOURCE_BUCKET,
-                    "output_bucket": OUTPUT_BUCKET,
-                    "instance_id": baseline_instance,
-                },
-                20,
-            )
-        finally:
-            stack.stop()
-        print("==> plan for 10,000 sources under a prefix", flush=True)
-        results["plan_10000"] = plan_at_scale(emulator.endpoint_url)
+STAND_IN_SOURCE_BUCKET = "stand-in-source"
+STAND_IN_OUTPUT_BUCKET = "stand-in-output"
+STAND_IN_MANIFEST = "manifests/backfill.txt"
+STAND_IN_FOLDERS = ("library/2019/masters/", "library/2020/masters/", "library/2021/masters/", "library/2022/masters/")
+STAND_IN_INSTANCES = ("i-0aaaaaaaaaaaaaaa1", "i-0aaaaaaaaaaaaaaa2", "i-0aaaaaaaaaaaaaaa3", "i-0aaaaaaaaaaaaaaa4")
 
-    ours, base = results["vod_sr_20_files"], results["baseline_20_files"]
-    results["baseline_over_vod_sr"] = {
-        "wall_time": round(base["wall_seconds"] / ours["wall_seconds"], 2),
-        "instance_running_time": round(base["instance_running_seconds"] / ours["instance_running_seconds"], 2),
-        "api_calls": round(base["calls_total"] / ours["calls_total"], 2),
+
+class _FolderKeys:
+    """The sorted keys of one stand-in folder as a read-only sequence (made on demand: bisect works on it)."""
+
+    def __init__(self, folder: str, count: int) -> None:
+        self.folder, self.count = folder, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, n: int) -> str:
+        return f"{self.folder}title-{n:07}-master.mp4"  # zero-padded: string order is number order
+
+
+class S3ListingStandIn:
+    """A STAND-IN for the S3 client, in process, for the plan_1m measurement only: `files` synthetic video objects
+    spread over a few folders of one bucket, a manifest naming them all, and an empty output bucket.
+
+    It answers what plan_batch calls (get_object for the manifest, the list_objects_v2 paginator with Prefix and
+    StartAfter, 1,000 keys a page in S3's order, head_bucket) with listing entries shaped like botocore's (a new dict,
+    datetime and strings per object). Keys are made as pages are read, so the stand-in holds nothing but the
+    manifest: what is measured is the planner's own CPU and memory, not S3's latency nor botocore's XML parsing
+    (1,000 real ListObjectsV2 pages for a million keys add their own time). `seconds` is the time spent making
+    pages, to take off the planner's figure."""
+
+    class exceptions:
+        class NoSuchBucket(Exception):
+            pass
+
+    PAGE_SIZE = 1_000
+
+    def __init__(self, files: int, folders: tuple[str, ...] = STAND_IN_FOLDERS) -> None:
+        share, extra = divmod(files, len(folders))
+        self.folders = [_FolderKeys(f, share + (n < extra)) for n, f in enumerate(sorted(folders))]
+        self.seconds = 0.0
+        self.pages = 0
+        body = io.BytesIO()
+        for keys in self.folders:
+            for start in range(0, len(keys), 10_000):  # a batch at a time: no million-string list behind the peak
+                body.write("".join(keys[n] + "\n" for n in range(start, min(start + 10_000, len(keys)))).encode())
+        self.manifest = body.getvalue()
+
+    def get_object(self, Bucket: str, Key: str) -> dict[str, Any]:
+        assert (Bucket, Key) == (STAND_IN_SOURCE_BUCKET, STAND_IN_MANIFEST), (Bucket, Key)
+        return {"Body": io.BytesIO(self.manifest), "ContentLength": len(self.manifest)}
+
+    def head_bucket(self, Bucket: str) -> dict[str, Any]:
+        if Bucket not in (STAND_IN_SOURCE_BUCKET, STAND_IN_OUTPUT_BUCKET):
+            raise self.exceptions.NoSuchBucket(Bucket)
+        return {}
+
+    def get_paginator(self, operation: str) -> S3ListingStandIn:
+        assert operation == "list_objects_v2", operation
+        return self
+
+    def paginate(self, Bucket: str, Prefix: str = "", StartAfter: str = "", **_: Any) -> Iterator[dict[str, Any]]:
+        if Bucket == STAND_IN_OUTPUT_BUCKET:  # nothing done yet
+            self.pages += 1
+            yield {"KeyCount": 0, "IsTruncated": False}
+            return
+        if Bucket != STAND_IN_SOURCE_BUCKET:
+            raise self.exceptions.NoSuchBucket(Bucket)
+        page: list[dict[str, Any]] = []
+        began = time.perf_counter()
+        for keys in self.folders:
+            if not (keys.folder.startswith(Prefix) or Prefix.startswith(keys.folder)):
+                continue
+            n = max(bisect.bisect_left(keys, Prefix), bisect.bisect_right(keys, StartAfter))
+            while n < len(keys) and (key := keys[n]).startswith(Prefix):
+                page.append(
+                    {
+                        "Key": key,
+                        "LastModified": datetime(2024, 1, 1, 0, 0, n % 60, tzinfo=UTC),
+                        "ETag": f'"{n:032x}"',
+                        "Size": 50_000_000 + n,
+                        "StorageClass": b"STANDARD".decode(),
+                    }
+                )
+                n += 1
+                if len(page) == self.PAGE_SIZE:
+                    self.seconds += time.perf_counter() - began
+                    self.pages += 1
+                    yield {"Contents": page, "KeyCount": len(page), "IsTruncated": True}
+                    page, began = [], time.perf_counter()
+        self.seconds += time.perf_counter() - began
+        self.pages += 1
+        yield {"Contents": page, "KeyCount": len(page), "IsTruncated": False} if page else {"KeyCount": 0}
+
+
+def max_rss_mib() -> float:
+    """This process's peak resident set so far (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def plan_child(files: int, profile: bool = False) -> dict[str, Any]:
+    """Plan `files` sources named by a manifest against the stand-in, in this (fresh) process; the figures."""
+    from include.vod_sr.plan import BatchRequest, plan_batch
+
+    rss_imports = max_rss_mib()
+    s3 = S3ListingStandIn(files)
+    request = BatchRequest.from_params(
+        {
+            "manifest": STAND_IN_MANIFEST,
+            "model": "cpu",
+            "source_bucket": STAND_IN_SOURCE_BUCKET,
+            "output_bucket": STAND_IN_OUTPUT_BUCKET,
+            "instance_ids": list(STAND_IN_INSTANCES),
+        }
+    )
+    rss_before = max_rss_mib()
+    profiler = None
+    if profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+    started, cpu_started = time.perf_counter(), time.process_time()
+    plan = plan_batch(request, s3, run_token="bench")
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
+    if profiler is not None:
+        import pstats
+
+        profiler.disable()
+        for order in ("cumulative", "tottime"):
+            out = io.StringIO()
+            pstats.Stats(profiler, stream=out).sort_stats(order).print_stats(15)
+            print(out.getvalue(), file=sys.stderr)
+    rss_plan = max_rss_mib()
+    started = time.perf_counter()
+    size = xcom_bytes(plan)
+    xcom_seconds = time.perf_counter() - started
+    return {
+        "files": plan.file_count,
+        "chunks": len(plan.chunks),
+        "files_per_chunk": max((len(c.files) for c in plan.chunks), default=0),
+        "lanes": len(plan.lanes()),
+        "manifest_bytes": len(s3.manifest),
+        "seconds": round(seconds, 2),
+        "cpu_seconds": round(cpu_seconds, 2),  # the same work on a busy machine: wall time grows, this does not
+        "stand_in_seconds": round(s3.seconds, 2),
+        "planner_seconds_without_stand_in": round(seconds - s3.seconds, 2),
+        "listing_pages": s3.pages,
+        "peak_rss_mib": round(rss_plan, 1),
+        "rss_after_imports_mib": round(rss_imports, 1),
+        "rss_before_plan_mib": round(rss_before, 1),
+        "xcom_bytes": size,
+        "xcom_serialize_seconds": round(xcom_seconds, 2),
+        "peak_rss_with_xcom_mib": round(max_rss_mib(), 1),
+        "profiled": profile,
     }
-    (REPO_ROOT / "bench-results.json").write_text(json.dumps(results, indent=2))
-    print_summary(results)
-    return 0
+
+
+def run_plan_child(files: int, profile: bool = False) -> dict[str, Any]:
+    """plan_child(files) in a fresh Python process: its ru_maxrss is the planning's alone."""
+    command = [sys.executable, "-m", "scripts.bench", "--plan-child", str(files), *(["--profile"] if profile else [])]
+    try:
+        out = subprocess.run(
+            command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=PLAN_CHILD_TIMEOUT, start_new_session=True
+        )
+    except subprocess.TimeoutExpired as error:
+        raise RuntimeError(f"planning {files:,} sources took over {PLAN_CHILD_TIMEOUT} s") from error
+    if profile:
+        print(out.stderr, flush=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"planning {files:,} sources failed ({out.returncode}):\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def botocore_page_parse_seconds(repeats: int = 10) -> float:
+    """CPU seconds botocore takes to parse one ListObjectsV2 page of 1,000 keys like the stand-in's (what a real
+    client adds per page, before any network time; the stand-in skips it)."""
+    import botocore.session
+    from botocore.parsers import RestXMLParser
+
+    shape = botocore.session.get_session().get_service_model("s3").operation_model("ListObjectsV2").output_shape
+    keys = _FolderKeys(STAND_IN_FOLDERS[0], 1_000)
+    contents = "".join(
+        f"<Contents><Key>{keys[n]}</Key><LastModified>2024-01-01T00:00:{n % 60:02}.000Z</LastModified>"
+        f"<ETag>&quot;{n:032x}&quot;</ETag><Size>{50_000_000 + n}</Size><StorageClass>STANDARD</StorageClass></Contents>"
+        for n in range(len(keys))
+    )
+    body = (
+        '<?xml version="1.0" encoding="UTF-8"?><ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">'
+        f"<Name>{STAND_IN_SOURCE_BUCKET}</Name><KeyCount>1000</KeyCount><MaxKeys>1000</MaxKeys>"
+        f"<IsTruncated>true</IsTruncated>{contents}</ListBucketResult>"
+    ).encode()
+    parser = RestXMLParser()
+    started = time.process_time()
+    for _ in range(repeats):
+        parser.parse({"body": body, "headers": {}, "status_code": 200}, shape)
+    return (time.process_time() - started) / repeats
+
+
+def plan_manifest_scale(profile: bool = False) -> dict[str, Any]:
+    by_files = {}
+    for files in PLAN_SIZES:
+        print(f"    {files:,} sources", flush=True)
+        by_files[str(files)] = run_plan_child(files)
+    largest = by_files[str(PLAN_SIZES[-1])]
+    if profile:
+        print(f"    cProfile of planning {PLAN_SIZES[-1]:,} sources (a separate run; profiling slows it)", flush=True)
+        run_plan_child(PLAN_SIZES[-1], profile=True)
+    per_page = botocore_page_parse_seconds()
+    return {
+        "source": "manifest (.txt, one key a line) against an in-process S3 stand-in, not the emulator nor S3",
+        "note": "the planner's own CPU time and memory; S3's latency and botocore's parsing of the listing pages "
+        "are not in them (botocore_* is an estimate of the parsing)",
+        "instances": len(STAND_IN_INSTANCES),
+        "folders": len(STAND_IN_FOLDERS),
+        **largest,
+        "botocore_parse_seconds_per_page": round(per_page, 4),
+        "botocore_parse_seconds_estimate": round(per_page * largest["listing_pages"], 1),
+        "by_files": by_files,
+    }
+
+
+# --- the steps, the results file, the summary ---------------------------------------------------------------------
+
+
+def target(r: dict[str, Any], step: str, figure: str, op: str, limit: float) -> dict[str, Any]:
+    """`figure` of `step`'s results beside its target; when it was measured (None: by an older bench)."""
+    value = dig(r, step, figure)
+    met = (
+        {"<=": value <= limit, "<": value < limit, ">=": value >= limit}[op] if isinstance(value, int | float) else None
+    )
+    return {
+        "value": value,
+        "target": f"{op} {limit:g}",
+        "met": met,
+        "step": step,
+        "measured_at": dig(r, "steps", step, "at") if value is not None else None,
+    }
+
+
+def dig(results: Any, *path: str) -> Any:
+    for key in path:
+        if not isinstance(results, dict) or key not in results:
+            return None
+        results = results[key]
+    return results
+
+
+def targets(r: dict[str, Any]) -> dict[str, Any]:
+    """Each figure with a target, under a name a reader can look up; value None: not measured (yet)."""
+    xcom = {files: dig(r, "plan_1m", "by_files", files, "xcom_bytes") for files in map(str, PLAN_SIZES)}
+    return {
+        "busy_ratio_20_files": target(r, "vod_sr_20_files", "busy_ratio", ">=", 0.90),
+        "overhead_per_file_seconds_20_files": target(r, "vod_sr_20_files", "overhead_per_file_seconds", "<", 1),
+        "api_calls_per_file_without_polls_20_files": target(
+            r, "vod_sr_20_files", "calls_per_file_without_polls", "<=", 3
+        ),
+        "plan_10000_seconds": target(r, "plan_10000", "plan_seconds", "<=", 20),
+        "plan_10000_chunks": target(r, "plan_10000", "chunks", "<=", 1024),
+        "plan_1m_seconds": target(r, "plan_1m", "seconds", "<=", 60),
+        "plan_1m_peak_rss_mib": target(r, "plan_1m", "peak_rss_mib", "<=", 1024),
+        "xcom_bytes_per_run": {
+            "value": xcom,
+            "target": None,
+            "met": None,
+            "step": "plan_1m",
+            "measured_at": dig(r, "steps", "plan_1m", "at") if any(xcom.values()) else None,
+            "note": "files -> bytes the plan task writes to XCom (bench.xcom_bytes); no target set",
+        },
+        "dag_parse_over_sdk_seconds": target(r, "parse", "dag_file_over_sdk_seconds", "<=", 0.3),
+    }
+
+
+class Results:
+    """bench-results.json, rewritten after every step. A full run starts it afresh; `--only` merges into it."""
+
+    def __init__(self, path: Path, merge: bool = False) -> None:
+        self.path = path
+        self.data: dict[str, Any] = {}
+        if merge and path.exists():
+            with contextlib.suppress(ValueError):
+                self.data = json.loads(path.read_text())
+        self.data.setdefault("steps", {})
+        self.data.setdefault("failed_steps", {})
+        self.data["poll_interval_seconds"] = POLL_INTERVAL
+
+    def record(self, step: str, measure: Callable[[], Any]) -> bool:
+        """Run `measure` and write its figures (or its error) into the file at once; whether it succeeded."""
+        print(f"==> {step}", flush=True)
+        started = time.monotonic()
+        try:
+            figures = measure()
+        except Exception as error:
+            traceback.print_exc()
+            self.fail(step, f"{type(error).__name__}: {error}", time.monotonic() - started)
+            return False
+        self.data[step] = figures
+        self.data["steps"][step] = {"status": "ok", "seconds": round(time.monotonic() - started, 1), "at": now()}
+        self.data["failed_steps"].pop(step, None)
+        self.write()
+        return True
+
+    def fail(self, step: str, error: str, seconds: float = 0.0) -> None:
+        print(f"==> {step} FAILED: {error.splitlines()[0] if error else ''}", flush=True)
+        self.data.pop(step, None)  # no figures from another run left beside a failure
+        self.data["steps"][step] = {"status": "failed", "seconds": round(seconds, 1), "at": now()}
+        self.data["failed_steps"][step] = error[-4000:]
+        self.write()
+
+    def write(self) -> None:
+        data = self.data
+        done = all(dig(data, "steps", step, "status") == "ok" for step in STEPS)
+        data["status"] = "complete" if done and not data["failed_steps"] else "partial"
+        ours, base = data.get("vod_sr_20_files") or {}, data.get("baseline_20_files") or {}
+        ratios = {
+            "wall_time": "wall_seconds",
+            "instance_running_time": "instance_running_seconds",
+            "api_calls": "calls_total",
+        }
+        if all(ours.get(key) and base.get(key) is not None for key in ratios.values()):
+            data["baseline_over_vod_sr"] = {name: round(base[key] / ours[key], 2) for name, key in ratios.items()}
+        else:
+            data.pop("baseline_over_vod_sr", None)
+        data["targets"] = targets(data)
+        ordered = {k: data[k] for k in ("status", "failed_steps", "targets", "steps") if k in data}
+        temporary = self.path.with_name(self.path.name + ".tmp")
+        temporary.write_text(json.dumps({**ordered, **data}, indent=2) + "\n")
+        os.replace(temporary, self.path)
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def run_steps(results: Results, selected: list[str], work: Path, profile: bool = False) -> None:
+    """The selected steps, in order; each failure is recorded and the rest go on. Everything started here is stopped
+    before this returns or raises (the emulator, PostgreSQL, every Airflow component)."""
+    if "parse" in selected:
+        results.record("parse", parse_overhead)
+    if "plan_1m" in selected:
+        results.record("plan_1m", lambda: plan_manifest_scale(profile))
+    emulator_steps = [s for s in EMULATOR_STEPS if s in selected]
+    if not emulator_steps:
+        return
+    from include.local_aws.world import (
+        OUTPUT_BUCKET,
+        SOURCE_BUCKET,
+        EmulatorProcess,
+        boto_client,
+        create_world,
+        make_sample_clip,
+    )
+
+    with contextlib.ExitStack() as cleanup:
+        emulator = EmulatorProcess(work / "emulator")
+        cleanup.callback(emulator.stop)
+        try:
+            print("==> Starting the emulator", flush=True)
+            emulator.start()
+            vod_instance, baseline_instance = create_world(emulator.endpoint_url), create_world(emulator.endpoint_url)
+            keys = [f"bench/clip-{n:02}.mp4" for n in range(40)]
+            long_keys = [f"bench-30s/clip-{n:02}.mp4" for n in range(20)]
+            if any(s in RUN_STEPS for s in selected):
+                clip = make_sample_clip(work / "clip.mp4")
+                long_clip = make_sample_clip(work / "clip-30s.mp4", seconds=30)
+                s3 = boto_client("s3", emulator.endpoint_url)
+                for key in keys:
+                    s3.upload_file(str(clip), SOURCE_BUCKET, key)
+                for key in long_keys:
+                    s3.upload_file(str(long_clip), SOURCE_BUCKET, key)
+        except Exception as error:
+            traceback.print_exc()
+            for step in emulator_steps:
+                results.fail(step, f"the emulator could not be set up: {type(error).__name__}: {error}")
+            return
+
+        run_steps_selected = [s for s in RUN_STEPS if s in selected]
+        if run_steps_selected:
+            with contextlib.ExitStack() as airflow:
+                try:
+                    stack = start_stack(airflow, work, emulator.endpoint_url, vod_instance)
+                except Exception as error:
+                    traceback.print_exc()
+                    for step in run_steps_selected:
+                        results.fail(step, f"Airflow could not be started: {type(error).__name__}: {error}")
+                    stack = None
+                if stack is not None:
+                    batches = {"vod_sr_20_files": keys[:20], "vod_sr_40_files": keys, "vod_sr_20_files_30s": long_keys}
+                    for name, batch in batches.items():
+                        if name in selected:
+                            conf = {"sources": batch, "model": "cpu", "overwrite": True}
+                            measure = partial(
+                                measure_run, stack, emulator, vod_instance, "vod_sr_batch", conf, len(batch)
+                            )
+                            results.record(name, measure)
+                    if "baseline_20_files" in selected:
+                        print("    stock intervals: 15 s EC2 checks, 120 s SSM pokes", flush=True)
+                        baseline_conf = {
+                            "sources": keys[:20],
+                            "source_bucket": SOURCE_BUCKET,
+                            "output_bucket": OUTPUT_BUCKET,
+                            "instance_id": baseline_instance,
+                        }
+                        results.record(
+                            "baseline_20_files",
+                            lambda: measure_run(
+                                stack, emulator, baseline_instance, "baseline_stock_operators", baseline_conf, 20
+                            ),
+                        )
+        if "plan_10000" in selected:  # after Airflow is stopped: the machine is quiet again
+            results.record("plan_10000", lambda: plan_at_scale(emulator.endpoint_url))
+
+
+def start_stack(cleanup: contextlib.ExitStack, work: Path, endpoint_url: str, instance_id: str) -> AirflowStack:
+    """Airflow on a throwaway PostgreSQL, both stopped by `cleanup`. PostgreSQL, not SQLite: the baseline's 20
+    concurrent task processes had SQLite's scheduler die with "database is locked". One machine, so the
+    LocalExecutor; the full-stack tests cover Celery."""
+    from include.local_aws.airflow_stack import AirflowStack, Backend
+    from include.local_aws.services import PostgresServer
+    from include.local_aws.world import airflow_env
+
+    postgres = PostgresServer()
+    cleanup.callback(postgres.stop)
+    postgres.start()
+    dags = work / "dags"
+    dags.mkdir(exist_ok=True)
+    for name, target_path in (
+        ("vod_sr_batch.py", REPO_ROOT / "dags" / "vod_sr_batch.py"),
+        ("baseline_stock_operators.py", REPO_ROOT / "benchmarks" / "baseline_stock_operators.py"),
+    ):
+        if not (dags / name).exists():
+            (dags / name).symlink_to(target_path)
+    env = {**os.environ, **airflow_env(endpoint_url, instance_id, poll_interval=POLL_INTERVAL)}
+    print("==> Starting Airflow on PostgreSQL (API server, scheduler, dag-processor, triggerer)", flush=True)
+    backend = Backend(database_url=postgres.url(postgres.create_database()))
+    stack = AirflowStack(work / "airflow", env, dags_folder=dags, parallelism=32, backend=backend)
+    cleanup.callback(stack.stop)
+    stack.start(dag_ids=("vod_sr_batch", "baseline_stock_operators"))
+    return stack
+
+
+def fmt(value: Any, unit: str = "") -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:g}{unit}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}{unit}"
+    return f"{value}{unit}"
 
 
 def print_summary(r: dict[str, Any]) -> None:
-    ours, ours40, long = r["vod_sr_20_files"], r["vod_sr_40_files"], r["vod_sr_20_files_30s"]
-    base, plan, parse = r["baseline_20_files"], r["plan_10000"], r["parse"]
-    print(f"""
-vod-sr benchmark (emulator, cpu model, poll interval {r["poll_interval_seconds"]} s; figures also in bench-results.json)
-20 files = 20 copies of the seed-like 10 s 640x480 clip on one instance, default chunk size (10).
+    """The figures beside their targets; "n/a" where a step was not run or failed (failed_steps says why)."""
+    t = r["targets"]
 
-  busy ratio, 20 files, 1 instance       {ours["busy_ratio"]}   (SR {ours["sr_command_seconds"]} s / running {ours["instance_running_seconds"]} s; target >= 0.90)
-    idle before first / after last chunk {ours["idle_before_first_chunk_seconds"]} s / {ours["idle_after_last_chunk_seconds"]} s
-    40 files; 20 files of 30 s clips     {ours40["busy_ratio"]}; {long["busy_ratio"]} (SR {long["sr_command_seconds"]} s / running {long["instance_running_seconds"]} s)
-  orchestration overhead per file        {ours["overhead_per_file_seconds"]} s   (wall {ours["wall_seconds"]} s; 40 files: {ours40["overhead_per_file_seconds"]} s; target < 1 s)
-  API calls per file without polls       {ours["calls_per_file_without_polls"]} (40 files: {ours40["calls_per_file_without_polls"]})   {ours["calls_per_file"]} (target <= 3)
-    of which the instance's own S3 I/O   {ours["instance_s3_calls_per_file"]}
-  polls per minute, 20 / 40 files        {ours["polls_per_minute"]} / {ours40["polls_per_minute"]} (command status: {ours["command_status_polls_per_minute"]} / {ours40["command_status_polls_per_minute"]})
-  plan, 10,000 sources under a prefix    {plan["plan_seconds"]} s, {plan["chunks"]} chunks, {plan["mapped_task_instances_per_task"]} mapped lane(s) (targets <= 20 s, <= 1024)
-  DAG parse over `import airflow.sdk`    {parse["dag_file_over_sdk_seconds"]} s (sdk itself {parse["import_airflow_sdk_seconds"]} s; target <= 0.3 s)
+    def row(label: str, name: str, unit: str = "", detail: str = "") -> str:
+        entry = t[name]
+        verdict = {True: "met", False: "MISSED", None: ""}[entry["met"]]
+        figure = f"{fmt(entry['value'], unit)}"
+        return f"  {label:<40} {figure:<12} target {entry['target']!s:<8} {verdict:<6} {detail}".rstrip()
 
-  stock operators, same 20 files         wall {base["wall_seconds"]} s, instance running {base["instance_running_seconds"]} s, busy {base["busy_ratio"]}, {base["calls_total"]} calls ({base["state"]})
-  baseline / vod-sr                      wall x{r["baseline_over_vod_sr"]["wall_time"]}, running x{r["baseline_over_vod_sr"]["instance_running_time"]}, calls x{r["baseline_over_vod_sr"]["api_calls"]}
-""")
+    ours, ours40, long = r.get("vod_sr_20_files", {}), r.get("vod_sr_40_files", {}), r.get("vod_sr_20_files_30s", {})
+    base, plan, plan1m = r.get("baseline_20_files", {}), r.get("plan_10000", {}), r.get("plan_1m", {})
+    ratio = r.get("baseline_over_vod_sr", {})
+    g = fmt
+    lines = [
+        "",
+        f"vod-sr benchmark ({r['status']}; emulator, cpu model, poll interval {r['poll_interval_seconds']} s; "
+        "figures also in bench-results.json)",
+        "20 files = 20 copies of the seed-like 10 s 640x480 clip on one instance, default chunk size (10).",
+        *(
+            [f"Measured now: {', '.join(only)}; the other figures are from earlier runs (steps.*.at in the file)."]
+            if (only := dig(r, "last_run", "only"))
+            else []
+        ),
+        "",
+        row(
+            "busy ratio, 20 files, 1 instance",
+            "busy_ratio_20_files",
+            detail=f"(SR {g(ours.get('sr_command_seconds'))} s / running {g(ours.get('instance_running_seconds'))} s)",
+        ),
+        f"    idle before first / after last chunk {g(ours.get('idle_before_first_chunk_seconds'))} s / "
+        f"{g(ours.get('idle_after_last_chunk_seconds'))} s",
+        f"    40 files; 20 files of 30 s clips     {g(ours40.get('busy_ratio'))}; {g(long.get('busy_ratio'))} "
+        f"(SR {g(long.get('sr_command_seconds'))} s / running {g(long.get('instance_running_seconds'))} s)",
+        row(
+            "orchestration overhead per file",
+            "overhead_per_file_seconds_20_files",
+            " s",
+            f"(wall {g(ours.get('wall_seconds'))} s; 40 files: {g(ours40.get('overhead_per_file_seconds'))} s)",
+        ),
+        row(
+            "API calls per file without polls",
+            "api_calls_per_file_without_polls_20_files",
+            detail=f"(40 files: {g(ours40.get('calls_per_file_without_polls'))}) {ours.get('calls_per_file', '')}",
+        ),
+        f"    of which the instance's own S3 I/O   {g(ours.get('instance_s3_calls_per_file'))}",
+        f"  polls per minute, 20 / 40 files        {g(ours.get('polls_per_minute'))} / "
+        f"{g(ours40.get('polls_per_minute'))} (command status: {g(ours.get('command_status_polls_per_minute'))} / "
+        f"{g(ours40.get('command_status_polls_per_minute'))}; should not grow with files)",
+        row("plan, 10,000 sources under a prefix", "plan_10000_seconds", " s"),
+        row(
+            "    chunks",
+            "plan_10000_chunks",
+            detail=f"({g(plan.get('mapped_task_instances_per_task'))} mapped lane(s))",
+        ),
+        row(
+            "plan, 1,000,000 sources from a manifest",
+            "plan_1m_seconds",
+            " s",
+            f"(CPU {g(plan1m.get('cpu_seconds'))} s; S3 stand-in: the planner's own cost, "
+            f"{g(plan1m.get('stand_in_seconds'))} s of it in the stand-in; "
+            f"real S3 adds latency and ~{g(plan1m.get('botocore_parse_seconds_estimate'))} s of botocore parsing)",
+        ),
+        row(
+            "    peak RSS of the planning process",
+            "plan_1m_peak_rss_mib",
+            " MiB",
+            f"(after imports {g(plan1m.get('rss_after_imports_mib'))} MiB; "
+            f"with the XCom serialized {g(plan1m.get('peak_rss_with_xcom_mib'))} MiB)",
+        ),
+        "  XCom bytes per run (plan task)         "
+        + ", ".join(f"{int(k):,} files: {fmt(v)}" for k, v in t["xcom_bytes_per_run"]["value"].items())
+        + "   (no target set)",
+        row(
+            "DAG parse over `import airflow.sdk`",
+            "dag_parse_over_sdk_seconds",
+            " s",
+            f"(sdk itself {g(dig(r, 'parse', 'import_airflow_sdk_seconds'))} s)",
+        ),
+        "",
+        f"  stock operators, same 20 files         wall {g(base.get('wall_seconds'))} s, instance running "
+        f"{g(base.get('instance_running_seconds'))} s, busy {g(base.get('busy_ratio'))}, {g(base.get('calls_total'))} "
+        f"calls ({g(base.get('state'))})",
+        f"  baseline / vod-sr                      wall x{g(ratio.get('wall_time'))}, running "
+        f"x{g(ratio.get('instance_running_time'))}, calls x{g(ratio.get('api_calls'))}",
+    ]
+    for step, error in r["failed_steps"].items():
+        lines.append(f"  FAILED {step}: {error.splitlines()[0] if error else ''}")
+    print("\n".join(lines) + "\n", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m scripts.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", help=f"comma-separated steps to run, of: {','.join(STEPS)}")
+    parser.add_argument("--profile", action="store_true", help="plan_1m: also print cProfile's top 15 (extra run)")
+    parser.add_argument("--results", type=Path, default=RESULTS_PATH, help="where the figures go")
+    parser.add_argument("--plan-child", type=int, help=argparse.SUPPRESS)  # internal: one planning, in a fresh process
+    args = parser.parse_args(argv)
+    if args.plan_child is not None:
+        print(json.dumps(plan_child(args.plan_child, args.profile)))
+        return 0
+    selected = list(STEPS)
+    if args.only:
+        selected = [s.strip() for s in args.only.split(",") if s.strip()]
+        unknown = [s for s in selected if s not in STEPS]
+        if unknown:
+            parser.error(f"unknown step(s) {', '.join(unknown)}; steps: {', '.join(STEPS)}")
+
+    # SIGTERM (make interrupted, a CI timeout) unwinds like Ctrl-C: the finally blocks stop what was started.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    results = Results(args.results, merge=bool(args.only))
+    results.data["last_run"] = {"started_at": now(), "only": selected if args.only else None}
+    results.write()
+    work = Path(tempfile.mkdtemp(prefix="vod-sr-bench-"))
+    try:
+        run_steps(results, selected, work, profile=args.profile)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        results.data["last_run"]["ended_at"] = now()
+        results.write()
+        print_summary(results.data)
+    failed = [s for s in selected if s in results.data["failed_steps"]]
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

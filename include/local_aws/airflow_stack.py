@@ -13,6 +13,7 @@ Each component runs in a process group of its own, with a hostname of its own (`
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import secrets
@@ -30,13 +31,17 @@ from typing import Any
 from include.local_aws.services import PostgresServer, RedisServer, free_port, stop_process_group, tagged_processes
 from include.local_aws.world import REPO_ROOT
 
-__all__ = ["AirflowStack", "Backend", "Component", "component_hostname", "free_port"]
+__all__ = ["AirflowStack", "ApiUnavailable", "Backend", "Component", "component_hostname", "free_port"]
 
 # SQLite's default 5 s busy timeout is too short once a few dozen task processes write at once: the scheduler
 # then dies with "database is locked" (seen in `make bench` with the stock-operator baseline). Wait instead.
 SQLITE_CONNECT_ARGS = {"timeout": 60}
 STACK_TAG = "VOD_SR_AIRFLOW_STACK"
 SIMPLE_AUTH_MANAGER = "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager"
+
+
+class ApiUnavailable(AssertionError):
+    """The API server gave no usable answer (timeouts, connection errors, 5xx) after every attempt."""
 
 
 def component_hostname() -> str:
@@ -326,20 +331,53 @@ class AirflowStack:
     def tail(self, lines: int = 60) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
+    # A slow or briefly unreachable API server (a loaded machine, a restarting worker) is waited out, botocore-like:
+    # a bounded number of attempts with exponential backoff (at worst about 3.5 minutes), then ApiUnavailable. Only
+    # timeouts, connection errors and 5xx answers are retried; 4xx answers are final (404 is None, as always).
+    api_attempts = 6
+    api_timeout = 30.0  # seconds per attempt
+    api_backoff = 1.0  # seconds before the second attempt, doubling after each: 1, 2, 4, 8, 16
+
     def api(self, method: str, path: str, body: Any | None = None) -> Any:
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{self.port}/api/v2{path}",
-            data=None if body is None else json.dumps(body).encode(),
-            method=method,
-            headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
+        """`method path` on the REST API v2: the decoded JSON answer, None for 404, AssertionError for another 4xx.
+
+        A POST is only sent again when the server surely did not act on it (connection refused, 503): retrying one
+        that timed out could trigger a second run."""
+        url = f"http://127.0.0.1:{self.port}/api/v2{path}"
+        idempotent = method.upper() != "POST"
+        started = time.monotonic()
+        last = ""
+        for attempt in range(1, self.api_attempts + 1):
+            request = urllib.request.Request(
+                url,
+                data=None if body is None else json.dumps(body).encode(),
+                method=method,
+                headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=self.api_timeout) as response:
+                    return json.load(response)
+            except urllib.error.HTTPError as error:
+                text = error.read().decode(errors="replace")
+                if error.code == 404:
+                    return None
+                if error.code < 500 or not (idempotent or error.code == 503):
+                    raise AssertionError(f"{method} {path}: {error.code} {text}") from None
+                last = f"{error.code} {text[:500]}"
+            except (urllib.error.URLError, OSError, http.client.HTTPException) as error:
+                reason = error.reason if isinstance(error, urllib.error.URLError) else error
+                if not (idempotent or isinstance(reason, ConnectionRefusedError)):
+                    raise ApiUnavailable(
+                        f"{method} {path}: {type(reason).__name__}: {reason} (a POST is not sent twice: the server "
+                        "may have acted on it)"
+                    ) from error
+                last = f"{type(reason).__name__}: {reason}"
+            if attempt < self.api_attempts:
+                time.sleep(self.api_backoff * 2 ** (attempt - 1))
+        raise ApiUnavailable(
+            f"{method} {path}: the API server at {url} gave no usable answer in {self.api_attempts} attempts over "
+            f"{time.monotonic() - started:.0f} s ({self.api_timeout:.0f} s timeout each); last error: {last}"
         )
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                return json.load(response)
-        except urllib.error.HTTPError as error:
-            if error.code == 404:
-                return None
-            raise AssertionError(f"{method} {path}: {error.code} {error.read().decode()}") from None
 
     def wait_until(self, condition: Callable[[], bool], timeout: float, message: str) -> None:
         deadline = time.monotonic() + timeout
