@@ -1,11 +1,12 @@
 """How long a chunk may work, and the SSM executionTimeout that only backs that up.
 
-SSM starts a command's executionTimeout when the agent starts its process, but a chunk then waits on the instance's
-lock while the chunks ahead of it hold the GPU. A timeout counted from there would give each chunk whatever the
-chunks ahead left over. So the chunk script enforces the operator's budget itself, counted from the moment it takes
-the lock (`ChunkLimits.budget`, and `file_limit` for each file's ffmpeg), bounds its wait for the lock
-(`lock_wait`), and SSM gets a timeout (`backstop`) that covers the wait, the budget and what a chunk still does after
-its budget: stop ffmpeg and finish the uploads under way.
+SSM starts a command's executionTimeout when the agent starts its process, but a chunk then waits for a free slot of
+the instance (one GPU x one stream, each held with its own lock, see `script.render_sr_script`) while the chunks
+ahead of it hold them all. A timeout counted from there would give each chunk whatever the chunks ahead left over. So
+the chunk script enforces the operator's budget itself, counted from the moment it takes a slot (`ChunkLimits.budget`,
+and `file_limit` for each file's ffmpeg), bounds its wait for a slot (`lock_wait`), and SSM gets a timeout
+(`backstop`) that covers the wait, the budget and what a chunk still does after its budget: stop ffmpeg and finish
+the uploads under way.
 
 Kept free of botocore: the trigger form imports it at DAG parse time.
 """
@@ -31,10 +32,11 @@ MIN_FILE_LIMIT = 10
 class ChunkLimits:
     """One chunk's time limits, in seconds.
 
-    :param budget: from taking the instance's lock: the chunk's downloads and ffmpeg runs; no file starts after it
+    :param budget: from taking a slot of the instance: the chunk's downloads and ffmpeg runs; no file starts after it
         and the running ffmpeg is stopped at it.
     :param file_limit: one file's ffmpeg run (None: only the budget bounds it).
-    :param lock_wait: the wait for the lock; the chunk fails, starting no file, when the lock is still held after it.
+    :param lock_wait: the wait for a free slot; the chunk fails, starting no file, when every slot is still held
+        after it.
     :param backstop: SSM's executionTimeout for the command: `lock_wait` + `budget` + `AFTER_BUDGET`. The script
         ends before it unless the instance misbehaves.
     """
@@ -49,13 +51,13 @@ def chunk_limits(budget: int, *, queued_ahead: int, file_limit: int | None = Non
     """The limits of a chunk with a `budget`, sent while up to `queued_ahead` other chunks may be ahead of it on the
     instance (with two commands in flight per instance: one).
 
-    A chunk holds the lock for at most `budget + AFTER_BUDGET`, so it may wait that long for each chunk ahead. SSM
+    A chunk holds its slot for at most `budget + AFTER_BUDGET`, so it may wait that long for each chunk ahead. SSM
     allows 48 h at most: when the chunks ahead cannot all fit, the wait is what is left (the budget itself is never
     cut).
     """
     if budget < 1 or queued_ahead < 0 or (file_limit is not None and file_limit < 1):
         raise ValueError(f"bad limits: budget {budget}, queued_ahead {queued_ahead}, file_limit {file_limit}")
-    held = budget + AFTER_BUDGET  # the longest one chunk holds the instance's lock
+    held = budget + AFTER_BUDGET  # the longest one chunk holds its slot
     if held > MAX_EXECUTION_TIMEOUT:
         raise ValueError(f"a budget of {budget} s leaves no room in SSM's {MAX_EXECUTION_TIMEOUT} s limit")
     backstop = min(MAX_EXECUTION_TIMEOUT, (queued_ahead + 1) * held)

@@ -791,6 +791,25 @@ class TestSlots:
         ):
             render_sr_script(BUILTIN_MODELS["cpu"], RUN_TOKEN, 0, FILES_URI, RESULTS_URI, **arguments)
 
+    def test_the_timing_stand_in_passes_the_limits_stop_on_to_ffmpeg(self, slot_instance):
+        # `timeout --foreground` signals only its child, here the emulator's stand-in: unless it passes TERM on, the
+        # model's ffmpeg would go on, holding the slot's lock, after the per-file limit.
+        files_uri, results_uri = slot_instance.uris(0)
+        slot_instance.put(files_uri, chunk_list(chunk_of("hang.mp4")))
+        slot_instance.put("s3://src-bucket/hang.mp4", b"hang.mp4")
+        body = render_sr_script(
+            BUILTIN_MODELS["cpu"], RUN_TOKEN, 0, files_uri, results_uri, limits(budget=60, file_limit=2)
+        )
+        started = time.monotonic()
+
+        ((code, stdout, _),) = finish([slot_instance.launch(body)])
+
+        assert time.monotonic() - started < 20
+        assert (code, parse_result_lines(stdout)[0]["stage"]) == (1, "ffmpeg (per-file limit 2 s reached)")
+        assert slot_instance.lock_is_free(0)  # nothing the chunk started still runs
+        ((start, end),) = slot_instance.busy()["0"]
+        assert 1.5 <= end - start < 10  # stopped at the 2 s limit (the stand-in starts its clock a little after)
+
     def test_default_is_one_slot_on_gpu_0(self, slot_instance):
         ((code, _, stderr),) = finish([slot_instance.launch(slot_instance.script(0))])
 
