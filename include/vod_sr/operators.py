@@ -6,7 +6,6 @@ Imported by the DAG file, so botocore and the provider are imported only where t
 from __future__ import annotations
 
 import time
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from functools import cached_property
 from typing import Any
@@ -82,6 +81,9 @@ class RunChunksOperator(BaseOperator):
         self.aws_conn_id = aws_conn_id
         self.region_name = region_name
         self._sent: list[dict[str, Any]] = []
+        # Chunks that succeeded and were reported: counted, not carried (see `_advance`).
+        self._succeeded = 0
+        self._succeeded_transient_errors = 0
 
     @property
     def slots(self) -> int:
@@ -345,18 +347,19 @@ class RunChunksOperator(BaseOperator):
         return lines
 
     def resume(self, context: Any, event: dict[str, Any] | None = None) -> dict[str, Any]:
-        if (
-            not event
-            or event.get("status") not in ("ended", "error")
-            or not isinstance(event.get("resume_state"), list)
-        ):
+        state = (event or {}).get("resume_state")
+        if isinstance(state, list):  # a trigger deferred before the state was compact: every entry, none counted
+            state = {"entries": state}
+        if not event or event.get("status") not in ("ended", "error") or not isinstance(state, dict):
             raise AirflowException(f"unexpected trigger event: {event!r}")
         from include.vod_sr.plan import lane_label
 
         context["lane_label"] = lane_label(self.lane)
         self._load_chunks()
-        sent: list[dict[str, Any]] = event["resume_state"]
+        sent: list[dict[str, Any]] = state["entries"]
         self._sent = sent
+        self._succeeded = state.get("succeeded", 0)
+        self._succeeded_transient_errors = state.get("succeeded_transient_errors", 0)
         polled = event.get("transient_errors") or {}
         for entry in sent:
             entry["transient_errors"] = entry.get("transient_errors", 0) + polled.get(entry["command_id"], 0)
@@ -521,7 +524,7 @@ class RunChunksOperator(BaseOperator):
         return 0
 
     def _push_transient_errors(self, context: Any, sent: list[dict[str, Any]], extra: int = 0) -> int:
-        total = extra + sum(entry.get("transient_errors", 0) for entry in sent)
+        total = extra + self._succeeded_transient_errors + sum(entry.get("transient_errors", 0) for entry in sent)
         if total:
             self.log.warning(
                 "Transient AWS errors on %s's chunks: %s (throttling, 5xx or dropped connections that outlasted the "
@@ -533,15 +536,28 @@ class RunChunksOperator(BaseOperator):
         return total
 
     def _advance(self, context: Any, sent: list[dict[str, Any]]) -> dict[str, Any]:
+        """Send chunks until `in_flight` are out, defer while any is live, then release and report.
+
+        The trigger carries the task's state between deferrals, re-serialized each time: chunks that succeeded (and
+        were reported) are only counted there, so the state is the live commands, the failed ones and two numbers,
+        not an entry per chunk ever sent."""
         from include.vod_sr.instance import refresh_lane_lease
         from include.vod_sr.triggers import SsmCommandsTrigger
 
+        succeeded = [entry for entry in sent if entry["outcome"] == "success"]
+        self._succeeded += len(succeeded)
+        self._succeeded_transient_errors += sum(entry.get("transient_errors", 0) for entry in succeeded)
+        sent = [entry for entry in sent if entry["outcome"] != "success"]
         self._sent = sent
         chunks = self.lane["chunks"]
-        if len(sent) < len(chunks):  # still working on the instance: keep this run's lease fresh (never raises)
+
+        def sent_count() -> int:  # chunks go out in the lane's order: the next one is chunks[sent_count()]
+            return self._succeeded + len(sent)
+
+        if sent_count() < len(chunks):  # still working on the instance: keep this run's lease fresh (never raises)
             refresh_lane_lease(self.lane, context["run_id"], self.aws_conn_id)
-        while sum(entry["outcome"] is None for entry in sent) < self.in_flight and len(sent) < len(chunks):
-            sent.append(self._send(chunks[len(sent)]))
+        while sum(entry["outcome"] is None for entry in sent) < self.in_flight and sent_count() < len(chunks):
+            sent.append(self._send(chunks[sent_count()]))
         live = [entry for entry in sent if entry["outcome"] is None]
         if live:
             self.defer(
@@ -554,22 +570,25 @@ class RunChunksOperator(BaseOperator):
                         for e in live
                     ],
                     poll_interval=self.poll_interval,
-                    resume_state=sent,
+                    resume_state={
+                        "entries": sent,
+                        "succeeded": self._succeeded,
+                        "succeeded_transient_errors": self._succeeded_transient_errors,
+                    },
                     aws_conn_id=self.aws_conn_id,
                     region_name=self.region_name,
                 ),
                 method_name="resume",
             )
         self._push_transient_errors(context, sent, extra=self._release_early())
-        failed = [entry for entry in sent if entry["outcome"] != "success"]
-        if failed:
+        if sent:  # every entry left is a chunk that did not succeed
             raise AirflowFailException(
-                f"{len(failed)} of {len(sent)} chunk command(s) on {self.lane['instance_id']} did not succeed: "
-                + ", ".join(f"chunk {e['chunk']} {e['outcome']}" for e in failed)
+                f"{len(sent)} of {sent_count()} chunk command(s) on {self.lane['instance_id']} did not succeed: "
+                + ", ".join(f"chunk {e['chunk']} {e['outcome']}" for e in sent)
                 + "; their detail is in the log above, and the per-file results in the report"
             )
         # XCom gets counts, not an entry per chunk: O(1) per lane whatever the number of files.
-        return {"chunks": len(sent), "outcomes": dict(Counter(str(entry["outcome"]) for entry in sent))}
+        return {"chunks": sent_count(), "outcomes": {"success": self._succeeded}}
 
 
 def _commented_file_count(comment: str) -> int | None:

@@ -6,6 +6,7 @@ import threading
 import time
 
 import pytest
+from airflow.sdk.exceptions import TaskDeferred
 from botocore.config import Config
 from botocore.exceptions import (
     ClientError,
@@ -688,3 +689,30 @@ class TestAgainstTheEmulator:
         )
 
         assert (invocation["Status"], invocation["StandardOutputContent"]) == ("Success", "ok\n")
+
+
+class TestCompactState:
+    """Between deferrals the trigger carries the live commands and the failed ones; succeeded chunks are counted."""
+
+    def test_succeeded_chunks_are_counted_not_carried(self, monkeypatch):
+        operator = chunks_operator(StubSsm(), 2, monkeypatch)
+        sent = [sent_entry("c0", outcome="success", transient_errors=2), sent_entry("c1"), sent_entry("c2")]
+        sent[2]["outcome"] = "failed"
+
+        with pytest.raises(TaskDeferred) as deferred:
+            operator._advance({"ti": RecordingTi(), "run_id": "r"}, sent)
+
+        state = deferred.value.trigger.resume_state
+        assert [entry["command_id"] for entry in state["entries"]] == ["c1", "c2"]
+        assert (state["succeeded"], state["succeeded_transient_errors"]) == (1, 2)
+
+    def test_a_state_from_before_it_was_compact_still_resumes(self, monkeypatch):
+        operator = chunks_operator(StubSsm(), 1, monkeypatch)
+        sent = [sent_entry("c0")]
+        event = {
+            "status": "ended",
+            "commands": [{**sent[0], "outcome": "success", "invocation_status": "Success"}],
+            "resume_state": sent,  # a list: a trigger deferred by the earlier version of the operator
+        }
+
+        assert operator.resume({"ti": RecordingTi()}, event)["outcomes"] == {"success": 1}

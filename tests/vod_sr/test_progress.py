@@ -454,7 +454,7 @@ class TestRunChunksOnTheEmulator:
                     (c["position"], c["lane_chunks"], c["files"], c["results_bucket"], c["results_key"])
                     for c in trigger.commands
                 ] == [(n + 1, 3, 1, bucket, chunk_keys(token, indexes[n])[1]) for n in range(2)]
-                assert [entry["files"] for entry in trigger.resume_state] == [1, 1]
+                assert [entry["files"] for entry in trigger.resume_state["entries"]] == [1, 1]
 
                 # A retry re-attaches: the entries it rebuilds from SSM's record carry the count too.
                 retry_context: dict[str, Any] = {"ti": RecordingTi(), "run_id": "manual__progress-test"}
