@@ -316,3 +316,22 @@ def test_a_partial_cost_names_the_instances_it_leaves_out():
         "0.93 USD" in page
         and "Partial: 1 instance(s) could not be priced (i-0bbb: its running time is unknown)" in page
     )
+
+
+def test_progress_reads_the_chunk_indices_from_the_stored_plan(auth_manager, world, client):
+    """The plan summary in XCom counts chunks; which chunks belong to which instance is in S3 (stored_plan.py)."""
+    from include.vod_sr.stored_plan import plan_key
+
+    s3, bucket = world
+    run_id = "manual__2026-11-29T12:00:00+00:00"
+    token_ = run_token(DAG_ID, run_id)
+    summary = {"run_token": token_, "lanes": [{"instance_id": "i-ccc", "files": 4, "chunks": 2}]}
+    index = [{"instance_id": "i-ccc", "files": 4, "chunks": [3, 7]}]
+    s3.put_object(Bucket=bucket, Key=plan_key(token_, "lanes.json"), Body=json.dumps(index).encode())
+    s3.put_object(Bucket=bucket, Key=chunk_keys(token_, 7)[1], Body=b"VODSR-RESULT\t9\tok\t10\t3\t\t-\t-\n")
+    viewer = client([RunInfo(DAG_ID, run_id, "running", {"output_bucket": bucket}, None)], {run_id: summary})
+    viewer.cookies.set("_token", token(auth_manager, "watcher", "viewer"))
+
+    page = viewer.get(run_url(run_id)).text
+
+    assert "<span id='progress'>1/4</span> files done" in page
