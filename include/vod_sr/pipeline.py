@@ -114,7 +114,8 @@ def _wire(settings: Settings, selection: Selection) -> None:
             raise AirflowFailException(f"bad input, nothing was started: {error}") from None
         print(
             f"Planned {planned.file_count} file(s) in {len(planned.chunks)} chunk(s) on "
-            f"{len(planned.lanes())} instance(s); {len(planned.skipped)} skipped because their output exists"
+            f"{len({c.instance_id for c in planned.chunks})} instance(s); {len(planned.skipped)} skipped because their "
+            "output exists"
         )
         # The chunks go to S3, XCom gets references: O(instances) whatever the number of files (stored_plan.py).
         lanes, summary = store_plan(s3, planned, model.to_xcom())
