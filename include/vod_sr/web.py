@@ -207,7 +207,7 @@ def _get_object(s3: Any, bucket: str, key: str) -> bytes | None:
     """The object's bytes; None when it does not exist (yet)."""
     try:
         return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
-    except s3.exceptions.NoSuchKey:
+    except (s3.exceptions.NoSuchKey, s3.exceptions.NoSuchBucket):
         return None
 
 
