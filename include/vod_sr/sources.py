@@ -13,7 +13,9 @@ import json
 import posixpath
 import re
 import string
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 
 
 class SourceError(ValueError):
@@ -30,7 +32,7 @@ TEMPLATE_FIELDS = frozenset({"dir", "stem", "ext", "name", "model"})
 DEFAULT_OUTPUT_TEMPLATE = "{dir}{stem}_sr_{model}{ext}"
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True, order=True, slots=True)
 class S3Object:
     bucket: str
     key: str
@@ -44,16 +46,33 @@ def validate_bucket_name(name: str, *, what: str = "bucket name") -> str:
     """`name` if it is a valid S3 bucket name, else a SourceError naming it."""
     if not isinstance(name, str) or not name:
         raise SourceError(f"{what} is empty")
+    problem = _bucket_name_problem(name)
+    if problem is not None:
+        raise SourceError(f"{name!r} ({what}) {problem}")
+    return name
+
+
+@lru_cache(maxsize=256)
+def _bucket_name_problem(name: str) -> str | None:
+    """What is wrong with the (non-empty) bucket name, or None; cached: a manifest names the same few buckets on
+    each of its lines."""
     if not BUCKET_NAME.match(name) or ".." in name:
-        raise SourceError(
-            f"{name!r} ({what}) is not a valid S3 bucket name "
+        return (
+            "is not a valid S3 bucket name "
             "(3-63 characters: lowercase letters, digits, dots and hyphens; starting and ending with a letter or digit)"
         )
     try:
         ipaddress.IPv4Address(name)
     except ValueError:
+        return None
+    return "is formatted like an IP address, which S3 does not allow"
+
+
+def _checked_bucket(name: str, what: Callable[[], str]) -> str:
+    """validate_bucket_name(name, what=what()), with `what` only made when the name is bad (once per source line)."""
+    if isinstance(name, str) and name and _bucket_name_problem(name) is None:
         return name
-    raise SourceError(f"{name!r} ({what}) is formatted like an IP address, which S3 does not allow")
+    return validate_bucket_name(name, what=what())
 
 
 def validate_key(key: str, *, what: str = "key") -> str:
@@ -74,12 +93,12 @@ def parse_source(text: str, default_bucket: str) -> S3Object:
         bucket, slash, key = text[len("s3://") :].partition("/")
         if not slash or not key:
             raise SourceError(f"malformed S3 URI {text!r}: expected s3://bucket/key")
-        return S3Object(validate_bucket_name(bucket, what=f"bucket name in {text!r}"), validate_key(key, what="key"))
+        return S3Object(_checked_bucket(bucket, lambda: f"bucket name in {text!r}"), validate_key(key, what="key"))
     if URI_SCHEME.match(text):
         raise SourceError(f"malformed source {text!r}: only s3:// URIs or plain keys are accepted")
     if not default_bucket:
         raise SourceError(f"source {text!r} is a plain key but no source bucket is set")
-    return S3Object(validate_bucket_name(default_bucket, what="source bucket name"), validate_key(text, what="key"))
+    return S3Object(_checked_bucket(default_bucket, lambda: "source bucket name"), validate_key(text, what="key"))
 
 
 def validate_output_template(template: str) -> str:
@@ -97,11 +116,16 @@ def validate_output_template(template: str) -> str:
     return template
 
 
+# output_key runs once per file with the run's one template: its fields are checked once (errors are not cached, so
+# a bad template raises the same SourceError every time).
+_checked_template = lru_cache(maxsize=64)(validate_output_template)
+
+
 def output_key(source_key: str, template: str, model: str) -> str:
     """The output key for `source_key`: `{dir}` keeps the source's folder (with its trailing slash)."""
     folder, name = posixpath.split(source_key)
     stem, ext = posixpath.splitext(name)
-    key = validate_output_template(template).format(
+    key = _checked_template(template).format(
         dir=f"{folder}/" if folder else "", stem=stem, ext=ext, name=name, model=model
     )
     validate_key(key, what=f"output key for {source_key!r}")

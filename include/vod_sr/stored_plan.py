@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from include.vod_sr.plan import BatchPlan, FileJob
+from include.vod_sr.plan import BatchPlan, Chunk, FileJob
 from include.vod_sr.script import RUNS_PREFIX
 
 
@@ -73,10 +73,11 @@ def _get(s3: Any, bucket: str, key: str) -> Any:
 def store_plan(s3: Any, plan: BatchPlan, model: Mapping[str, Any]) -> tuple[list[Lane], dict[str, Any]]:
     """Write the plan to S3; returns the lanes to map over and the run's summary, both O(instances)."""
     request, token = plan.request, plan.run_token
-    by_instance: dict[str, list[dict[str, Any]]] = {}
+    by_instance: dict[str, list[Chunk]] = {}
     for chunk in plan.chunks:
-        by_instance.setdefault(chunk.instance_id, []).append(chunk.to_xcom())
-    lanes = []
+        by_instance.setdefault(chunk.instance_id, []).append(chunk)
+    lanes: list[Lane] = []
+    index: list[dict[str, Any]] = []  # plan/lanes.json: what the run page reads for progress
     for instance_id, chunks in by_instance.items():
         lane = Lane(
             run_token=token,
@@ -86,15 +87,14 @@ def store_plan(s3: Any, plan: BatchPlan, model: Mapping[str, Any]) -> tuple[list
             file_timeout=request.file_timeout,
             stop_when_done=request.stop_when_done,
             chunk_count=len(chunks),
-            file_count=sum(len(chunk["files"]) for chunk in chunks),
+            file_count=sum(len(chunk.files) for chunk in chunks),
             model=model,
         )
-        _put(s3, request.output_bucket, lane.chunks_key, {"chunks": chunks})
+        # One lane's dicts at a time: built, written and dropped before the next lane's (a million files' dicts
+        # at once would be several times the plan's own size).
+        _put(s3, request.output_bucket, lane.chunks_key, {"chunks": [chunk.to_xcom() for chunk in chunks]})
         lanes.append(lane)
-    index = [
-        {"instance_id": lane.instance_id, "files": lane.file_count, "chunks": [c["index"] for c in by_instance[i]]}
-        for lane, i in zip(lanes, by_instance, strict=True)
-    ]
+        index.append({"instance_id": instance_id, "files": lane.file_count, "chunks": [c.index for c in chunks]})
     _put(s3, request.output_bucket, plan_key(token, "lanes.json"), index)
     _put(s3, request.output_bucket, plan_key(token, "skipped.json"), [job.to_xcom() for job in plan.skipped])
     summary = {

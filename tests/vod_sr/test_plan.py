@@ -1,12 +1,25 @@
 from __future__ import annotations
 
+import pickle
+from dataclasses import asdict
+
 import boto3
 import pytest
 from moto import mock_aws
 
 from include.vod_sr.budget import AFTER_BUDGET, MAX_CHUNK_BUDGET, ChunkLimits, chunk_limits
 from include.vod_sr.limits import MAX_EXECUTION_TIMEOUT, MAX_MAPPED_CHUNKS
-from include.vod_sr.plan import BatchRequest, FileJob, PlanError, chunk_files, existing_objects, plan_batch, run_token
+from include.vod_sr.plan import (
+    BatchRequest,
+    Chunk,
+    FileJob,
+    PlanError,
+    chunk_files,
+    existing_objects,
+    existing_sizes,
+    plan_batch,
+    run_token,
+)
 from include.vod_sr.sources import S3Object
 from tests.vod_sr.test_sources import HOSTILE_KEYS
 
@@ -361,3 +374,68 @@ class TestBoundedListings:
         found = existing_objects(s3, [S3Object(SOURCE, key) for key in keys])
 
         assert {obj.key for obj in found} == set(keys)
+
+
+class TestExistingSizes:
+    """What the planner asks of a listing: which objects exist and their sizes, keyed by the caller's own objects."""
+
+    def test_sizes_of_the_objects_that_exist(self, s3):
+        put(s3, "in/a.mp4", body=b"12345")
+        put(s3, "in/b.mp4", body=b"1")
+        put(s3, "c.mp4", bucket=OUTPUT, body=b"123")
+        put(s3, "in/unwanted.mp4", body=b"1234567")
+        wanted = [S3Object(SOURCE, "in/a.mp4"), S3Object(SOURCE, "in/b.mp4"), S3Object(SOURCE, "in/gone.mp4")]
+        wanted += [S3Object(OUTPUT, "c.mp4"), S3Object(OUTPUT, "in/a.mp4")]
+
+        sizes = existing_sizes(s3, wanted)
+
+        assert sizes == {wanted[0]: 5, wanted[1]: 1, wanted[3]: 3}
+        # The caller's objects themselves, not copies made from the listing.
+        assert {id(obj) for obj in sizes} == {id(wanted[0]), id(wanted[1]), id(wanted[3])}
+        # existing_objects (verify, the operators) still gets the whole listing entry.
+        entries = existing_objects(s3, wanted)
+        assert set(entries) == set(sizes) and {obj: e["Size"] for obj, e in entries.items()} == sizes
+        assert all("LastModified" in entry for entry in entries.values())
+
+    def test_nothing_asked_nothing_listed(self, s3):
+        calls = TestBoundedListings.listing_calls(s3)
+
+        assert existing_sizes(s3, []) == {} and calls == []
+
+    def test_range_bounds_follow_s3s_utf8_order_beyond_the_bmp(self, s3):
+        # UTF-16 would put the emoji (a surrogate pair, 0xD83D...) before U+FFFD; UTF-8 and code points after it.
+        keys = ["\ufffd.mp4", "\U0001f600.mp4", "a.mp4", *HOSTILE_KEYS]
+        for n, key in enumerate(keys):
+            put(s3, key, body=b"x" * (n + 1))
+        calls = TestBoundedListings.listing_calls(s3)
+
+        sizes = existing_sizes(s3, [S3Object(SOURCE, key) for key in keys])
+
+        assert sizes == {S3Object(SOURCE, key): n + 1 for n, key in enumerate(keys)}
+        assert len(calls) == len({key.rpartition("/")[0] for key in keys})  # one listing per folder
+
+    def test_missing_bucket_is_a_plan_error(self, s3):
+        with pytest.raises(PlanError, match="bucket 'no-such-bucket' does not exist"):
+            existing_sizes(s3, [S3Object("no-such-bucket", "a.mp4")])
+
+
+class TestPlanValuesAreSlotted:
+    """S3Object, FileJob and Chunk carry no per-instance __dict__ (a million of each in a big plan)."""
+
+    JOB = FileJob(7, S3Object("b", "k 한.mp4"), S3Object("o", "k 한_sr.mp4"))
+    CHUNK = Chunk(3, INSTANCE_ID, (JOB,))
+
+    def test_no_instance_dict(self):
+        for value in (self.JOB, self.JOB.source, self.CHUNK):
+            assert not hasattr(value, "__dict__")
+
+    def test_frozen_hashable_ordered_picklable(self):
+        with pytest.raises(AttributeError):
+            self.JOB.source.key = "other"  # type: ignore[misc]
+        assert S3Object("a", "z") < S3Object("b", "a") and len({self.JOB, FileJob.from_xcom(asdict(self.JOB))}) == 1
+        assert pickle.loads(pickle.dumps(self.CHUNK)) == self.CHUNK
+
+    def test_xcom_form_is_asdict_and_round_trips(self):
+        assert self.JOB.to_xcom() == asdict(self.JOB)
+        assert list(self.JOB.to_xcom()["source"]) == ["bucket", "key"]
+        assert Chunk.from_xcom(self.CHUNK.to_xcom()) == self.CHUNK

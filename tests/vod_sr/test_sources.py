@@ -9,6 +9,7 @@ from include.vod_sr.sources import (
     output_key,
     parse_source,
     validate_bucket_name,
+    validate_output_template,
 )
 
 HOSTILE_KEYS = [
@@ -109,3 +110,34 @@ class TestOutputKey:
     def test_malformed_template(self):
         with pytest.raises(SourceError, match="malformed"):
             output_key("a.mp4", "{stem", "A")
+
+
+class TestCachedChecks:
+    """Bucket names and the output template are checked once per value, not once per file; a bad value still
+    fails every time, with the message naming where it came from."""
+
+    def test_a_bad_bucket_fails_every_time_naming_each_source(self):
+        for text in ("s3://Bad_Bucket/a.mp4", "s3://Bad_Bucket/b.mp4"):
+            with pytest.raises(SourceError, match=rf"'Bad_Bucket' \(bucket name in '{text}'\) is not a valid"):
+                parse_source(text, "src")
+        with pytest.raises(SourceError, match=r"'Bad_Bucket' \(source bucket name\) is not a valid"):
+            parse_source("a.mp4", "Bad_Bucket")
+        with pytest.raises(SourceError, match=r"'10\.0\.0\.1' \(output bucket\) is formatted like an IP address"):
+            validate_bucket_name("10.0.0.1", what="output bucket")
+        with pytest.raises(SourceError, match=r"'10\.0\.0\.1' \(bucket name in 's3://10\.0\.0\.1/a\.mp4'\)"):
+            parse_source("s3://10.0.0.1/a.mp4", "src")
+
+    def test_a_bad_template_fails_every_time(self):
+        for key in ("a.mp4", "b.mp4"):
+            with pytest.raises(SourceError, match=r"unknown fields \['date'\]"):
+                output_key(key, "{date}/{name}", "A")
+        with pytest.raises(SourceError, match="malformed"):
+            validate_output_template("{stem")
+        assert output_key("x/a.mp4", "{dir}{stem}-{model}{ext}", "m") == "x/a-m.mp4"
+        assert output_key("b.mkv", "{dir}{stem}-{model}{ext}", "m") == "b-m.mkv"
+
+    def test_empty_and_non_string_bucket_names(self):
+        with pytest.raises(SourceError, match="bucket name in 's3:///a.mp4' is empty"):
+            parse_source("s3:///a.mp4", "src")
+        with pytest.raises(SourceError, match="output bucket is empty"):
+            validate_bucket_name(None, what="output bucket")  # type: ignore[arg-type]

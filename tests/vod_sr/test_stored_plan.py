@@ -105,3 +105,26 @@ def test_a_lane_travels_as_a_typed_value_and_names_its_tasks(s3):
     assert Lane.from_xcom(data) == lane
     assert lane_label(data) == lane.label == f"{INSTANCES[0]} (10 files)"
     assert lane.chunks_key == f"vod-sr-runs/0123456789abcdef/plan/lane-{INSTANCES[0]}.json"
+
+
+def test_one_lanes_file_dicts_are_built_at_a_time(monkeypatch):
+    """store_plan makes a lane's `to_xcom` dicts just before writing that lane, not every lane's first."""
+    plan = a_plan(40, chunk_size=5)
+    made = []
+    real = FileJob.to_xcom
+    monkeypatch.setattr(FileJob, "to_xcom", lambda job: made.append(job.index) or real(job))
+
+    class Sink:
+        writes: list[tuple[str, int]] = []
+
+        def put_object(self, Bucket, Key, Body, ContentType):
+            self.writes.append((Key.rpartition("/")[2], len(made)))
+
+    store_plan(Sink(), plan, MODEL)
+
+    assert Sink.writes == [
+        (f"lane-{INSTANCES[0]}.json", 20),
+        (f"lane-{INSTANCES[1]}.json", 40),
+        ("lanes.json", 40),
+        ("skipped.json", 40),
+    ]
