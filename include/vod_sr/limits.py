@@ -4,8 +4,10 @@ from __future__ import annotations
 
 # AWS-RunShellScript's executionTimeout ceiling: 48 h.
 MAX_EXECUTION_TIMEOUT = 172_800
-# Airflow's [core] max_map_length default: a longer upstream list fails the mapped task.
-MAX_MAPPED_CHUNKS = 1024
+# Chunks of one run. Chunks are not mapped tasks (lanes are), so Airflow's max_map_length does not bound them; a
+# chunk's index must stay below the numbers of chunks sent again (operators.RESEND_INDEX_BASE, 100,000) and its
+# keys have five digits (script.chunk_keys).
+MAX_CHUNKS = 99_999
 # SendCommand's Comment limit.
 MAX_COMMENT_LENGTH = 100
 # SendCommand's InstanceIds limit; vod-sr also caps the instances of one run at it.

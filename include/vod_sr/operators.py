@@ -15,7 +15,7 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 TRANSIENT_ERRORS_XCOM_KEY = "transient_aws_errors"
 # A chunk sent again after its instance went down under it runs as chunk RESEND_INDEX_BASE + its index: its own file
-# list and results objects, its own script header. Plans have at most MAX_MAPPED_CHUNKS (1024) chunks.
+# list and results objects, its own script header. Plans have at most limits.MAX_CHUNKS (99,999) chunks.
 RESEND_INDEX_BASE = 100_000
 
 

@@ -188,6 +188,6 @@ def trigger_form(settings: Settings, prefixes: tuple[str, ...] = ()) -> dict[str
             section=LIMITS_SECTION,
             title="Files per command",
             description_md=f"1 to {MAX_CHUNK_SIZE}: files one SSM command processes one after another. Grown "
-            "automatically so a run never has more than 1024 chunks.",
+            "only for runs of about a million files, so a run never has more than 99,999 chunks.",
         ),
     }

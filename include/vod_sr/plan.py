@@ -19,7 +19,7 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from include.vod_sr.budget import MAX_CHUNK_BUDGET, MIN_CHUNK_BUDGET, MIN_FILE_LIMIT
-from include.vod_sr.limits import MAX_CHUNK_SIZE, MAX_MAPPED_CHUNKS, MAX_SSM_TARGETS
+from include.vod_sr.limits import MAX_CHUNK_SIZE, MAX_CHUNKS, MAX_SSM_TARGETS
 from include.vod_sr.sources import (
     DEFAULT_OUTPUT_TEMPLATE,
     DEFAULT_SOURCE_EXTENSIONS,
@@ -328,9 +328,9 @@ def read_manifest(s3_client: Any, manifest: S3Object) -> list[str]:
 
 
 def chunk_files(files: list[FileJob], instance_ids: tuple[str, ...], chunk_size: int) -> tuple[Chunk, ...]:
-    """Chunks of `chunk_size` files (grown when needed to stay within Airflow's mapping limit), dealt out to the
-    instances in turn so each gets an even share."""
-    size = max(chunk_size, math.ceil(len(files) / MAX_MAPPED_CHUNKS))
+    """Chunks of `chunk_size` files (grown only past MAX_CHUNKS chunks a run, at about a million files), dealt out
+    to the instances in turn so each gets an even share."""
+    size = max(chunk_size, math.ceil(len(files) / MAX_CHUNKS))
     return tuple(
         Chunk(index=n, instance_id=instance_ids[n % len(instance_ids)], files=tuple(files[start : start + size]))
         for n, start in enumerate(range(0, len(files), size))

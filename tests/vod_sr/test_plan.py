@@ -8,7 +8,7 @@ import pytest
 from moto import mock_aws
 
 from include.vod_sr.budget import AFTER_BUDGET, MAX_CHUNK_BUDGET, ChunkLimits, chunk_limits
-from include.vod_sr.limits import MAX_EXECUTION_TIMEOUT, MAX_MAPPED_CHUNKS
+from include.vod_sr.limits import MAX_CHUNKS, MAX_EXECUTION_TIMEOUT
 from include.vod_sr.plan import (
     BatchRequest,
     Chunk,
@@ -242,13 +242,21 @@ class TestChunking:
         assert [len(c.files) for c in chunks] == [10, 10, 5]
         assert [f.index for c in chunks for f in c.files] == list(range(25))
 
-    def test_ten_thousand_files_stay_within_airflows_mapping_limit(self):
+    def test_ten_thousand_files_keep_the_chunk_size_asked_for(self):
+        # Chunks are not mapped tasks: a big plan keeps its chunk size (and so each chunk's time budget holds).
         jobs = [FileJob(n, S3Object("b", f"{n}.mp4"), S3Object("o", f"{n}.mp4")) for n in range(10_000)]
 
         chunks = chunk_files(jobs, (INSTANCE_ID,), 1)
 
-        assert len(chunks) <= MAX_MAPPED_CHUNKS
-        assert sum(len(c.files) for c in chunks) == 10_000
+        assert len(chunks) == 10_000 and {len(c.files) for c in chunks} == {1}
+
+    def test_a_million_files_grow_their_chunks_only_to_stay_under_the_chunk_limit(self):
+        jobs = [FileJob(n, S3Object("b", f"{n}.mp4"), S3Object("o", f"{n}.mp4")) for n in range(1_000_000)]
+
+        chunks = chunk_files(jobs, (INSTANCE_ID,), 10)
+
+        assert len(chunks) <= MAX_CHUNKS and max(len(c.files) for c in chunks) == 11
+        assert sum(len(c.files) for c in chunks) == 1_000_000
 
     def test_chunks_are_dealt_out_to_the_instances_in_turn(self):
         chunks = chunk_files(self.JOBS, ("i-aaaaaaaaaaaaaaaaa", "i-bbbbbbbbbbbbbbbbb"), 5)
