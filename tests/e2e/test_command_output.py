@@ -171,7 +171,9 @@ class TestInstallCliOnTheEmulatedInstance:
         invocation = boto_client("ssm", world.emulator.endpoint_url).get_command_invocation(
             CommandId=command["CommandId"], InstanceId=world.instance_id
         )
-        assert invocation["StandardOutputContent"].startswith("aws-cli/")  # the version, and nothing installed
+        # the GPU count (install_cli's command counts them), then the version, and nothing installed
+        assert invocation["StandardOutputContent"].splitlines()[0] == "vod-sr: gpus=1"
+        assert invocation["StandardOutputContent"].splitlines()[1].startswith("aws-cli/")
 
 
 def install_commands(world) -> list[dict]:
