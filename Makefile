@@ -51,11 +51,13 @@ screenshots: install browser services  ## docs/trigger-form.png and docs/run-tab
 	$(BIN)/python -m pytest -q tests/e2e/test_trigger_form_browser.py -k "form_opens or the_tab_follows_the_run"
 	mkdir -p docs && cp test-artifacts/trigger-form.png docs/trigger-form.png && cp test-artifacts/run-tab.png docs/run-tab.png
 
-# ONLY=plan_1m[,parse...] runs some steps (merged into bench-results.json); every process the bench starts carries
+# ONLY=plan_1m[,parse...] runs some steps (merged into bench-results.json); SLOT_CHUNK_SIZE=n sets the chunk size of
+# the streams and 4-GPU runs (default 1); every process the bench starts carries
 # its tag, and anything still running with it afterwards fails the target, as in `make test`.
 bench: install services
 	@tag="make-bench-$$$$"; status=0; \
-	VOD_SR_PROCESS_TAG="$$tag" $(BIN)/python -m scripts.bench $(if $(ONLY),--only $(ONLY)) || status=$$?; \
+	VOD_SR_PROCESS_TAG="$$tag" $(BIN)/python -m scripts.bench $(if $(ONLY),--only $(ONLY)) \
+	  $(if $(SLOT_CHUNK_SIZE),--slot-chunk-size $(SLOT_CHUNK_SIZE)) || status=$$?; \
 	$(BIN)/python -m scripts.leftover_processes "$$tag" || status=1; \
 	exit $$status
 

@@ -242,3 +242,141 @@ def test_planning_from_a_manifest_against_the_stand_in_takes_every_file():
     assert figures["lanes"] == len(bench.STAND_IN_INSTANCES)
     assert figures["xcom_bytes"] > 0
     assert figures["peak_rss_mib"] > 0
+
+
+def test_xcom_bytes_are_the_lane_references_summary_and_verify_references_and_stay_flat():
+    from include.vod_sr.plan import BatchRequest, plan_batch
+
+    def planned(files: int) -> Any:
+        s3 = bench.S3ListingStandIn(files)
+        request = BatchRequest.from_params(
+            {
+                "manifest": bench.STAND_IN_MANIFEST,
+                "model": "cpu",
+                "source_bucket": bench.STAND_IN_SOURCE_BUCKET,
+                "output_bucket": bench.STAND_IN_OUTPUT_BUCKET,
+                "instance_ids": list(bench.STAND_IN_INSTANCES),
+            }
+        )
+        return plan_batch(request, s3, run_token="bench")
+
+    small, large = bench.xcom_breakdown(planned(1_000)), bench.xcom_breakdown(planned(50_000))
+
+    for figures in (small, large):
+        assert figures["xcom_bytes"] == figures["lanes_bytes"] + figures["summary_bytes"] + figures["verify_refs_bytes"]
+        assert figures["lanes"] == len(bench.STAND_IN_INSTANCES)
+        assert figures["s3_puts"] == figures["lanes"] * 2 + 2  # chunks and verified records per lane, index, skipped
+        assert figures["xcom_bytes"] < bench.XCOM_TARGET_BYTES
+    assert large["s3_put_bytes"] > 40 * small["s3_put_bytes"]  # the file lists went to S3...
+    assert large["xcom_bytes"] - small["xcom_bytes"] < 200  # ...and XCom only grew by a few digits
+    assert bench.xcom_bytes(planned(1_000)) == small["xcom_bytes"]
+
+
+def test_the_stand_in_takes_puts_and_keeps_only_their_size():
+    s3 = bench.S3ListingStandIn(0)
+    s3.put_object(Bucket="b", Key="k", Body=b"12345", ContentType="application/json")
+    s3.put_object(Bucket="b", Key="k2", Body="é")
+    assert (s3.puts, s3.put_bytes) == (2, 7)
+
+
+# A 4-GPU instance's timeline as the emulator reports it: running 100-200, GPUs 0-3 busy 103-197 with short gaps,
+# GPU 3 idle for 10 s; two model runs overlap on GPU 0 (two streams).
+SYNTHETIC_TIMELINE = {
+    "running": [[50.0, 60.0], [100.0, 200.0]],  # an earlier run's interval is left out by `started`
+    "commands": [],
+    "gpus": 4,
+    "gpu_busy": {
+        "0": [[103.0, 150.0], [140.0, 197.0], [55.0, 58.0]],
+        "1": [[103.0, 150.0], [150.0, 197.0]],
+        "2": [[104.0, 150.0], [151.0, 197.0]],
+        "3": [[103.0, 140.0], [150.0, 190.0]],
+    },
+}
+
+
+def test_gpu_figures_per_slot_busy_ratio_and_idle_from_a_timeline():
+    figures = bench.gpu_figures(SYNTHETIC_TIMELINE, started=90.0, ended=210.0)
+
+    assert figures["gpus"] == 4
+    assert figures["sr_runs"] == 8
+    assert figures["sr_window_seconds"] == 94.0  # 103 -> 197
+    assert figures["per_gpu"]["0"]["busy_seconds"] == 94.0  # the union: overlapping streams count once
+    assert figures["per_gpu"]["0"]["max_concurrent_sr_runs"] == 2
+    assert figures["per_gpu"]["1"]["busy_ratio_in_window"] == 1.0  # back to back is not a gap
+    assert figures["per_gpu"]["2"]["busy_seconds"] == 92.0
+    assert figures["per_gpu"]["3"]["busy_ratio_in_window"] == round(77 / 94, 3)
+    assert figures["per_gpu"]["3"]["busy_ratio_of_running"] == round(77 / 100, 3)
+    assert figures["per_slot_busy_ratio"] == round(77 / 94, 3)  # the least busy GPU
+    assert figures["per_slot_busy_ratio_of_running"] == 0.77
+    assert figures["per_slot_busy_ratio_mean"] == round((1 + 1 + 92 / 94 + 77 / 94) / 4, 3)
+    assert figures["idle_before_first_sr_seconds"] == 3.0
+    assert figures["idle_after_last_sr_seconds"] == 3.0
+    assert figures["max_concurrent_sr_runs"] == 4  # 140-150: two on GPU 0, one on GPUs 1 and 2
+
+
+def test_gpu_figures_count_an_idle_gpu_and_a_still_running_instance():
+    timeline = {"running": [[100.0, None]], "gpus": 2, "gpu_busy": {"0": [[110.0, 150.0]]}}
+    figures = bench.gpu_figures(timeline, started=100.0, ended=160.0)
+
+    assert figures["per_gpu"]["1"] == {
+        "sr_runs": 0,
+        "busy_seconds": 0.0,
+        "max_concurrent_sr_runs": 0,
+        "busy_ratio_in_window": 0.0,
+        "busy_ratio_of_running": 0.0,
+    }
+    assert figures["per_slot_busy_ratio"] == 0.0
+    assert figures["idle_before_first_sr_seconds"] == 10.0
+    assert figures["idle_after_last_sr_seconds"] == 10.0  # the run's end stands for the missing stop
+
+    nothing = bench.gpu_figures({"running": [[100.0, 120.0]], "gpus": 1, "gpu_busy": {}}, 100.0, 130.0)
+    assert nothing["per_slot_busy_ratio"] is None and nothing["idle_before_first_sr_seconds"] is None
+
+
+def test_max_overlap():
+    assert bench.max_overlap([]) == 0
+    assert bench.max_overlap([(0, 1), (1, 2)]) == 1
+    assert bench.max_overlap([(0, 3), (1, 2), (1.5, 4)]) == 3
+
+
+def test_the_comparison_with_the_baseline_and_the_idle_per_lane_reach_their_targets(tmp_path):
+    def run(wall: float, running: float, at_once: int, before: float, after: float, chunk: int = 1) -> Any:
+        return lambda: {
+            "state": "success",
+            "conf": {"chunk_size": chunk},
+            "wall_seconds": wall,
+            "instance_running_seconds": running,
+            "max_concurrent_sr_runs": at_once,
+            "idle_before_first_sr_seconds": before,
+            "idle_after_last_sr_seconds": after,
+        }
+
+    results = bench.Results(tmp_path / "bench-results.json")
+    results.record(
+        "baseline_20_files",
+        lambda: {"wall_seconds": 200.0, "instance_running_seconds": 180.0, "max_concurrent_commands": 20},
+    )
+    results.record("vod_sr_20_files_streams_1", run(190.0, 170.0, 1, 3.0, 2.0))
+    results.record("vod_sr_20_files_streams_4", run(100.0, 90.0, 4, 5.5, 1.0))
+    results.record(bench.GPU4_STEP, lambda: {"per_slot_busy_ratio": 0.96, "idle_before_first_sr_seconds": 2.0})
+    written = json.loads((tmp_path / "bench-results.json").read_text())
+
+    versus, t = written["vs_baseline_20_files"], written["targets"]
+    assert versus["best"] == "vod_sr_20_files_streams_4"
+    assert versus["runs"]["vod_sr_20_files_streams_4"]["streams_per_gpu"] == 4
+    assert versus["best_wall_ratio"] == 2.0
+    assert versus["closest_concurrency"] == "vod_sr_20_files_streams_4"
+    assert t["best_vod_sr_vs_baseline"]["value"] == 2.0 and t["best_vod_sr_vs_baseline"]["met"] is True
+    assert t["instance_time_vs_baseline_at_closest_concurrency"]["value"] == 2.0
+    assert t["per_slot_busy_ratio"]["met"] is True
+    assert t["idle_before_first_chunk_seconds"]["value"] == 5.5  # the worst lane
+    assert t["idle_before_first_chunk_seconds"]["met"] is False  # > 2 poll intervals
+    assert t["idle_after_last_chunk_seconds"] == t["idle_after_last_chunk_seconds"] | {"value": 2.0, "met": True}
+    assert t["best_vod_sr_vs_baseline"]["measured_at"] == written["steps"]["vod_sr_20_files_streams_4"]["at"]
+
+
+def test_a_figure_from_a_run_that_failed_is_shown_but_not_judged(tmp_path):
+    results = bench.Results(tmp_path / "bench-results.json")
+    results.record(bench.GPU4_STEP, lambda: {"state": "failed", "per_slot_busy_ratio": 0.99})
+    entry = json.loads((tmp_path / "bench-results.json").read_text())["targets"]["per_slot_busy_ratio"]
+    assert (entry["value"], entry["met"], entry["run_state"]) == (0.99, None, "failed")
