@@ -22,9 +22,10 @@ RESEND_INDEX_BASE = 100_000
 class RunChunksOperator(BaseOperator):
     """Run one instance's chunks, one SSM command per chunk, waiting deferred (no worker slot held).
 
-    At most `in_flight` commands are out at a time: with two, one runs and the next waits behind it on the
-    instance's lock, so the GPU goes straight from one chunk to the next while Airflow resumes this task to send
-    the one after. A failed chunk does not stop the others; the task fails at the end, with each failed command's
+    At most `in_flight` commands are out at a time, by default two per slot of the instance (a slot is one GPU x one
+    stream): a chunk holds its slot only while its model runs (see `script.render_sr_script`), so while one chunk's
+    model runs in a slot, another has fetched its input and waits to take the slot, or is still uploading. Each GPU
+    goes straight from one model run to the next while Airflow resumes this task to send the chunk after. A failed chunk does not stop the others; the task fails at the end, with each failed command's
     Status, StatusDetails, exit code and output tails in its log. When the last command ends it releases the
     instance at once (see `_release_early`).
 
@@ -45,8 +46,8 @@ class RunChunksOperator(BaseOperator):
         `execution_timeout` (each chunk's budget from taking the instance's lock), `file_timeout` and `chunks`.
     :param gpus: the instance's GPU count (install_cli's return value).
     :param streams_per_gpu: chunks run at once on each GPU (VOD_SR_STREAMS_PER_GPU).
-    :param in_flight: commands out at once on the instance; None: one per slot (`gpus * streams_per_gpu`) plus one
-        waiting for a slot, so no slot idles between two chunks.
+    :param in_flight: commands out at once on the instance; None: two per slot (`gpus * streams_per_gpu`), so no
+        slot idles between two chunks.
     :param poll_interval: seconds between status polls in the triggerer.
     :param delivery_timeout: seconds SSM may take to list an invocation after SendCommand.
     :param release_timeout: bound of the wait for `running` should the instance still be pending when released.
@@ -93,8 +94,8 @@ class RunChunksOperator(BaseOperator):
 
     @property
     def in_flight(self) -> int:
-        """Commands out at once: one per slot, plus one waiting for the first slot to free up."""
-        return self._in_flight if self._in_flight is not None else self.slots + 1
+        """Commands out at once: two per slot, one whose model runs there and one fetching, waiting or uploading."""
+        return self._in_flight if self._in_flight is not None else 2 * self.slots
 
     @cached_property
     def ssm(self) -> Any:

@@ -225,10 +225,13 @@ def render_sr_script(
     (None: no limit but SSM's), in one slot of an instance with `gpus` GPUs each running `streams_per_gpu` streams.
 
     Slots: the instance has `gpus * streams_per_gpu` of them; the chunk takes any free one, slot k held with the lock
-    `$TMPDIR/vod-sr.slot-<k>.lock` (flock) for the chunk's whole run, and its ffmpeg sees only GPU `k //
-    streams_per_gpu` (`CUDA_VISIBLE_DEVICES`). So as many chunks run at once as there are slots, and the others wait
-    for one (see `limits.lock_wait`). Every chunk sent to an instance must be rendered with the same `gpus` and
-    `streams_per_gpu`: chunks that count the slots differently would share them wrongly.
+    `$TMPDIR/vod-sr.slot-<k>.lock` (flock) from its first model run to the end of its last, and its ffmpeg sees only
+    GPU `k // streams_per_gpu` (`CUDA_VISIBLE_DEVICES`). The chunk's file list and first download come before the
+    slot, its last measurements, contact sheet and upload after it: a chunk waiting with its input ready starts its
+    model run within 0.1 s of a slot freeing, so with more chunks out than slots no GPU waits on S3 or on the
+    orchestration. As many model runs go at once as there are slots (see `limits.lock_wait` for the wait). Every chunk
+    sent to an instance must be rendered with the same `gpus` and `streams_per_gpu`: chunks that count the slots
+    differently would share them wrongly.
 
     The payload stays small for any chunk size: the file list is read from S3. While ffmpeg runs on one file the
     next is downloaded and the previous uploaded, so the GPU does not wait on S3. The script goes on past a failed
@@ -237,8 +240,8 @@ def render_sr_script(
 
     Cancel and timeout kill the command's whole process group with SIGKILL, so nothing may wait for the end: the
     results at `results_uri` are rewritten as each file ends (an upload ends it), and the work directories killed
-    chunks left behind are removed by the next chunk that takes the same slot (each slot's holder has one, named
-    `vod-sr.slot-<k>.XXXXXXXX`).
+    chunks left behind are removed by the next chunk to start (each live chunk holds a lock on its own
+    `vod-sr.chunk.XXXXXXXX`; one whose lock is free and that is over a minute old is stale).
 
     Each output and its source are measured right after ffmpeg, with ffmpeg itself (every instance that runs a
     model has it; ffprobe is not always there): the first video stream's resolution, that stream's duration (read
@@ -253,7 +256,8 @@ def render_sr_script(
     than what is left of the budget, and where it could not be made or uploaded the result's qc field says why.
 
     Time limits (`budget.ChunkLimits`) are enforced here, not by SSM, whose clock starts before the chunk waits for
-    a slot: the wait is bounded (on expiry every file fails, not started); the budget counts from taking the slot; each
+    a slot: the wait is bounded, from the script's start (on expiry every file not yet run fails, not started); the
+    budget counts from taking the slot (before it, from the start: it bounds the first download too); each
     download and ffmpeg run is stopped at the budget's end (`timeout`, TERM then KILL), ffmpeg also at the per-file
     limit; no file starts once the budget is spent. Each file stopped or not started says which limit it
     met in its result's stage. Uploads of finished outputs are never cut.
@@ -294,62 +298,74 @@ def _extension(key: str) -> str:
 SR_LOOP = r"""
 tmp=${TMPDIR:-/var/tmp}
 trap 'exit 143' TERM INT
-# Each chunk takes a free slot of the instance: one GPU x one stream, slot k on GPU k / streams_per_gpu, held with the
-# lock $tmp/vod-sr.slot-<k>.lock. SSM's clock already runs while this waits, so the wait is bounded and the budget
-# starts once a slot is held. A chunk waiting tries every slot, then waits up to 1 s on one of them (in turn), so a
-# slot freed is taken at once when it is the one waited on, and within a second otherwise.
 now_ms() { date +%s%3N; }
-slot=""
 wait_end=$(($(now_ms) + ${lock_wait:-0} * 1000))
-for ((try = 0; ; try++)); do
-    for ((k = 0; k < slots; k++)); do
-        exec 9>"$tmp/vod-sr.slot-$k.lock"
-        if flock -n 9; then
-            slot=$k
-            break 2
-        fi
-    done
-    wait_ms=1000
-    if [ -n "$lock_wait" ]; then
-        left_ms=$((wait_end - $(now_ms)))
-        if [ "$left_ms" -le 0 ]; then
-            break
-        elif [ "$left_ms" -lt "$wait_ms" ]; then
-            wait_ms=$left_ms
-        fi
-    fi
-    k=$((try % slots))
-    exec 9>"$tmp/vod-sr.slot-$k.lock"
-    if flock -w "$((wait_ms / 1000)).$(printf %03d $((wait_ms % 1000)))" 9; then
-        slot=$k
-        break
-    fi
-done
+# Until a slot is taken, the budget counts from the start (it bounds the first download); then from taking it.
 budget_end=$((SECONDS + ${budget:-0}))
-if [ -n "$slot" ]; then
-    locked=1
-    gpu=$((slot / streams_per_gpu))
-    export CUDA_VISIBLE_DEVICES=$gpu
-    echo "vod-sr: took slot $slot of $slots ($tmp/vod-sr.slot-$slot.lock): GPU $gpu (CUDA_VISIBLE_DEVICES=$gpu)," \
-        "stream $((slot % streams_per_gpu + 1)) of $streams_per_gpu" >&2
-    # Cancel and timeout send SIGKILL, which runs no trap: remove the work directories killed chunks left in this slot
-    # (the other slots' holders are working in theirs).
-    find "$tmp" -mindepth 1 -maxdepth 1 -type d -name "vod-sr.slot-$slot.*" -exec rm -rf -- {} +
-    if [ "$slot" = 0 ] && [ -e "$tmp/vod-sr.lock" ]; then
-        # Left by the scripts from before the slots, which named their work directories vod-sr.XXXXXXXX and held this
-        # lock while they ran: once no such script holds it, what they left is stale.
-        { flock -n 7 && find "$tmp" -mindepth 1 -maxdepth 1 -type d -name 'vod-sr.*' ! -name 'vod-sr.slot-*' \
-            -exec rm -rf -- {} +; } 7>"$tmp/vod-sr.lock" || true
-    fi
-    workdir=$(mktemp -d "$tmp/vod-sr.slot-$slot.XXXXXXXX")
-else
-    locked=0
-    exec 9>&-
-    echo "vod-sr: gave up waiting for a free slot after $lock_wait s: all $slots slot lock(s)" \
-        "$tmp/vod-sr.slot-{0..$((slots - 1))}.lock are held by the chunks ahead; no file was started" >&2
-    workdir=$(mktemp -d "$tmp/vod-sr-unlocked.XXXXXXXX")
+
+# Cancel and timeout send SIGKILL, which runs no trap: remove the work directories killed chunks left. Each live chunk
+# holds a lock on its own directory (fd 6) from the moment it makes it; a directory whose lock is free and that is
+# more than a minute old (so not one being made right now) was left by a killed chunk.
+find "$tmp" -mindepth 1 -maxdepth 1 -type d -name 'vod-sr.chunk.*' -mmin +1 -print0 |
+    while IFS= read -r -d '' stale; do
+        flock -n "$stale" rm -rf -- "$stale" 2>/dev/null || true
+    done
+# Left by the scripts from before, which held a slot's lock (or, before the slots, vod-sr.lock) for their whole run
+# and worked in vod-sr.slot-<k>.XXXXXXXX (vod-sr.XXXXXXXX): once nothing holds that lock, what they left is stale.
+for ((k = 0; k < slots; k++)); do
+    { flock -n 7 && find "$tmp" -mindepth 1 -maxdepth 1 -type d -name "vod-sr.slot-$k.*" -exec rm -rf -- {} +; } \
+        7>>"$tmp/vod-sr.slot-$k.lock" || true
+done
+if [ -e "$tmp/vod-sr.lock" ]; then
+    { flock -n 7 && find "$tmp" -mindepth 1 -maxdepth 1 -type d -name 'vod-sr.*' ! -name 'vod-sr.slot-*' \
+        ! -name 'vod-sr.chunk.*' -exec rm -rf -- {} +; } 7>"$tmp/vod-sr.lock" || true
 fi
+workdir=$(mktemp -d "$tmp/vod-sr.chunk.XXXXXXXX")
+exec 6<"$workdir"
+flock -n 6
 trap 'rm -rf -- "$workdir"' EXIT
+
+# A slot is one GPU x one stream, slot k on GPU k / streams_per_gpu, held with the lock $tmp/vod-sr.slot-<k>.lock
+# (fd 9) only while this chunk's model runs: from its first model run to the end of its last. Downloads before it,
+# and the measurements, contact sheet and upload after it, run outside the slot, so another chunk's model runs there
+# meanwhile. SSM's clock already runs while a chunk waits, so the wait is bounded (lock_wait, from the start).
+slot_state=none  # none, held, released
+take_slot() {  # returns non-zero when every slot is still held at the end of the wait
+    local k left_ms
+    while true; do
+        for ((k = 0; k < slots; k++)); do
+            exec 9>>"$tmp/vod-sr.slot-$k.lock"
+            if flock -n 9; then
+                slot=$k
+                slot_state=held
+                budget_end=$((SECONDS + ${budget:-0}))
+                gpu=$((slot / streams_per_gpu))
+                export CUDA_VISIBLE_DEVICES=$gpu
+                echo "vod-sr: took slot $slot of $slots ($tmp/vod-sr.slot-$slot.lock): GPU $gpu" \
+                    "(CUDA_VISIBLE_DEVICES=$gpu), stream $((slot % streams_per_gpu + 1)) of $streams_per_gpu" >&2
+                return 0
+            fi
+        done
+        exec 9>&-
+        if [ -n "$lock_wait" ]; then
+            left_ms=$((wait_end - $(now_ms)))
+            if [ "$left_ms" -le 0 ]; then
+                echo "vod-sr: gave up waiting for a free slot after $lock_wait s: all $slots slot lock(s)" \
+                    "$tmp/vod-sr.slot-{0..$((slots - 1))}.lock are held by the chunks ahead; no file was started" >&2
+                return 1
+            fi
+        fi
+        sleep 0.1  # a freed slot is taken within a tenth of a second
+    done
+}
+
+release_slot() {
+    if [ "$slot_state" = held ]; then
+        flock -u 9  # unlocks it also for the background steps that inherited fd 9
+        exec 9>&-
+        slot_state=released
+    fi
+}
 
 files_path=${files_uri#s3://}
 results_path=${results_uri#s3://}
@@ -371,14 +387,6 @@ result() {
     # Stored as each file ends, so a killed chunk still credits the files it finished.
     { flock 8 && save; } 8>"$workdir/results.lock" || touch "$workdir/unsaved"
 }
-
-if [ "$locked" = 0 ]; then
-    for ((n = 0; n < count; n++)); do
-        line "${fields[n * 5]}" failed 0 0 "ffmpeg (not started: waited $lock_wait s for a free slot)"
-    done
-    save
-    exit 1
-fi
 
 remaining() {  # seconds left of the chunk's budget; empty: no budget
     [ -z "$budget" ] || echo $((budget_end - SECONDS))
@@ -408,7 +416,7 @@ fetch() {  # file number: download its source next to the work in progress, with
     # User keys reach the CLI only inside s3:// URIs, never as option values.
     local base=$(($1 * 5))
     limited "$(remaining)" aws s3 cp --only-show-errors "s3://${fields[base + 1]}/${fields[base + 2]}" \
-        "$workdir/input-$1" >"$workdir/download-$1.log" 2>&1
+        "$workdir/input-$1" >"$workdir/download-$1.log" 2>&1 9>&-
 }
 
 qc_limit() {  # seconds one QC step may take: at most 60, and no more than what is left of the chunk's budget
@@ -506,6 +514,15 @@ for ((n = 0; n < count; n++)); do
         touch "$workdir/unsaved"
         break
     fi
+    if [ "$fetched" -eq 0 ] && [ "$slot_state" = none ] && ! take_slot; then
+        rm -f -- "$workdir/input-$n"
+        for ((; n < count; n++)); do
+            line "${fields[n * 5]}" failed 0 0 "ffmpeg (not started: waited $lock_wait s for a free slot)"
+        done
+        touch "$workdir/unsaved"
+        break
+    fi
+    left=$(remaining)
     if ((n + 1 < count)); then
         fetch $((n + 1)) &
         fetch_pid=$!
@@ -526,6 +543,9 @@ for ((n = 0; n < count; n++)); do
     # VOD_SR_SR_RUN marks the model's run (not the measurements or the contact sheet) for whoever watches the GPU.
     VOD_SR_SR_RUN=1 limited "$limit" ffmpeg -y -i "$workdir/input-$n" -vf "$video_filter" "${output_args[@]}" \
         "$output" </dev/null >"$workdir/ffmpeg.log" 2>&1 || code=$?
+    if ((n + 1 == count)); then
+        release_slot  # the last model run of this chunk: the next chunk's may start while this one uploads
+    fi
     if [ "$code" -ne 0 ]; then
         stage=ffmpeg
         if [ -n "$limit" ] && [ $((SECONDS - started)) -ge "$limit" ]; then
@@ -543,9 +563,10 @@ for ((n = 0; n < count; n++)); do
     if [ -n "$upload_pid" ]; then
         wait "$upload_pid" || true
     fi
-    upload "$n" "$bytes" "$((SECONDS - started))" &
+    upload "$n" "$bytes" "$((SECONDS - started))" 9>&- &
     upload_pid=$!
 done
+release_slot
 if [ -n "$upload_pid" ]; then
     wait "$upload_pid" || true
 fi

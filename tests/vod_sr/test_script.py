@@ -73,7 +73,7 @@ case "$src" in
         [ -f "$path" ] || { echo "fatal error: An error occurred (404) when calling the HeadObject operation:" \
             "Key \"${src#s3://*/}\" does not exist" >&2; exit 1; }
         cp "$path" "$dst" ;;
-    *) cp "$src" "$STUB_S3/$(object "${dst#s3://}")" ;;
+    *) sleep "${STUB_UPLOAD_SECONDS:-0}"; cp "$src" "$STUB_S3/$(object "${dst#s3://}")" ;;
 esac
 """
 STUB_FFMPEG = r"""#!/bin/bash
@@ -253,9 +253,9 @@ class TestScriptSafety:
             assert secret not in INSTALL_CLI_SCRIPT
 
     def test_payload_does_not_grow_with_the_chunk(self):
-        # The file list is read from S3, so SendCommand carries a script of fixed size (about 12.5 KB with model A's
+        # The file list is read from S3, so SendCommand carries a script of fixed size (about 13.6 KB with model A's
         # environment, the time limits, the QC contact sheet and the slots) for any chunk size and any key length.
-        assert len(sr_script("A", LIMITS)) < 13_000
+        assert len(sr_script("A", LIMITS)) < 14_000
 
     def test_model_arguments_reach_ffmpeg_literally(self, instance):
         instance.prepare(chunk_of("a.mp4"))
@@ -553,7 +553,9 @@ class TestTimeLimits:
             n: ("failed", "ffmpeg (not started: waited 1 s for a free slot)") for n in (0, 1)
         }
         assert parse_result_lines(instance.get(RESULTS_URI).decode()) == results
-        assert not [c for c in instance.calls() if c[0] == "ffmpeg" or c[:3] == ["aws", "s3", "cp"]]
+        # The first source is fetched while the chunk waits (so a slot freed finds it ready); nothing ran or went up.
+        assert [c[-2] for c in instance.calls() if c[:3] == ["aws", "s3", "cp"]] == ["s3://src-bucket/a.mp4"]
+        assert not [c for c in instance.calls() if c[0] == "ffmpeg"]
         assert sorted(p.name for p in instance.tmp.iterdir()) == ["vod-sr.slot-0.lock"]  # no work directory left
 
     def test_a_killed_chunk_leaves_no_ffmpeg_holding_the_gpu_or_the_lock(self, instance):
@@ -722,7 +724,8 @@ class TestSlots:
         )
         assert parse_result_lines(stdout) == {0: {**parse_result_lines(stdout)[0], "status": "failed"}}
         assert parse_result_lines(stdout)[0]["stage"] == "ffmpeg (not started: waited 2 s for a free slot)"
-        assert not [c for c in slot_instance.calls() if c[0] == "ffmpeg" or c[:3] == ["aws", "s3", "cp"]]
+        assert [c[-2] for c in slot_instance.calls() if c[:3] == ["aws", "s3", "cp"]] == ["s3://src-bucket/c0.mp4"]
+        assert not [c for c in slot_instance.calls() if c[0] == "ffmpeg"]
         assert slot_instance.busy() == {}
         assert slot_instance.work_directories() == []
 
@@ -742,7 +745,45 @@ class TestSlots:
         assert 1.5 <= waited < 10
         assert TOOK_SLOT.search(stderr).group(1) == "1"
 
-    def test_a_slots_holder_removes_only_its_own_slots_stale_work_directories(self, slot_instance):
+    def test_the_slot_is_held_only_while_the_model_runs(self, slot_instance):
+        # One slot, two chunks: the second's model run starts while the first still measures, makes its contact sheet
+        # and uploads (3 s), not after the first command ends.
+        first = slot_instance.launch(slot_instance.script(0), STUB_FFMPEG_SECONDS="1", STUB_UPLOAD_SECONDS="3")
+        deadline = time.monotonic() + 20
+        while not slot_instance.busy():
+            assert time.monotonic() < deadline and first.poll() is None, "the first chunk's model never ran"
+            time.sleep(0.05)
+        second = slot_instance.launch(slot_instance.script(1), STUB_FFMPEG_SECONDS="1")
+        ((first_code, _, first_err),) = finish([first])
+        first_ended = time.time()
+        ((second_code, _, second_err),) = finish([second])
+
+        assert (first_code, second_code) == (0, 0), (first_err, second_err)
+        runs = sorted(run for gpu in slot_instance.busy().values() for run in gpu)
+        assert len(runs) == 2 and most_at_once(runs) == 1  # one slot: never two model runs at once
+        assert runs[1][0] < first_ended - 1.5  # the second ran while the first was still uploading
+
+    def test_stale_chunk_directories_are_removed_and_live_ones_kept(self, slot_instance):
+        tmp = slot_instance.tmp
+        old = time.time() - 300
+        for name in ("vod-sr.chunk.Killed01", "vod-sr.chunk.Working1", "vod-sr.chunk.JustMade"):
+            (tmp / name).mkdir()
+            (tmp / name / "input-0").write_bytes(b"x" * 100)
+        for name in ("vod-sr.chunk.Killed01", "vod-sr.chunk.Working1"):
+            os.utime(tmp / name, (old, old))
+        # A chunk working for minutes (its directory untouched meanwhile) holds its directory's lock.
+        holder = slot_instance.hold_lock(30, lock=tmp / "vod-sr.chunk.Working1")
+        try:
+            ((code, _, stderr),) = finish([slot_instance.launch(slot_instance.script(0))])
+        finally:
+            holder.kill()
+            holder.wait()
+
+        assert code == 0, stderr
+        # The one made a moment ago may be a chunk between making it and locking it: kept until it is a minute old.
+        assert slot_instance.work_directories() == ["vod-sr.chunk.JustMade", "vod-sr.chunk.Working1"]
+
+    def test_directories_of_the_scripts_from_before_are_removed_once_their_slot_is_free(self, slot_instance):
         tmp = slot_instance.tmp
         for name in ("vod-sr.slot-0.AbCdEfGh", "vod-sr.slot-1.IjKlMnOp", "vod-sr.slot-10.QrStUvWx"):
             (tmp / name).mkdir()
