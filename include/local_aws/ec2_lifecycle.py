@@ -1,10 +1,19 @@
 """EC2 instance states that take time, and the SSM agent registration that follows `running`.
 
-moto flips StartInstances/StopInstances instantly. Here a started instance stays `pending` and a stopped one
-`stopping` for a configurable time, as on AWS, so the DAG's waits are exercised for real. As on AWS, every start
-sets a new `LaunchTime`, a start can end `pending -> stopped` with a `StateReason` (capacity, a KMS key the volume
-cannot use), the SSM agent's `LastPingDateTime` follows its heartbeats, and after a stop `PingStatus` stays a stale
-`Online` for a while. Requests naming an instance can be refused as for a principal lacking the permission.
+moto flips RunInstances/StartInstances/StopInstances/TerminateInstances instantly. Here a launched or started
+instance stays `pending`, a stopped one `stopping` and a terminated one `shutting-down` for a configurable time, as on
+AWS, so the DAG's waits are exercised for real. As on AWS, every start sets a new `LaunchTime`, a start can end
+`pending -> stopped` with a `StateReason` (capacity, a KMS key the volume cannot use), the SSM agent's
+`LastPingDateTime` follows its heartbeats, and after a stop `PingStatus` stays a stale `Online` for a while. Requests
+naming an instance can be refused as for a principal lacking the permission.
+
+RunInstances (`plan_launch`, `launched`) is served as EC2 serves it where moto is kinder: it launches MaxCount
+instances when there is room (moto launches MinCount), fails whole when the fault plan's capacity cannot cover
+MinCount, takes the instance type, Spot market and instance profile from the launch template too (moto takes only the
+type, and gives a request's instance profile to the first instance alone), and answers an unknown launch template
+with EC2's errors (moto: a generic message, or a server error for an unknown id). A launched instance's SSM agent is
+unknown to SSM until it first comes Online. A terminated instance leaves SSM (DescribeInstanceInformation no longer
+lists it, SendCommand refuses it) and cannot be started or stopped (moto starts it again).
 """
 
 from __future__ import annotations
@@ -12,19 +21,123 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
-from include.local_aws.faults import DENIABLE_ACTIONS, FaultPlan
+from include.local_aws.faults import CAPACITY_ERROR, DENIABLE_ACTIONS, SPOT_ERRORS, FaultPlan
 
 STATE_CODES = {"pending": 0, "running": 16, "shutting-down": 32, "terminated": 48, "stopping": 64, "stopped": 80}
 
 
 class Ec2Error(Exception):
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, status: str = "400 Bad Request") -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.status = status  # the HTTP status line EC2 answers with
+
+
+@dataclass(frozen=True)
+class LaunchRequest:
+    """What of a RunInstances request decides what EC2 launches (the query form's parameters)."""
+
+    region: str
+    min_count: int
+    max_count: int
+    instance_type: str | None = None
+    template: Mapping[str, str] | None = None  # LaunchTemplateId or LaunchTemplateName, and Version
+    market_type: str | None = None  # InstanceMarketOptions.MarketType
+    max_price: str | None = None  # InstanceMarketOptions.SpotOptions.MaxPrice
+    zone: str | None = None  # Placement.AvailabilityZone
+    profile: Mapping[str, str] | None = None  # IamInstanceProfile: Name or Arn
+
+    @classmethod
+    def from_form(cls, form: Mapping[str, str], region: str) -> LaunchRequest:
+        def part(prefix: str) -> dict[str, str] | None:
+            fields = {key[len(prefix) :]: value for key, value in form.items() if key.startswith(prefix)}
+            return fields or None
+
+        return cls(
+            region=region,
+            min_count=int(form.get("MinCount", 1)),
+            max_count=int(form.get("MaxCount", form.get("MinCount", 1))),
+            instance_type=form.get("InstanceType"),
+            template=part("LaunchTemplate."),
+            market_type=form.get("InstanceMarketOptions.MarketType"),
+            max_price=form.get("InstanceMarketOptions.SpotOptions.MaxPrice"),
+            zone=form.get("Placement.AvailabilityZone"),
+            profile=part("IamInstanceProfile."),
+        )
+
+
+@dataclass(frozen=True)
+class Launch:
+    """What a RunInstances launches: `count` instances of `instance_type`, Spot or not, with this instance profile
+    (from the request, else the launch template)."""
+
+    count: int
+    instance_type: str
+    spot: bool
+    profile: Mapping[str, str] | None
+
+
+def _ec2_backend(region: str) -> Any:
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.ec2.models import ec2_backends
+
+    return ec2_backends[DEFAULT_ACCOUNT_ID][region]
+
+
+def launch_template_data(spec: Mapping[str, str], region: str) -> dict[str, Any]:
+    """The LaunchTemplateData of the version a RunInstances names, or the Ec2Error EC2 answers: moto answers an
+    unknown name with a generic message and an unknown id with a server error."""
+    backend = _ec2_backend(region)
+    if "LaunchTemplateId" in spec:
+        template = backend.launch_templates.get(spec["LaunchTemplateId"])
+        if template is None:
+            raise Ec2Error(
+                "InvalidLaunchTemplateId.NotFound",
+                f"The specified launch template, with template ID {spec['LaunchTemplateId']}, does not exist.",
+            )
+    elif "LaunchTemplateName" in spec:
+        template_id = backend.launch_template_name_to_ids.get(spec["LaunchTemplateName"])
+        if template_id is None:
+            raise Ec2Error(
+                "InvalidLaunchTemplateName.NotFoundException",
+                f"The specified launch template, with template name {spec['LaunchTemplateName']}, does not exist.",
+            )
+        template = backend.launch_templates[template_id]
+    else:
+        raise Ec2Error(
+            "MissingParameter", "The request must contain the parameter launchTemplateId or launchTemplateName"
+        )
+    version = spec.get("Version", "$Default")
+    try:
+        return dict(template.get_version(version).data)
+    except Exception as error:  # moto's InvalidLaunchTemplateVersionNotFound, with EC2's code and message
+        code = getattr(error, "code", "InvalidLaunchTemplateId.VersionNotFound")
+        raise Ec2Error(code, getattr(error, "message", str(error))) from error
+
+
+def _check_instance_profile(profile: Mapping[str, str]) -> None:
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.iam.models import iam_backends
+
+    backend = iam_backends[DEFAULT_ACCOUNT_ID]["aws"]
+    known = backend.get_instance_profiles()
+    if "Arn" in profile and not any(p.arn == profile["Arn"] for p in known):
+        raise Ec2Error(
+            "InvalidParameterValue",
+            f"Value ({profile['Arn']}) for parameter iamInstanceProfile.arn is invalid. Invalid IAM Instance Profile "
+            "ARN",
+        )
+    if "Name" in profile and not any(p.name == profile["Name"] for p in known):
+        raise Ec2Error(
+            "InvalidParameterValue",
+            f"Value ({profile['Name']}) for parameter iamInstanceProfile.name is invalid. Invalid IAM Instance Profile "
+            "name",
+        )
 
 
 def find_instance(instance_id: str) -> Any | None:
@@ -47,6 +160,8 @@ class Ec2Lifecycle:
         self._running_since: dict[str, float] = {}
         self._start_attempts: Counter[str] = Counter()
         self._last_ping: dict[str, float] = {}  # wall-clock time of the agent's last heartbeat
+        self._unregistered: set[str] = set()  # launched, and their SSM agent has not come Online yet
+        self._never_running: set[str] = set()  # launched, and not running yet
         self.running_intervals: dict[str, list[list[float | None]]] = {}  # wall-clock [running, stop requested]
 
     def _set_state(self, instance: Any, name: str) -> None:
@@ -72,6 +187,7 @@ class Ec2Lifecycle:
                         instance.state_reason = StateReason(message, code)
                         instance._reason = message  # StateTransitionReason
                     if state == "running":
+                        self._never_running.discard(instance_id)
                         self._running_since[instance_id] = time.monotonic()
                         self.running_intervals.setdefault(instance_id, []).append([time.time(), None])
 
@@ -100,11 +216,79 @@ class Ec2Lifecycle:
     def check_stop(self, instance_ids: list[str]) -> None:
         for instance_id in instance_ids:
             instance = find_instance(instance_id)
-            if instance is not None and instance.state == "pending":
+            if instance is None:
+                continue
+            with self._lock:
+                never_running = instance_id in self._never_running
+            if instance.state == "pending" and never_running:
+                raise Ec2Error(
+                    "IncorrectInstanceState",
+                    f"Instance '{instance_id}' cannot be stopped as it has never reached the 'running' state.",
+                )
+            if instance.state in ("pending", "shutting-down", "terminated"):
                 raise Ec2Error(
                     "IncorrectInstanceState",
                     f"The instance '{instance_id}' is not in a state from which it can be stopped.",
                 )
+
+    def plan_launch(self, request: LaunchRequest) -> Launch:
+        """What this RunInstances launches, or the Ec2Error EC2 refuses it with: an unknown launch template or
+        instance profile, or too little capacity for MinCount (the fault plan's `capacity` / `spot_capacity`)."""
+        template = launch_template_data(request.template, request.region) if request.template else {}
+        instance_type = request.instance_type or template.get("InstanceType") or "m1.small"
+        market = request.market_type or template.get("InstanceMarketOptions", {}).get("MarketType")
+        spot = market == "spot"
+        profile = request.profile or template.get("IamInstanceProfile") or None
+        if profile:
+            _check_instance_profile(profile)
+        count = self._faults.take_launch_capacity(
+            instance_type, spot=spot, min_count=request.min_count, max_count=request.max_count
+        )
+        if count is None:
+            zone = request.zone or f"{request.region}a"
+            if spot:
+                code = self._faults.spot_error
+                status, message = SPOT_ERRORS[code]
+                max_price = request.max_price or template.get("InstanceMarketOptions", {}).get("SpotOptions", {}).get(
+                    "MaxPrice", "0.5"
+                )
+                raise Ec2Error(
+                    code,
+                    message.format(max_price=max_price, minimum_price=f"{float(max_price) * 1.25:.4f}"),
+                    status,
+                )
+            code, status, message = CAPACITY_ERROR
+            others = ", ".join(f"{request.region}{z}" for z in "bcd" if f"{request.region}{z}" != zone)
+            raise Ec2Error(code, message.format(instance_type=instance_type, zone=zone, other_zones=others), status)
+        return Launch(count, instance_type, spot, profile)
+
+    def launched(self, instance_ids: list[str], launch: Launch) -> None:
+        """moto has launched them running; show pending for a while, as AWS does. Their agents are unknown to SSM
+        until they first come Online. Gives every instance the launch's instance profile and Spot lifecycle where
+        moto did not."""
+        from moto.ec2.exceptions import IncorrectStateIamProfileAssociationError
+
+        for instance_id in instance_ids:
+            instance = find_instance(instance_id)
+            if instance is None:
+                continue
+            if launch.profile and instance_id not in instance.ec2_backend.iam_instance_profile_associations:
+                try:
+                    instance.ec2_backend.associate_iam_instance_profile(
+                        instance_id=instance_id,
+                        iam_instance_profile_name=launch.profile.get("Name"),
+                        iam_instance_profile_arn=launch.profile.get("Arn"),
+                    )
+                except IncorrectStateIamProfileAssociationError:
+                    pass
+            if launch.spot:
+                instance.lifecycle = "spot"
+            with self._lock:
+                self._unregistered.add(instance_id)
+                self._never_running.add(instance_id)
+                self._running_since.pop(instance_id, None)
+                self._set_state(instance, "pending")
+            self._later(instance_id, self._faults.for_instance(instance_id).pending_seconds, "running")
 
     def check_request(self, action: str, instance_ids: list[str]) -> None:
         """Raise the error AWS would give before moto serves an EC2 request naming these instances: the permission
@@ -150,23 +334,51 @@ class Ec2Lifecycle:
             instance = find_instance(instance_id)
             if instance is None or previous.get(instance_id) in ("stopped", "stopping"):
                 continue
-            with self._lock:
-                if self._agent_up(instance_id, running=previous.get(instance_id) == "running"):
-                    self._last_ping[instance_id] = time.time()  # its last heartbeat: the stale Online shows it
-                self._running_since.pop(instance_id, None)
-                self._set_state(instance, "stopping")
-                for interval in self.running_intervals.get(instance_id, []):
-                    if interval[1] is None:
-                        interval[1] = time.time()
-            self._on_stopping(instance_id)
+            self._going_down(instance, running=previous.get(instance_id) == "running", state="stopping")
             self._later(instance_id, self._faults.for_instance(instance_id).stopping_seconds, "stopped")
+
+    def terminated(self, instance_ids: list[str], previous: dict[str, str]) -> None:
+        """moto has set them terminated; show shutting-down for a while (then terminated) and end the agent's work
+        on them, as a stop does."""
+        for instance_id in instance_ids:
+            instance = find_instance(instance_id)
+            if instance is None or previous.get(instance_id) in ("shutting-down", "terminated"):
+                continue
+            self._going_down(instance, running=previous.get(instance_id) == "running", state="shutting-down")
+            faults = self._faults.for_instance(instance_id)
+            seconds = faults.stopping_seconds if faults.shutting_down_seconds is None else faults.shutting_down_seconds
+            self._later(instance_id, seconds, "terminated")
+
+    def _going_down(self, instance: Any, *, running: bool, state: str) -> None:
+        """Stopping or shutting down: the agent's last heartbeat, the running interval closed, its commands ended."""
+        instance_id = instance.id
+        with self._lock:
+            if self._agent_up(instance_id, running=running):
+                self._last_ping[instance_id] = time.time()  # its last heartbeat: the stale Online shows it
+                self._unregistered.discard(instance_id)
+            self._running_since.pop(instance_id, None)
+            self._set_state(instance, state)
+            for interval in self.running_intervals.get(instance_id, []):
+                if interval[1] is None:
+                    interval[1] = time.time()
+        self._on_stopping(instance_id)
 
     def states(self, instance_ids: list[str]) -> dict[str, str]:
         return {i: inst.state for i in instance_ids if (inst := find_instance(i)) is not None}
 
     def registered(self, instance_id: str) -> bool:
-        """Whether the instance's SSM agent has ever registered (so SSM knows the instance)."""
-        return self.agent_online(instance_id) or instance_id in self._generation
+        """Whether SSM knows the instance: its agent registered once (a launched instance's agent, when it first came
+        Online), it is not terminated (SSM forgets a terminated instance), and its agent is not one that never
+        registers (`agent_never_online`)."""
+        if self.agent_online(instance_id):
+            return True
+        instance = find_instance(instance_id)
+        if instance is None or instance.state == "terminated":
+            return False
+        if self._faults.for_instance(instance_id).agent_never_online:
+            return False
+        with self._lock:
+            return instance_id in self._generation and instance_id not in self._unregistered
 
     def agent_online(self, instance_id: str) -> bool:
         """Whether the instance's agent is really connected (what delivery of commands depends on)."""
@@ -176,7 +388,10 @@ class Ec2Lifecycle:
             return False
         with self._lock:
             since = self._running_since.setdefault(instance_id, time.monotonic())
-        return time.monotonic() - since >= faults.agent_registration_seconds
+            online = time.monotonic() - since >= faults.agent_registration_seconds
+            if online:
+                self._unregistered.discard(instance_id)
+        return online
 
     def _agent_up(self, instance_id: str, *, running: bool) -> bool:
         """Whether the agent was connected, for an instance that was `running` (caller holds the lock)."""

@@ -8,7 +8,16 @@ Set at start (`python -m include.local_aws --pending-seconds 3 ...`) or at run t
                                            "invocation_read_errors": 6, "invocation_read_error": "ServiceUnavailable"},
                    "i-0fedcba9876543210": {"failed_starts": 1, "failed_start_reason": "Client.InternalError",
                                            "denied_actions": ["StartInstances"], "stale_online_seconds": 300}},
-     "throttle_fraction": 0.1}
+     "throttle_fraction": 0.1,
+     "capacity": {"g6e.12xlarge": 0, "g6e.xlarge": 2}, "spot_capacity": {"*": 0},
+     "spot_error": "InsufficientInstanceCapacity"}
+
+`capacity` and `spot_capacity` are EC2's room for new instances, by instance type, for RunInstances (On-Demand and
+Spot): how many more instances of that type it can still launch, `"*"` for each type not named; a type not limited
+launches without limit. Each launch uses the room up (setting the market's map again refills it), and as on AWS a
+RunInstances that cannot get its MinCount fails whole, one that can gets as many as it asked for up to its MaxCount.
+Beyond the room, On-Demand fails with `InsufficientInstanceCapacity` (CAPACITY_ERROR) and Spot with `spot_error`,
+one of SPOT_ERRORS. `{"capacity": {}, "spot_capacity": {}}` lifts the limits.
 """
 
 from __future__ import annotations
@@ -40,6 +49,30 @@ FAILED_START_REASONS: dict[str, str] = {
     "state",
     "Client.VolumeLimitExceeded": "Client.VolumeLimitExceeded: Volume limit exceeded",
 }
+# RunInstances beyond `capacity` (On-Demand): EC2's error, a server error (HTTP 500, which SDKs retry), its message
+# naming the type and the zone.
+CAPACITY_ERROR = (
+    "InsufficientInstanceCapacity",
+    "500 Internal Server Error",
+    "We currently do not have sufficient {instance_type} capacity in the Availability Zone you requested ({zone}). Our "
+    "system will be working on provisioning additional capacity. You can currently get {instance_type} capacity by not "
+    "specifying an Availability Zone in your request or choosing {other_zones}.",
+)
+# RunInstances with InstanceMarketOptions spot beyond `spot_capacity`, by `spot_error`: (HTTP status, message). No
+# capacity is InsufficientInstanceCapacity with EC2's Spot message; the Spot quota and a MaxPrice under the Spot price
+# are client errors.
+SPOT_ERRORS: dict[str, tuple[str, str]] = {
+    "InsufficientInstanceCapacity": (
+        "500 Internal Server Error",
+        "There is no Spot capacity available that matches your request.",
+    ),
+    "MaxSpotInstanceCountExceeded": ("400 Bad Request", "Max spot instance count exceeded"),
+    "SpotMaxPriceTooLow": (
+        "400 Bad Request",
+        "Your Spot request price of {max_price} is lower than the minimum required Spot request fulfillment price of "
+        "{minimum_price}.",
+    ),
+}
 # Errors for `denied_actions` (EC2 answers UnauthorizedOperation; AccessDenied is what some callers meet instead).
 DENIED_ERRORS = ("UnauthorizedOperation", "AccessDenied")
 # EC2 actions `denied_actions` can refuse, for requests that name the instance.
@@ -50,8 +83,9 @@ DENIABLE_ACTIONS = ("StartInstances", "StopInstances", "DescribeInstances", "Cre
 class InstanceFaults:
     """How one emulated instance behaves. Durations are seconds."""
 
-    pending_seconds: float = 2.0  # StartInstances: pending -> running
+    pending_seconds: float = 2.0  # StartInstances and RunInstances: pending -> running
     stopping_seconds: float = 2.0  # StopInstances: stopping -> stopped
+    shutting_down_seconds: float | None = None  # TerminateInstances: shutting-down -> terminated; None: stopping's
     agent_registration_seconds: float = 1.0  # running -> SSM PingStatus Online (slow registration: raise it)
     agent_never_online: bool = False  # the SSM agent never registers
     insufficient_capacity_starts: int = 0  # the first N StartInstances fail with InsufficientInstanceCapacity
@@ -100,6 +134,10 @@ class FaultPlan:
     defaults: InstanceFaults
     instances: dict[str, InstanceFaults]
     throttle_fraction: float = 0.0  # share of SSM and EC2 calls answered with a throttling error
+    capacity: dict[str, int] = field(default_factory=dict)  # RunInstances On-Demand room by type (module docstring)
+    spot_capacity: dict[str, int] = field(default_factory=dict)  # the same for Spot
+    spot_error: str = "InsufficientInstanceCapacity"  # one of SPOT_ERRORS
+    _launched: Counter[tuple[bool, str]] = field(default_factory=Counter)  # (spot, type) -> launched since set
     _read_errors_served: Counter[str] = field(default_factory=Counter)
     _failed_starts_served: Counter[str] = field(default_factory=Counter)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -125,6 +163,22 @@ class FaultPlan:
             self._failed_starts_served[instance_id] += 1
         return faults.failed_start_reason, FAILED_START_REASONS[faults.failed_start_reason]
 
+    def take_launch_capacity(self, instance_type: str, *, spot: bool, min_count: int, max_count: int) -> int | None:
+        """How many instances a RunInstances of `instance_type` launches: MaxCount, or what room is left when that is
+        at least MinCount (and that room is used up); None when the room is short of MinCount, for the launch fails
+        whole."""
+        limits = self.spot_capacity if spot else self.capacity
+        with self._lock:
+            limit = limits.get(instance_type, limits.get("*"))
+            if limit is None:
+                return max_count
+            room = max(0, limit - self._launched[spot, instance_type])
+            if room < min_count:
+                return None
+            count = min(max_count, room)
+            self._launched[spot, instance_type] += count
+            return count
+
     def update(self, data: dict[str, Any]) -> None:
         if "defaults" in data:
             self.defaults = InstanceFaults.from_json(data["defaults"], self.defaults)
@@ -145,3 +199,24 @@ class FaultPlan:
             if not 0.0 <= fraction <= 1.0:
                 raise ValueError(f"throttle_fraction {fraction} is outside 0..1")
             self.throttle_fraction = fraction
+        self._update_capacity(data)
+
+    def _update_capacity(self, data: dict[str, Any]) -> None:
+        """`capacity`, `spot_capacity`, `spot_error`: all checked before any is applied."""
+        if data.get("spot_error", "InsufficientInstanceCapacity") not in SPOT_ERRORS:
+            raise ValueError(f"spot_error {data['spot_error']!r} is not one of {sorted(SPOT_ERRORS)}")
+        for market in ("capacity", "spot_capacity"):
+            limits = data.get(market, {})
+            if not isinstance(limits, dict) or not all(
+                isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in limits.values()
+            ):
+                raise ValueError(f"{market} must map instance types (or '*') to counts >= 0, not {limits!r}")
+        if "spot_error" in data:
+            self.spot_error = data["spot_error"]
+        for market, spot in (("capacity", False), ("spot_capacity", True)):
+            if market in data:
+                limits = data[market]
+                with self._lock:
+                    setattr(self, market, dict(limits))
+                    for key in [key for key in self._launched if key[0] == spot]:
+                        del self._launched[key]

@@ -2,9 +2,21 @@
 
 Requests pass through `Extension`, a WSGI layer in front of moto's own application. It records every call,
 injects throttling, server errors, dropped connections and permission errors, answers the SSM Run Command actions
-with `SsmAgent` (which really runs the commands), adds time to EC2 start/stop, and refuses CreateTags on an unknown
-instance as AWS does (moto accepts it). Everything else (S3, EC2, IAM, ...) is moto,
+with `SsmAgent` (which really runs the commands), adds time to EC2 launch/start/stop/terminate, and refuses CreateTags
+on an unknown instance as AWS does (moto accepts it). Everything else (S3, EC2, IAM, ...) is moto,
 unchanged.
+
+RunInstances goes through `Ec2Lifecycle.plan_launch` before moto (see ec2_lifecycle.py): from a launch template
+(`LaunchTemplate={LaunchTemplateId|LaunchTemplateName, Version}`, unknown ones refused with EC2's
+`InvalidLaunchTemplateId.NotFound` / `InvalidLaunchTemplateName.NotFoundException`), MaxCount instances when there is
+room, and the fault plan's capacity (`{"capacity": {"<type>": N}, "spot_capacity": {"<type>" or "*": N},
+"spot_error": ...}`, see faults.py) refuses it whole when it cannot get MinCount: On-Demand with
+`InsufficientInstanceCapacity` (HTTP 500), Spot (`InstanceMarketOptions` spot, from the request or the template) with
+`InsufficientInstanceCapacity` "There is no Spot capacity available that matches your request." (HTTP 500),
+`MaxSpotInstanceCountExceeded` or `SpotMaxPriceTooLow`. Launched instances are pending for `pending_seconds`, then
+running; their agent registers like a started instance's. TerminateInstances shows shutting-down for
+`shutting_down_seconds` (default: `stopping_seconds`), ends the agent's commands as a stop does, and the instance leaves
+SSM once terminated.
 
 Control endpoints, for tests and benchmarks:
     GET  /_local_aws/calls            every AWS call served: [{"service", "action", "time", "caller", "user_agent",
@@ -36,9 +48,9 @@ import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, parse_qsl, urlencode
 
-from include.local_aws.ec2_lifecycle import Ec2Error, Ec2Lifecycle, find_instance
+from include.local_aws.ec2_lifecycle import Ec2Error, Ec2Lifecycle, LaunchRequest, find_instance
 from include.local_aws.faults import DENIED_ERRORS, INVOCATION_READ_ERRORS, FaultPlan, InstanceFaults
 from include.local_aws.gpus import gpu_count
 from include.local_aws.ssm_agent import SsmAgent, SsmError
@@ -139,7 +151,9 @@ class Extension:
             return self._ssm(action, body, start_response)
         if service == "ec2" and (refused := self._ec2_refusal(action, body, environ, start_response)) is not None:
             return refused
-        if service == "ec2" and action in ("StartInstances", "StopInstances"):
+        if service == "ec2" and action == "RunInstances":
+            return self._run_instances(body, environ, start_response)
+        if service == "ec2" and action in ("StartInstances", "StopInstances", "TerminateInstances"):
             return self._ec2_transition(action, body, environ, start_response)
         return self.moto_app(environ, start_response)
 
@@ -253,15 +267,40 @@ class Extension:
         try:
             if action == "StartInstances":
                 self.lifecycle.check_start(instance_ids)
-            else:
+            elif action == "StopInstances":
                 self.lifecycle.check_stop(instance_ids)
         except Ec2Error as error:
             return self._ec2_error(start_response, "400 Bad Request", error.code, error.message)
         response = list(self.moto_app(environ, start_response))
         if action == "StartInstances":
             self.lifecycle.started(instance_ids, previous)
-        else:
+        elif action == "StopInstances":
             self.lifecycle.stopped(instance_ids, previous)
+        else:
+            self.lifecycle.terminated(instance_ids, previous)
+        return response
+
+    def _run_instances(self, body: bytes, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        """RunInstances as EC2 serves it (see the module docstring): refused whole, or MaxCount (or as many as there
+        is room for) instances launched by moto, then pending for a while."""
+        fields = parse_qsl(body.decode("utf-8", errors="replace"), keep_blank_values=True)
+        form = dict(fields)
+        if form.get("DryRun", "").lower() == "true":
+            return self.moto_app(environ, start_response)
+        scope = CREDENTIAL_SCOPE.search(environ.get("HTTP_AUTHORIZATION", ""))
+        region = scope.group(1) if scope else EMULATOR_REGION
+        try:
+            launch = self.lifecycle.plan_launch(LaunchRequest.from_form(form, region))
+        except (Ec2Error, ValueError) as error:
+            code, status = getattr(error, "code", "InvalidParameterValue"), getattr(error, "status", "400 Bad Request")
+            return self._ec2_error(start_response, status, code, getattr(error, "message", str(error)))
+        counts = {"MinCount": str(launch.count), "MaxCount": str(launch.count)}  # moto launches MinCount
+        rewritten = urlencode([(key, counts.get(key, value)) for key, value in fields]).encode()
+        environ["wsgi.input"] = io.BytesIO(rewritten)
+        environ["CONTENT_LENGTH"] = str(len(rewritten))
+        response = list(self.moto_app(environ, start_response))
+        found = re.findall(r"<instanceId>(i-[0-9a-f]+)</instanceId>", b"".join(response).decode("utf-8", "replace"))
+        self.lifecycle.launched(list(dict.fromkeys(found)), launch)
         return response
 
     def _control(self, environ: dict[str, Any], start_response: StartResponse, path: str) -> list[bytes]:

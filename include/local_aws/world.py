@@ -21,6 +21,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 SOURCE_BUCKET = "vod-sr-demo-source"
 OUTPUT_BUCKET = "vod-sr-demo-output"
 SAMPLE_KEY = "original_640x480_10s.mp4"  # the seed procedure's sample file name
+BLUEWHALE_AMI = "ami-0b1ue0000000000aa"  # stands for the vendor's AMI
+INSTANCE_PROFILE = "vod-sr-bluewhale"  # the instances' role and instance profile
+LAUNCH_TEMPLATE = "vod-sr-bluewhale"
 
 
 class EmulatorProcess:
@@ -133,13 +136,81 @@ def create_world(endpoint_url: str) -> str:
     for bucket in (SOURCE_BUCKET, OUTPUT_BUCKET):
         if bucket not in existing:
             s3.create_bucket(Bucket=bucket)
+    return launch_stopped_instance(endpoint_url)
+
+
+def launch_stopped_instance(endpoint_url: str, instance_type: str = "g6e.xlarge") -> str:
+    """A stopped instance of the Bluewhale AMI; its id. Launched, waited for until running (EC2 refuses to stop an
+    instance that never reached `running`), then stopped and waited for."""
     ec2 = boto_client("ec2", endpoint_url)
-    instance_id = ec2.run_instances(ImageId="ami-0b1ue0000000000aa", MinCount=1, MaxCount=1, InstanceType="g6e.xlarge")[
+    instance_id = ec2.run_instances(ImageId=BLUEWHALE_AMI, MinCount=1, MaxCount=1, InstanceType=instance_type)[
         "Instances"
     ][0]["InstanceId"]
+    waiter_config = {"Delay": 1, "MaxAttempts": 60}
+    ec2.get_waiter("instance_running").wait(InstanceIds=[instance_id], WaiterConfig=waiter_config)
     ec2.stop_instances(InstanceIds=[instance_id])
-    ec2.get_waiter("instance_stopped").wait(InstanceIds=[instance_id], WaiterConfig={"Delay": 1, "MaxAttempts": 60})
+    ec2.get_waiter("instance_stopped").wait(InstanceIds=[instance_id], WaiterConfig=waiter_config)
     return instance_id
+
+
+def create_instance_profile(endpoint_url: str, name: str = INSTANCE_PROFILE) -> str:
+    """The instances' role and instance profile (if missing), as the operators' IAM setup makes them; the profile's
+    ARN."""
+    iam = boto_client("iam", endpoint_url)
+    try:
+        return iam.get_instance_profile(InstanceProfileName=name)["InstanceProfile"]["Arn"]
+    except iam.exceptions.NoSuchEntityException:
+        pass
+    trust = {
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "sts:AssumeRole"}],
+    }
+    iam.create_role(RoleName=name, AssumeRolePolicyDocument=json.dumps(trust))
+    arn = iam.create_instance_profile(InstanceProfileName=name)["InstanceProfile"]["Arn"]
+    iam.add_role_to_instance_profile(InstanceProfileName=name, RoleName=name)
+    return arn
+
+
+def create_launch_template(
+    endpoint_url: str,
+    name: str = LAUNCH_TEMPLATE,
+    *,
+    instance_type: str = "g6e.xlarge",
+    spot: bool = False,
+    tags: dict[str, str] | None = None,
+) -> str:
+    """A launch template as the operators keep one: the Bluewhale AMI, an instance type and the instance profile
+    (created if missing), Spot when asked, instance tags when given. A template of that name gets a new default
+    version instead. Returns the template's id."""
+    data: dict[str, Any] = {
+        "ImageId": BLUEWHALE_AMI,
+        "InstanceType": instance_type,
+        "IamInstanceProfile": {"Name": INSTANCE_PROFILE},
+    }
+    create_instance_profile(endpoint_url)
+    if spot:
+        data["InstanceMarketOptions"] = {"MarketType": "spot", "SpotOptions": {"SpotInstanceType": "one-time"}}
+    if tags:
+        data["TagSpecifications"] = [
+            {"ResourceType": "instance", "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}
+        ]
+    ec2 = boto_client("ec2", endpoint_url)
+    try:
+        existing = ec2.describe_launch_templates(LaunchTemplateNames=[name])["LaunchTemplates"]
+    except ec2.exceptions.ClientError as error:
+        if "NotFound" not in error.response["Error"]["Code"]:
+            raise
+        existing = []
+    if not existing:
+        return ec2.create_launch_template(LaunchTemplateName=name, LaunchTemplateData=data)["LaunchTemplate"][
+            "LaunchTemplateId"
+        ]
+    template_id = existing[0]["LaunchTemplateId"]
+    version = ec2.create_launch_template_version(LaunchTemplateId=template_id, LaunchTemplateData=data)[
+        "LaunchTemplateVersion"
+    ]["VersionNumber"]
+    ec2.modify_launch_template(LaunchTemplateId=template_id, DefaultVersion=str(version))
+    return template_id
 
 
 def make_sample_clip(path: Path, seconds: int = 10, size: str = "640x480") -> Path:
