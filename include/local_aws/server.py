@@ -29,6 +29,11 @@ Control endpoints, for tests and benchmarks:
     POST /_local_aws/faults           change timing and faults (see faults.py)
     POST /_local_aws/s3/last-modified {"bucket", "key", "last_modified": ISO 8601}: date an object as if uploaded then
                                       (S3 itself never lets a client set LastModified; tests of time windows need it)
+    POST /_local_aws/s3/bulk-objects  {"bucket", "prefix", "count", "bytes" (default 1), "start" (default 0), "suffix"
+                                      (default ".mp4")}: `count` objects `<prefix><n, 6+ digits><suffix>` of `bytes`
+                                      zero bytes, written straight into moto's S3 (about 30,000 a second, where
+                                      PutObject over HTTP manages a few hundred); not in the call log. Answers
+                                      {"created", "first_key", "last_key"}. For benchmarks of many sources.
     GET  /_local_aws/health           {"status": "ok"}
 """
 
@@ -303,6 +308,11 @@ class Extension:
         self.lifecycle.launched(list(dict.fromkeys(found)), launch)
         return response
 
+    def record_call(self, call: dict[str, Any]) -> None:
+        """Add a call made without HTTP to the call log: the synthetic SR stand-in's S3 calls (synthetic_sr.py)."""
+        with self._calls_lock:
+            self.calls.append(call)
+
     def _control(self, environ: dict[str, Any], start_response: StartResponse, path: str) -> list[bytes]:
         method = environ["REQUEST_METHOD"]
         if path == "/_local_aws/health":
@@ -346,6 +356,21 @@ class Extension:
             except (ValueError, TypeError, KeyError) as error:
                 return self._json(start_response, "400 Bad Request", {"error": f"{type(error).__name__}: {error}"})
             return self._json(start_response, "200 OK", {})
+        if path == "/_local_aws/s3/bulk-objects" and method == "POST":
+            raw = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+            try:
+                request = json.loads(raw)
+                created = create_objects(
+                    request["bucket"],
+                    request["prefix"],
+                    int(request["count"]),
+                    size=int(request.get("bytes", 1)),
+                    start=int(request.get("start", 0)),
+                    suffix=str(request.get("suffix", ".mp4")),
+                )
+            except (ValueError, TypeError, KeyError) as error:
+                return self._json(start_response, "400 Bad Request", {"error": f"{type(error).__name__}: {error}"})
+            return self._json(start_response, "200 OK", created)
         return self._json(start_response, "404 Not Found", {"error": f"no control endpoint {method} {path}"})
 
 
@@ -363,6 +388,27 @@ def set_last_modified(bucket: str, key: str, last_modified: str) -> None:
     if stored is None:
         raise KeyError(f"s3://{bucket}/{key}")
     stored.last_modified = when.astimezone(UTC).replace(tzinfo=None, microsecond=0)  # moto keeps naive UTC
+
+
+def create_objects(
+    bucket: str, prefix: str, count: int, *, size: int = 1, start: int = 0, suffix: str = ".mp4"
+) -> dict[str, Any]:
+    """`count` objects `<prefix><number><suffix>` of `size` zero bytes in moto's store, numbered from `start` with at
+    least six digits (so S3's order is number order). KeyError for a missing bucket, ValueError for bad counts."""
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.s3.models import s3_backends
+
+    if not 0 < count <= 1_000_000 or not 0 <= size <= 1_048_576 or start < 0:
+        raise ValueError(f"count {count} must be 1..1,000,000, bytes {size} 0..1 MiB and start {start} 0 or more")
+    backend = s3_backends[DEFAULT_ACCOUNT_ID]["aws"]
+    if bucket not in backend.buckets:
+        raise KeyError(f"no bucket {bucket!r}")
+    digits = max(6, len(str(start + count - 1)))
+    body = b"\0" * size
+    keys = [f"{prefix}{n:0{digits}d}{suffix}" for n in range(start, start + count)]
+    for key in keys:
+        backend.put_object(bucket, key, body)
+    return {"created": count, "first_key": keys[0], "last_key": keys[-1]}
 
 
 class LocalAws:

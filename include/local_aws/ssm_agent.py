@@ -11,6 +11,9 @@ per GPU for the timeline): see gpus.py.
 When SendCommand names `OutputS3BucketName`, the agent copies each invocation's whole stdout and stderr there when it
 ends, at the real agent's key layout (`ssm_output_key`), and GetCommandInvocation gives their addresses in
 `StandardOutputUrl` / `StandardErrorUrl`; its `StandardOutputContent` / `StandardErrorContent` stay truncated.
+
+With a synthetic SR stand-in (`use_synthetic_sr`, the emulator's `--synthetic-sr-seconds`), chunk commands are played
+in process instead of run with bash (see synthetic_sr.py); every other command still runs for real.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import subprocess
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,7 +35,8 @@ from typing import Any
 
 from include.local_aws.ec2_lifecycle import Ec2Lifecycle, find_instance
 from include.local_aws.faults import FaultPlan
-from include.local_aws.gpus import install_stand_ins, read_gpu_busy
+from include.local_aws.gpus import gpu_count, install_stand_ins, read_gpu_busy
+from include.local_aws.synthetic_sr import SyntheticSr, SyntheticSrRunner, chunk_script
 
 STDOUT_LIMIT = 24_000  # GetCommandInvocation's limits
 STDERR_LIMIT = 8_000
@@ -157,8 +162,22 @@ class SsmAgent:
         self._lock = threading.RLock()
         self._commands: dict[str, Command] = {}
         self._stop = threading.Event()
+        self._synthetic: SyntheticSrRunner | None = None
         self._dispatcher = threading.Thread(target=self._dispatch_loop, name="ssm-agent", daemon=True)
         self._dispatcher.start()
+
+    def use_synthetic_sr(
+        self, config: SyntheticSr | None, record_call: Callable[[dict[str, Any]], None] | None = None
+    ) -> None:
+        """Play chunk commands delivered from now on with the synthetic SR stand-in (`config`; None: run them for
+        real again). `record_call` adds the S3 calls the real script would make to the emulator's call log."""
+        if self._synthetic is not None:
+            self._synthetic.stop()
+        self._synthetic = None
+        if config is not None:
+            self._synthetic = SyntheticSrRunner(
+                config, finish=self._finish_in_process, timed_out=self._timed_out, record_call=record_call
+            )
 
     # --- API ---------------------------------------------------------------------------------------------
 
@@ -377,12 +396,20 @@ class SsmAgent:
             "TMPDIR": str(sandbox / "tmp"),
             "AWS_DEFAULT_REGION": instance.region_name if instance is not None else "us-east-1",
         }
+        synthetic, script = self._synthetic, None
+        if synthetic is not None:
+            script = chunk_script(invocation.commands)
         with self._lock:
             if invocation.status != "Pending":
                 return
             invocation.workdir = workdir
             invocation.status = invocation.status_details = "InProgress"
             invocation.started = datetime.now(UTC)
+            if synthetic is not None and script is not None:  # a chunk, played in process (synthetic_sr.py)
+                for stream in STREAMS:
+                    (workdir / stream).write_bytes(b"")
+                synthetic.start(invocation, script, sandbox, gpu_count(getattr(instance, "instance_type", None)))
+                return
             with open(workdir / "stdout", "wb") as out, open(workdir / "stderr", "wb") as err:
                 invocation.process = subprocess.Popen(
                     ["/bin/sh", str(workdir / "_script.sh")],
@@ -416,6 +443,23 @@ class SsmAgent:
                 invocation.status = invocation.status_details = "Failed"
             invocation.ended = datetime.now(UTC)
 
+    def _finish_in_process(self, invocation: Invocation, code: int) -> None:
+        """A command played in process has ended with exit `code`, as `_run` ends a process: its output is stored
+        first; its status is set unless the command ended already (cancelled, timed out, its instance stopped)."""
+        self._store_output(invocation)
+        with self._lock:
+            if invocation.status != "InProgress":
+                return
+            invocation.response_code = code
+            invocation.status = invocation.status_details = "Success" if code == 0 else "Failed"
+            invocation.ended = datetime.now(UTC)
+
+    def _timed_out(self, invocation: Invocation) -> None:
+        """SSM's executionTimeout ends a command played in process."""
+        with self._lock:
+            invocation.response_code = -9
+            self._end(invocation, "TimedOut", "ExecutionTimedOut")
+
     def _store_output(self, invocation: Invocation) -> None:
         """Copy the whole stdout and stderr to SendCommand's `OutputS3BucketName`, as the real agent does with the
         instance's role. Written straight into moto's S3, so the emulator's call log keeps showing only the calls
@@ -442,6 +486,8 @@ class SsmAgent:
 
     def shutdown(self) -> None:
         self._stop.set()
+        if self._synthetic is not None:
+            self._synthetic.stop()
         with self._lock:
             for command in self._commands.values():
                 for invocation in command.invocations.values():
