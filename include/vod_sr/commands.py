@@ -310,8 +310,12 @@ def run_and_wait(
     delivery_timeout: int,
     output_bucket: str | None = None,
     s3: Any = None,
+    quick_polls: int = 0,
 ) -> dict[str, Any]:
     """Send a short script and block until it ends (botocore's CommandExecuted waiter); raise on failure.
+
+    `quick_polls`: first read its status each second, up to that many times, before the waiter's `poll_interval`
+    pace, so a command that ends within seconds is not waited on for a whole interval.
 
     `timeout` is the script's execution timeout. SSM starts that clock when it delivers the command, which may take
     up to `delivery_timeout` (an agent that has just come Online), so the wait allows both: it never gives up on a
@@ -342,6 +346,14 @@ def run_and_wait(
         output_bucket=output_bucket,
     )
     deadline = time.monotonic() + delivery_timeout + timeout
+    for _ in range(quick_polls):
+        time.sleep(1)
+        try:
+            invocation = get_invocation(ssm, command_id, instance_id)
+        except (ClientError, BotoConnectionError, HTTPClientError):
+            break  # the waiter below deals with errors
+        if invocation is not None and invocation["Status"] not in ("Pending", "InProgress", "Delayed"):
+            break
     if not _wait_until_executed(ssm, command_id, instance_id, deadline, poll_interval):
         invocation = get_invocation(ssm, command_id, instance_id)
         if invocation is None:

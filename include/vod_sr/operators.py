@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
@@ -14,9 +15,21 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 TRANSIENT_ERRORS_XCOM_KEY = "transient_aws_errors"
+# Seconds of 1-second polls of the CLI install before the poll interval: the usual no-op ends within one or two.
+QUICK_POLLS = 10
 # A chunk sent again after its instance went down under it runs as chunk RESEND_INDEX_BASE + its index: its own file
 # list and results objects, its own script header. Plans have at most limits.MAX_CHUNKS (99,999) chunks.
 RESEND_INDEX_BASE = 100_000
+
+
+@dataclass(frozen=True)
+class CliInstall:
+    """The command run_chunks sends before its first chunk: it installs the AWS CLI unless `aws --version` already
+    works (`skip_install`: only checks that it does, VOD_SR_SKIP_CLI_INSTALL) and counts the instance's GPUs, within
+    `timeout` seconds. In the same task as the first send, so the instance does not idle across a task boundary."""
+
+    skip_install: bool = False
+    timeout: int = 900
 
 
 class RunChunksOperator(BaseOperator):
@@ -44,7 +57,9 @@ class RunChunksOperator(BaseOperator):
 
     :param lane: the plan's work for one instance: `instance_id`, `run_token`, `model`, `output_bucket`,
         `execution_timeout` (each chunk's budget from taking the instance's lock), `file_timeout` and `chunks`.
-    :param gpus: the instance's GPU count (install_cli's return value).
+    :param gpus: the instance's GPU count, when known beforehand; with `install_cli`, the count it reports.
+    :param install_cli: send this first and wait for it (polling each second at first: a CLI already installed
+        answers within a second or two), then the chunks; None: the instance is ready (tests, a custom DAG).
     :param streams_per_gpu: chunks run at once on each GPU (VOD_SR_STREAMS_PER_GPU).
     :param in_flight: commands out at once on the instance; None: two per slot (`gpus * streams_per_gpu`), so no
         slot idles between two chunks.
@@ -63,6 +78,7 @@ class RunChunksOperator(BaseOperator):
         lane: Mapping[str, Any],
         gpus: int = 1,
         streams_per_gpu: int = 1,
+        install_cli: CliInstall | None = None,
         in_flight: int | None = None,
         poll_interval: float = 15,
         delivery_timeout: int = 300,
@@ -75,6 +91,7 @@ class RunChunksOperator(BaseOperator):
         self.lane = lane
         self.gpus = gpus
         self.streams_per_gpu = streams_per_gpu
+        self.install_cli = install_cli
         self._in_flight = in_flight
         self.release_timeout = release_timeout
         self.poll_interval = poll_interval
@@ -128,7 +145,41 @@ class RunChunksOperator(BaseOperator):
 
         context["lane_label"] = lane_label(self.lane)
         self._load_chunks()
+        if self.install_cli is not None:
+            self.gpus = self._install_cli(context, self.install_cli)
         return self._advance(context, self._reattach())
+
+    def _install_cli(self, context: Any, install: CliInstall) -> int:
+        """Install the AWS CLI (or check it, `install.skip_install`) and count the GPUs in one command; the count.
+
+        A retry runs it again (cancelling the earlier try's command if still live): a no-op when the CLI is there."""
+        from include.vod_sr.commands import run_and_wait
+        from include.vod_sr.instance import command_comment, refresh_lane_lease
+        from include.vod_sr.script import check_cli_script, install_cli_script, parse_gpu_count
+
+        refresh_lane_lease(self.lane, context["run_id"], self.aws_conn_id)
+        invocation = run_and_wait(
+            self.ssm,
+            self.lane["instance_id"],
+            # apt may wait two thirds of the timeout for its locks; the rest is for the download and the install.
+            check_cli_script(count_gpus=True)
+            if install.skip_install
+            else install_cli_script(lock_wait=install.timeout * 2 // 3, count_gpus=True),
+            comment=command_comment(self.lane["run_token"], "install AWS CLI"),
+            timeout=install.timeout,
+            poll_interval=int(self.poll_interval),
+            delivery_timeout=self.delivery_timeout,
+            # SSM stores the whole output there; a failure shows its true end and the link (commands.py)
+            output_bucket=self.lane["output_bucket"],
+            s3=self.s3,
+            quick_polls=QUICK_POLLS,
+        )
+        self.log.info("AWS CLI on %s:\n%s", self.lane["instance_id"], invocation["StandardOutputContent"])
+        try:
+            return parse_gpu_count(invocation["StandardOutputContent"])
+        except ValueError:  # the count comes first, so only output cut short loses it: run one slot
+            self.log.warning("No GPU count in the output; running one chunk at a time on this instance")
+            return 1
 
     def _reattach(self) -> list[dict[str, Any]]:
         """What earlier tries of this task sent, read from SSM's own record, so that a retry re-attaches instead of
@@ -357,6 +408,7 @@ class RunChunksOperator(BaseOperator):
 
         context["lane_label"] = lane_label(self.lane)
         self._load_chunks()
+        self.gpus = state.get("gpus", self.gpus)  # counted by the install before the first deferral
         sent: list[dict[str, Any]] = state["entries"]
         self._sent = sent
         self._succeeded = state.get("succeeded", 0)
@@ -572,6 +624,7 @@ class RunChunksOperator(BaseOperator):
                     ],
                     poll_interval=self.poll_interval,
                     resume_state={
+                        "gpus": max(1, int(self.gpus)),
                         "entries": sent,
                         "succeeded": self._succeeded,
                         "succeeded_transient_errors": self._succeeded_transient_errors,

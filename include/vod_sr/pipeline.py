@@ -9,7 +9,7 @@ from typing import Any, Literal
 from airflow.sdk import DAG, PokeReturnValue, get_current_context, task, task_group
 
 from include.vod_sr.assets import OUTPUTS_ALIAS, outputs_asset, outputs_event_extra
-from include.vod_sr.operators import RunChunksOperator
+from include.vod_sr.operators import CliInstall, RunChunksOperator
 from include.vod_sr.params import trigger_form
 from include.vod_sr.settings import Settings
 
@@ -184,41 +184,6 @@ def _wire(settings: Settings, selection: Selection) -> None:
                 refresh_lease(ec2, instance_id, lease_id, holder)
             return PokeReturnValue(is_done=ready, xcom_value=acquired)
 
-        @task(**by_lane)
-        def install_cli(acquired: dict[str, str]) -> int:
-            """Install the AWS CLI on the instance unless `aws --version` already works there (with
-            VOD_SR_SKIP_CLI_INSTALL, only check that it does), and count its GPUs (`nvidia-smi -L`) in the same
-            command: run_chunks keeps every GPU slot busy. A retry first cancels the earlier try's command."""
-            _name_lane(label=acquired.get("label", ""))
-            from include.vod_sr.aws import aws_client
-            from include.vod_sr.commands import run_and_wait
-            from include.vod_sr.instance import command_comment, refresh_lease
-            from include.vod_sr.script import check_cli_script, install_cli_script, parse_gpu_count
-
-            ec2 = aws_client("ec2", settings.aws_conn_id)
-            refresh_lease(ec2, acquired["instance_id"], acquired["lease_id"], get_current_context()["run_id"])
-            invocation = run_and_wait(
-                aws_client("ssm", settings.aws_conn_id),
-                acquired["instance_id"],
-                # apt may wait two thirds of the timeout for its locks; the rest is for the download and the install.
-                check_cli_script(count_gpus=True)
-                if settings.skip_cli_install
-                else install_cli_script(lock_wait=settings.install_cli_timeout * 2 // 3, count_gpus=True),
-                comment=command_comment(acquired["lease_id"], "install AWS CLI"),
-                timeout=settings.install_cli_timeout,
-                poll_interval=settings.poll_interval,
-                delivery_timeout=settings.command_delivery_timeout,
-                # SSM stores the whole output there; a failure shows its true end and the link (commands.py)
-                output_bucket=get_current_context()["params"]["output_bucket"],
-                s3=aws_client("s3", settings.aws_conn_id),
-            )
-            print(invocation["StandardOutputContent"])
-            try:
-                return parse_gpu_count(invocation["StandardOutputContent"])
-            except ValueError:  # the count comes first, so only output cut short loses it: run one slot
-                print("No GPU count in the output; running one chunk at a time on this instance")
-                return 1
-
         @task(trigger_rule="all_done", **by_lane)
         def verify(lane: dict[str, Any]) -> dict[str, Any]:
             """Check each output: exists, non-empty, written by this run, the size the instance reported."""
@@ -283,12 +248,13 @@ def _wire(settings: Settings, selection: Selection) -> None:
             return outcome
 
         acquired = acquire(lane)
-        # install_cli counts the instance's GPUs; run_chunks keeps every slot (GPU x streams) busy.
-        gpus = install_cli(wait_for_agent(acquired))
+        ready = wait_for_agent(acquired)
+        # run_chunks first installs the AWS CLI (a no-op when the AMI has it) and counts the GPUs in one command, then
+        # keeps every slot (GPU x streams) busy: in one task, so the instance does not idle across a task boundary.
         run_chunks = RunChunksOperator(
             task_id="run_chunks",
             lane=lane,
-            gpus=gpus,
+            install_cli=CliInstall(skip_install=settings.skip_cli_install, timeout=settings.install_cli_timeout),
             streams_per_gpu=settings.streams_per_gpu,
             poll_interval=settings.poll_interval,
             delivery_timeout=settings.command_delivery_timeout,
@@ -304,7 +270,7 @@ def _wire(settings: Settings, selection: Selection) -> None:
         # teardown is never downstream of the report: with on_failure_fail_dagrun it would then be the only task
         # deciding the run's state, and a failed report would end in a successful run. The report follows it.
         released = release(acquired, lane).as_teardown(setups=acquired, on_failure_fail_dagrun=True)
-        run_chunks >> released
+        ready >> run_chunks >> released
         verified = verify(lane)
         run_chunks >> verified
         return {"verified": verified, "released": released}

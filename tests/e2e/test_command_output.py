@@ -1,5 +1,5 @@
 """What vod-sr's SSM commands leave behind on the emulator: their whole output in S3, what the log and the report
-show of it when a command fails, and what install_cli sends and prints.
+show of it when a command fails, and what run_chunks sends first to install the CLI and prints.
 
 GetCommandInvocation returns only the first 24,000 characters of stdout and 8,000 of stderr, so the end of a long
 output, where the error usually is, is only in the copy SSM's agent writes to S3 (OutputS3BucketName).
@@ -171,7 +171,7 @@ class TestInstallCliOnTheEmulatedInstance:
         invocation = boto_client("ssm", world.emulator.endpoint_url).get_command_invocation(
             CommandId=command["CommandId"], InstanceId=world.instance_id
         )
-        # the GPU count (install_cli's command counts them), then the version, and nothing installed
+        # the GPU count (the install command counts them), then the version, and nothing installed
         assert invocation["StandardOutputContent"].splitlines()[0] == "vod-sr: gpus=1"
         assert invocation["StandardOutputContent"].splitlines()[1].startswith("aws-cli/")
 

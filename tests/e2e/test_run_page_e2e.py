@@ -75,7 +75,6 @@ def test_lane_tasks_are_named_by_their_instance_and_file_count(world):
         for task in (
             "lane.acquire",
             "lane.wait_for_agent",
-            "lane.install_cli",
             "lane.run_chunks",
             "lane.verify",
             "lane.release",

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.e2e
 
 
 def arm_when_a_chunk_runs(world, faults: dict[str, Any], timeout: float = 180) -> threading.Thread:
-    """Set `faults` on the world's instance as soon as a chunk command runs there (not before: install_cli's
+    """Set `faults` on the world's instance as soon as a chunk command runs there (not before: the CLI install's
     reads would meet them first)."""
 
     def arm() -> None:

@@ -573,6 +573,25 @@ class TestAgainstTheEmulator:
 
         assert (invocation["Status"], invocation["StandardOutputContent"]) == ("Success", "ok\n")
 
+    def test_quick_polls_end_a_short_command_without_waiting_a_whole_interval(self, running_instance, emulator_env):
+        # The CLI install when the AMI has the CLI: it ends within a second or two, the first chunk waits for it.
+        ssm = boto_client("ssm", emulator_env.endpoint_url)
+        started = time.monotonic()
+
+        invocation = run_and_wait(
+            ssm,
+            running_instance,
+            "echo ok",
+            comment="t",
+            timeout=60,
+            poll_interval=30,
+            delivery_timeout=30,
+            quick_polls=10,
+        )
+
+        assert (invocation["Status"], invocation["StandardOutputContent"]) == ("Success", "ok\n")
+        assert time.monotonic() - started < 10  # the waiter alone sleeps its 30 s interval after its first read
+
     def test_run_and_wait_allows_delivery_plus_execution(self, running_instance, emulator_env):
         # The agent is offline when the command is sent (the instance is booting): SSM delivers it about 3 s later,
         # and its execution timeout (3 s) starts only then.
@@ -593,7 +612,7 @@ class TestAgainstTheEmulator:
         assert time.monotonic() - started > 3  # longer than the execution timeout alone
 
     def test_a_retry_cancels_the_earlier_attempt_before_sending_again(self, running_instance, emulator_env):
-        # install_cli's first try sent its command, then its worker died (or it gave up waiting) with it still running.
+        # run_chunks' first try sent the CLI install, then its worker died (or it gave up waiting) with it still running.
         ssm = boto_client("ssm", emulator_env.endpoint_url)
         ours, theirs = (command_comment(token, "install AWS CLI") for token in ("0123456789abcdef", "fedcba9876543210"))
         first, other_run = (

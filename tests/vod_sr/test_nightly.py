@@ -189,7 +189,6 @@ class TestNightlyDag:
         assert nightly["timetable"] == "CronDataIntervalTimetable" and nightly["summary"] == "30 2 * * *"
         assert nightly["tasks"] == [
             "lane.acquire",
-            "lane.install_cli",
             "lane.release",
             "lane.run_chunks",
             "lane.verify",

@@ -403,6 +403,24 @@ class TestRunChunksProgressFields:
 
         assert context["lane_label"] == "i-0123456789abcdef0 (0 files)"
 
+    def test_the_gpu_count_the_install_found_survives_the_deferrals(self, monkeypatch):
+        from tests.vod_sr.test_commands import RecordingTi, StubSsm, chunks_operator, sent_entry
+
+        operator = chunks_operator(StubSsm(), 1, monkeypatch)
+        assert operator.gpus == 1 and operator.in_flight == 2
+        sent = [sent_entry("c0")]
+        event = {
+            "status": "ended",
+            "commands": [{**sent[0], "outcome": "success", "invocation_status": "Success"}],
+            "transient_errors": {},
+            "resume_state": {"gpus": 4, "entries": sent},
+        }
+
+        operator.resume({"ti": RecordingTi()}, event)
+
+        # A new operator object on each resume: the count comes back from the trigger's state, two commands per GPU.
+        assert (operator.gpus, operator.slots, operator.in_flight) == (4, 4, 8)
+
     def test_each_live_command_tells_the_trigger_its_place_files_and_results_object(self):
         operator = RunChunksOperator(task_id="run_chunks", lane=lane([10, 4, 2]))
 
