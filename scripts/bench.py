@@ -21,7 +21,12 @@ measures from the emulator's own records (instance running intervals, command ru
 - from the emulator's per-GPU record of model runs: the per-slot busy ratio on an emulated 4-GPU g6e.12xlarge, 40
   files, chunk size 1 (least busy GPU's busy seconds over the SR window, first model run start -> last end;
   target >= 0.95; also over the whole running time), and each lane's idle time before its first model run and
-  after its last (targets <= 2 poll intervals).
+  after its last (targets <= 2 poll intervals);
+- a simulated night (step `night`, last; `ONLY=night`): 100 g6e.12xlarge (400 GPUs), 100,000 files, two runs of 50
+  instances, the emulator's synthetic SR stand-in in place of ffmpeg (NIGHT_SR_SECONDS per file: the night
+  compressed K times), production's 15 s poll interval: AWS calls per minute by action (peak and mean) against the
+  published EC2 and S3 rate limits (targets: below them), task instances, triggers and XCom in the metadata DB, the
+  CPU seconds of the scheduler, triggerer and the rest, and each GPU's busy ratio.
 
 Each step's figures are merged into bench-results.json as soon as they are taken, with `status` ("partial" until
 every step has figures, then "complete"), `failed_steps` (step -> error) and `targets` (figure, target, met). A step
@@ -46,8 +51,9 @@ import sys
 import tempfile
 import time
 import traceback
-from collections import Counter
-from collections.abc import Callable, Iterator
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -74,6 +80,9 @@ def streams_dag_id(streams: int) -> str:
 
 
 GPU4_STEP = "vod_sr_40_files_4_gpus"  # 40 files, chunk size 1, on an emulated g6e.12xlarge (4 GPUs)
+# Seconds each model run of GPU4_STEP lasts (the emulator's GPU pace, InstanceFaults.model_run_seconds): about what
+# the real ffmpeg takes for one 10 s clip with four running on this 2-core machine, made constant.
+GPU4_MODEL_RUN_SECONDS = 20.0
 GPU4_INSTANCE_TYPE = "g6e.12xlarge"
 SLOT_CHUNK_SIZE = 1  # chunk size of the streams and 4-GPU runs (--slot-chunk-size): small, so every slot has work
 RUN_STEPS = (  # need Airflow
@@ -86,7 +95,8 @@ RUN_STEPS = (  # need Airflow
 )
 VOD_SR_RUN_STEPS = tuple(s for s in RUN_STEPS if s.startswith("vod_sr_"))
 EMULATOR_STEPS = (*RUN_STEPS, "plan_10000")  # need the emulator
-STEPS = ("parse", "plan_1m", *EMULATOR_STEPS)  # in the order they run
+NIGHT_STEP = "night"  # its own emulator (with the synthetic SR stand-in) and Airflow stack, last
+STEPS = ("parse", "plan_1m", *EMULATOR_STEPS, NIGHT_STEP)  # in the order they run
 
 PLAN_SIZES = (1_000, 100_000, 1_000_000)  # files planned from a manifest by the plan_1m step (one child each)
 PLAN_CHILD_TIMEOUT = 900  # seconds; the target is 60
@@ -742,7 +752,10 @@ def targets(r: dict[str, Any]) -> dict[str, Any]:
         )
         | {"note": "baseline instance running / that of the vod-sr run nearest the baseline's concurrency"},
         "per_slot_busy_ratio": target(r, GPU4_STEP, "per_slot_busy_ratio", ">=", 0.95)
-        | {"note": "least busy GPU of the 4: union of its model runs / first model run start -> last end"},
+        | {
+            "note": "least busy GPU of the 4: union of its model runs / first model run start -> last end; each model "
+            "run paced to model_run_seconds by the emulator (a GPU's fixed speed; the real ffmpeg makes the output)"
+        },
         "idle_before_first_chunk_seconds": target(
             r, "idle_per_lane", "worst_before", "<=", IDLE_TARGET_SECONDS, dig(r, "idle_per_lane", "worst_before_step")
         )
@@ -752,7 +765,55 @@ def targets(r: dict[str, Any]) -> dict[str, Any]:
         )
         | {"note": "worst vod-sr run: last model run's end -> instance stopped (idle_per_lane)"},
         "dag_parse_over_sdk_seconds": target(r, "parse", "dag_file_over_sdk_seconds", "<=", 0.3),
+        **night_targets(r),
     }
+
+
+def night_targets(r: dict[str, Any]) -> dict[str, Any]:
+    """The simulated night's calls against the published rate limits: each action's busiest minute (calls / 60)
+    against its sustained limit, the busiest S3 prefix's busiest second against S3's per-prefix limit; and the XCom
+    bytes each of its runs wrote. Not judged when a run of the night failed; SSM's actions have no published limit."""
+    night = r.get(NIGHT_STEP) or {}
+    state = night.get("state")
+    measured_at = dig(r, "steps", NIGHT_STEP, "at") if night else None
+
+    def entry(value: Any, limit: float | None, note: str) -> dict[str, Any]:
+        judged = isinstance(value, int | float) and limit is not None and state == "success"
+        figures = {
+            "value": value,
+            "target": f"< {limit:g}" if limit is not None else "no published limit",
+            "met": value < limit if judged else None,
+            "step": NIGHT_STEP,
+            "measured_at": measured_at,
+            "note": note,
+        }
+        if night and state != "success":
+            figures["run_state"] = state
+        return figures
+
+    entries = {}
+    for key in NIGHT_TARGET_ACTIONS:
+        limit = PUBLISHED_LIMITS.get(key)
+        value = dig(night, "aws_calls", key, "peak_minute_per_second")
+        entries[f"night_{key.replace(':', '_')}_per_second"] = entry(
+            value if value is not None or not night else 0.0,
+            limit.per_second if limit else None,
+            f"busiest minute's calls / 60 ({call_kind(key)}); {limit.source if limit else SSM_NO_PUBLISHED_LIMIT}",
+        )
+    for kind, limit in S3_PREFIX_LIMITS.items():
+        entries[f"night_s3_{kind}s_per_prefix_per_second"] = entry(
+            dig(night, "s3_prefix_peaks", kind, "peak_second"),
+            limit.per_second,
+            f"busiest second of the busiest prefix ({dig(night, 's3_prefix_peaks', kind, 'prefix')}); {limit.source}",
+        )
+    runs = dig(night, "setup", "runs")
+    xcom = dig(night, "metadata_db", "xcom_bytes")
+    entries["night_xcom_bytes_per_run"] = entry(
+        round(xcom / runs) if isinstance(xcom, int) and runs else None,
+        XCOM_TARGET_BYTES,
+        "the night's XCom bytes in the metadata DB (pg_column_size) / its runs",
+    )
+    return entries
 
 
 class Results:
@@ -832,8 +893,16 @@ def run_steps(
     if "plan_1m" in selected:
         results.record("plan_1m", lambda: plan_manifest_scale(profile))
     emulator_steps = [s for s in EMULATOR_STEPS if s in selected]
-    if not emulator_steps:
-        return
+    if emulator_steps:
+        run_emulator_steps(results, selected, emulator_steps, work, slot_chunk_size)
+    if NIGHT_STEP in selected:
+        results.record(NIGHT_STEP, lambda: run_night(work / "night"))
+
+
+def run_emulator_steps(
+    results: Results, selected: list[str], emulator_steps: list[str], work: Path, slot_chunk_size: int
+) -> None:
+    """The steps on the shared emulator (its own process, real ffmpeg): the Airflow runs, then plan_10000."""
     from include.local_aws.world import (
         OUTPUT_BUCKET,
         SOURCE_BUCKET,
@@ -890,8 +959,12 @@ def run_steps(
 
                     def on_4_gpus() -> dict[str, Any]:
                         instance = create_instance(emulator.endpoint_url, GPU4_INSTANCE_TYPE)
+                        # Four model runs at once would starve this machine's 2 cores (and the orchestration with
+                        # them): each GPU runs at a fixed pace instead, the real ffmpeg still making the outputs.
+                        emulator.set_faults({"instances": {instance: {"model_run_seconds": GPU4_MODEL_RUN_SECONDS}}})
                         return vod_sr("vod_sr_batch", keys, instance, chunk_size=slot_chunk_size)() | {
-                            "instance_type": GPU4_INSTANCE_TYPE
+                            "instance_type": GPU4_INSTANCE_TYPE,
+                            "model_run_seconds": GPU4_MODEL_RUN_SECONDS,
                         }
 
                     baseline_conf = {
@@ -929,44 +1002,654 @@ def run_steps(
 
 def create_instance(endpoint_url: str, instance_type: str) -> str:
     """A stopped emulated instance of `instance_type` (as create_world makes its g6e.xlarge); its id."""
-    from include.local_aws.world import boto_client
+    from include.local_aws.world import launch_stopped_instance
 
-    ec2 = boto_client("ec2", endpoint_url)
-    instance_id = ec2.run_instances(
-        ImageId="ami-0b1ue0000000000aa", MinCount=1, MaxCount=1, InstanceType=instance_type
-    )["Instances"][0]["InstanceId"]
-    ec2.stop_instances(InstanceIds=[instance_id])
-    ec2.get_waiter("instance_stopped").wait(InstanceIds=[instance_id], WaiterConfig={"Delay": 1, "MaxAttempts": 60})
-    return instance_id
+    return launch_stopped_instance(endpoint_url, instance_type)
 
 
-def start_stack(cleanup: contextlib.ExitStack, work: Path, endpoint_url: str, instance_id: str) -> AirflowStack:
-    """Airflow on a throwaway PostgreSQL, both stopped by `cleanup`. PostgreSQL, not SQLite: the baseline's 20
-    concurrent task processes had SQLite's scheduler die with "database is locked". One machine, so the
-    LocalExecutor; the full-stack tests cover Celery."""
+BENCH_DAG_FILES = {
+    "vod_sr_batch.py": REPO_ROOT / "dags" / "vod_sr_batch.py",
+    "baseline_stock_operators.py": REPO_ROOT / "benchmarks" / "baseline_stock_operators.py",
+    "vod_sr_streams.py": REPO_ROOT / "benchmarks" / "vod_sr_streams.py",
+}
+
+
+def start_stack(
+    cleanup: contextlib.ExitStack,
+    work: Path,
+    endpoint_url: str,
+    instance_id: str,
+    *,
+    poll_interval: int = POLL_INTERVAL,
+    parallelism: int = 32,
+    extra_env: dict[str, str] | None = None,
+    dag_files: tuple[str, ...] = tuple(BENCH_DAG_FILES),
+    dag_ids: tuple[str, ...] = ("vod_sr_batch", "baseline_stock_operators", *map(streams_dag_id, STREAMS)),
+    postgres: Any = None,
+) -> AirflowStack:
+    """Airflow on a throwaway PostgreSQL (`postgres`, else one of its own), both stopped by `cleanup`. PostgreSQL,
+    not SQLite: the baseline's 20 concurrent task processes had SQLite's scheduler die with "database is locked". One
+    machine, so the LocalExecutor; the full-stack tests cover Celery."""
     from include.local_aws.airflow_stack import AirflowStack, Backend
     from include.local_aws.services import PostgresServer
     from include.local_aws.world import airflow_env
 
-    postgres = PostgresServer()
-    cleanup.callback(postgres.stop)
-    postgres.start()
+    if postgres is None:
+        postgres = PostgresServer()
+        cleanup.callback(postgres.stop)
+        postgres.start()
     dags = work / "dags"
-    dags.mkdir(exist_ok=True)
-    for name, target_path in (
-        ("vod_sr_batch.py", REPO_ROOT / "dags" / "vod_sr_batch.py"),
-        ("baseline_stock_operators.py", REPO_ROOT / "benchmarks" / "baseline_stock_operators.py"),
-        ("vod_sr_streams.py", REPO_ROOT / "benchmarks" / "vod_sr_streams.py"),
-    ):
+    dags.mkdir(parents=True, exist_ok=True)
+    for name in dag_files:
         if not (dags / name).exists():
-            (dags / name).symlink_to(target_path)
-    env = {**os.environ, **airflow_env(endpoint_url, instance_id, poll_interval=POLL_INTERVAL)}
+            (dags / name).symlink_to(BENCH_DAG_FILES[name])
+    env = {**os.environ, **airflow_env(endpoint_url, instance_id, poll_interval=poll_interval), **(extra_env or {})}
     print("==> Starting Airflow on PostgreSQL (API server, scheduler, dag-processor, triggerer)", flush=True)
     backend = Backend(database_url=postgres.url(postgres.create_database()))
-    stack = AirflowStack(work / "airflow", env, dags_folder=dags, parallelism=32, backend=backend)
+    stack = AirflowStack(work / "airflow", env, dags_folder=dags, parallelism=parallelism, backend=backend)
     cleanup.callback(stack.stop)
-    stack.start(dag_ids=("vod_sr_batch", "baseline_stock_operators", *map(streams_dag_id, STREAMS)))
+    stack.start(dag_ids=dag_ids)
     return stack
+
+
+# --- the simulated night (issue 12) ----------------------------------------------------------------------------------
+#
+# 100 g6e.12xlarge (4 GPUs each) and 100,000 files, with the emulator's synthetic SR stand-in in place of ffmpeg
+# (include/local_aws/synthetic_sr.py): NIGHT_SR_SECONDS of model time per file instead of an assumed
+# NIGHT_REAL_SR_SECONDS, so the night is compressed K = NIGHT_REAL_SR_SECONDS / NIGHT_SR_SECONDS times. What is measured
+# is the orchestration: AWS calls by action against the published rate limits, the metadata DB's rows, the CPU of the
+# Airflow components. Calls made per file or per chunk come K times as often as in a real night; calls made per poll
+# (every VOD_SR_POLL_INTERVAL, the production default here) or per lane do not.
+
+NIGHT_INSTANCE_TYPE = "g6e.12xlarge"  # 4 GPUs
+NIGHT_INSTANCES = 100
+NIGHT_INSTANCES_PER_RUN = 50  # vod-sr caps a run at SendCommand's 50 targets: the night is two runs side by side
+NIGHT_FILES = 100_000
+NIGHT_CHUNK_SIZE = 125  # 1,000 files per instance in 8 chunks: two rounds of its 4 slots
+NIGHT_SR_SECONDS = 1.0  # the stand-in's model seconds per file
+NIGHT_REAL_SR_SECONDS = 100.0  # ASSUMED real model seconds per file on one L40S (docs/scale.md: never measured here)
+NIGHT_COMPRESSION = NIGHT_REAL_SR_SECONDS / NIGHT_SR_SECONDS
+NIGHT_JITTER = 0.2  # each file's model time: NIGHT_SR_SECONDS x (1 +/- this), uniformly
+NIGHT_POLL_INTERVAL = 15  # VOD_SR_POLL_INTERVAL: the production default, so polls are measured at their real rate
+NIGHT_PARALLELISM = 32  # [core] parallelism: the LocalExecutor's worker processes
+NIGHT_MAX_ACTIVE_TASKS = 64  # [core] max_active_tasks_per_dag (per run; default 16): a run's 50 lanes start together
+NIGHT_RUN_TIMEOUT = 3600
+NIGHT_SAMPLE_SECONDS = 15
+NIGHT_SOURCE_BYTES = 100
+
+EC2_THROTTLING = "https://docs.aws.amazon.com/ec2/latest/devguide/ec2-api-throttling.html"
+S3_PERFORMANCE = "https://docs.aws.amazon.com/AmazonS3/latest/userguide/optimizing-performance.html"
+SSM_NO_PUBLISHED_LIMIT = (
+    "no published default rate for Run Command's API actions: SSM answers ThrottlingException 'Rate exceeded' "
+    "(AWS_NOTES.md); ask AWS for the account's figure before a real night"
+)
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """A published request rate limit: the token bucket's refill rate (sustained requests a second) and its size
+    (the burst; None where none is published)."""
+
+    per_second: float
+    burst: int | None
+    source: str
+
+
+PUBLISHED_LIMITS = {  # per account and region
+    "ec2:DescribeInstances": RateLimit(
+        10,
+        50,
+        f"EC2, unfiltered and unpaginated non-mutating actions (DescribeInstances by id; 20/s, bucket 100, when "
+        f"filtered or paginated): {EC2_THROTTLING}",
+    ),
+    "ec2:DescribeTags": RateLimit(20, 100, f"EC2, non-mutating actions: {EC2_THROTTLING}"),
+    "ec2:CreateTags": RateLimit(10, 100, f"EC2, CreateTags' own bucket: {EC2_THROTTLING}"),
+    "ec2:DeleteTags": RateLimit(10, 100, f"EC2, DeleteTags' own bucket: {EC2_THROTTLING}"),
+    "ec2:StartInstances": RateLimit(
+        2, 5, f"EC2, StartInstances' own bucket (and a resource bucket of 1,000 instances, 2/s): {EC2_THROTTLING}"
+    ),
+    "ec2:StopInstances": RateLimit(
+        5, 50, f"EC2, mutating actions (and a resource bucket of 1,000 instances, 20/s): {EC2_THROTTLING}"
+    ),
+}
+S3_PREFIX_LIMITS = {
+    "read": RateLimit(5500, None, f"S3, GET/HEAD per partitioned prefix: {S3_PERFORMANCE}"),
+    "write": RateLimit(3500, None, f"S3, PUT/COPY/POST/DELETE per partitioned prefix: {S3_PERFORMANCE}"),
+}
+NIGHT_TARGET_ACTIONS = (*PUBLISHED_LIMITS, "ssm:SendCommand", "ssm:GetCommandInvocation")
+
+
+def call_key(call: dict[str, Any]) -> str:
+    """A call's action as the night counts it: `service:Action`, for S3 also who made it (`s3:GET object:instance`)."""
+    if call["service"] == "s3":
+        return f"s3:{call['action']}:{call.get('caller', 'orchestrator')}"
+    return f"{call['service']}:{call['action']}"
+
+
+def call_kind(key: str) -> str:
+    """How often an action comes in the compressed night against a real one: "per file (x K)" and "per chunk (x K)"
+    come K times as often (the files take K times less); "per poll" and "per lane" come as often as in a real night."""
+    if key.startswith("s3:") and key.endswith(":instance"):
+        return "per file (x K)"
+    if key in ("ssm:SendCommand", "s3:PUT object:orchestrator", "ec2:CreateTags"):
+        return "per chunk (x K)"  # chunk file lists; the lease refreshed as run_chunks resumes at chunk ends
+    if key in ("ssm:GetCommandInvocation", "s3:GET object:orchestrator"):
+        return "per poll"  # the trigger's status reads and progress reads of the results objects
+    return "per lane"
+
+
+def calls_per_minute(calls: Iterable[dict[str, Any]], started: float, ended: float) -> dict[str, dict[str, Any]]:
+    """Per action (`call_key`), of the calls between `started` and `ended` (epoch seconds): the total, the mean per
+    minute over that time, the busiest minute (fixed 60 s windows from `started`; `peak_minute_at`: its start, in
+    seconds from `started`) and the busiest second. Busiest first."""
+    minutes: dict[str, Counter[int]] = defaultdict(Counter)
+    seconds: dict[str, Counter[int]] = defaultdict(Counter)
+    for call in calls:
+        offset = call["time"] - started
+        if not 0 <= offset <= ended - started:
+            continue
+        key = call_key(call)
+        minutes[key][int(offset // 60)] += 1
+        seconds[key][int(offset)] += 1
+    span_minutes = max(ended - started, 1.0) / 60
+    figures = {}
+    for key, by_minute in minutes.items():
+        total = sum(by_minute.values())
+        peak_at, peak = max(by_minute.items(), key=lambda item: (item[1], -item[0]))
+        figures[key] = {
+            "total": total,
+            "mean_per_minute": round(total / span_minutes, 1),
+            "peak_minute": peak,
+            "peak_minute_at": peak_at * 60,
+            "peak_second": max(seconds[key].values()),
+        }
+    return dict(sorted(figures.items(), key=lambda item: (-item[1]["total"], item[0])))
+
+
+def s3_class(action: str) -> str | None:
+    """ "read" (GET, HEAD) or "write" (PUT, POST, DELETE) for an S3 object request, else None (bucket requests)."""
+    method, _, kind = action.partition(" ")
+    if kind != "object":
+        return None
+    return "read" if method in ("GET", "HEAD") else "write" if method in ("PUT", "POST", "DELETE") else None
+
+
+def s3_prefix_peaks(calls: Iterable[dict[str, Any]], started: float, ended: float) -> dict[str, dict[str, Any]]:
+    """The busiest S3 prefix for reads and for writes: S3's request rate limits are per partitioned prefix, taken here
+    as the key's folder (`bucket/folder/`), the narrowest S3 may partition by. Its busiest second and minute."""
+    minutes: dict[tuple[str, str], Counter[int]] = defaultdict(Counter)
+    seconds: dict[tuple[str, str], Counter[int]] = defaultdict(Counter)
+    for call in calls:
+        offset = call["time"] - started
+        kind = s3_class(call["action"]) if call["service"] == "s3" else None
+        if kind is None or not 0 <= offset <= ended - started:
+            continue
+        folder = call.get("key", "").rpartition("/")[0]
+        prefix = f"{call.get('bucket', '')}/{folder}/" if folder else f"{call.get('bucket', '')}/"
+        minutes[(kind, prefix)][int(offset // 60)] += 1
+        seconds[(kind, prefix)][int(offset)] += 1
+    peaks = {}
+    for kind in ("read", "write"):
+        candidates = [(max(c.values()), prefix) for (k, prefix), c in minutes.items() if k == kind]
+        if not candidates:
+            continue
+        peak_minute, prefix = max(candidates)
+        limit = S3_PREFIX_LIMITS[kind]
+        peak_second = max(seconds[(kind, prefix)].values())
+        peaks[kind] = {
+            "prefix": prefix,
+            "peak_minute": peak_minute,
+            "peak_minute_per_second": round(peak_minute / 60, 2),
+            "peak_second": peak_second,
+            "limit_per_second": limit.per_second,
+            "ratio_peak_second": round(peak_second / limit.per_second, 4),
+            "limit_source": limit.source,
+            "prefixes": sum(1 for k, _ in minutes if k == kind),
+        }
+    return peaks
+
+
+def against_limits(per_minute: dict[str, dict[str, Any]], compression: float) -> dict[str, dict[str, Any]]:
+    """`calls_per_minute`'s figures with how they compare to a real night (`call_kind`) and to the published limit:
+    the busiest minute's rate over the sustained limit (`ratio_peak_minute`), the busiest second over the burst."""
+    rates = {}
+    for key, figures in per_minute.items():
+        kind = call_kind(key)
+        peak = figures["peak_minute"] / 60
+        entry: dict[str, Any] = {**figures, "kind": kind, "peak_minute_per_second": round(peak, 2)}
+        if kind.endswith("(x K)"):
+            entry["real_night_peak_per_second"] = round(peak / compression, 3)  # estimate: the same work, K x slower
+        limit = PUBLISHED_LIMITS.get(key)
+        if limit is not None:
+            entry.update(
+                limit_per_second=limit.per_second,
+                burst=limit.burst,
+                ratio_peak_minute=round(peak / limit.per_second, 3),
+                ratio_peak_second_to_burst=round(figures["peak_second"] / limit.burst, 2) if limit.burst else None,
+                limit_source=limit.source,
+            )
+        elif key.startswith("ssm:"):
+            entry["limit"] = SSM_NO_PUBLISHED_LIMIT
+        rates[key] = entry
+    return rates
+
+
+def spread(values: list[float]) -> dict[str, float | None]:
+    """min, 10th percentile, median, mean and max, rounded; None each when there are no values."""
+    if not values:
+        return dict.fromkeys(("min", "p10", "median", "mean", "max"))
+    ordered = sorted(values)
+    return {
+        "min": round(ordered[0], 3),
+        "p10": round(ordered[int(0.1 * (len(ordered) - 1))], 3),
+        "median": round(statistics.median(ordered), 3),
+        "mean": round(statistics.mean(ordered), 3),
+        "max": round(ordered[-1], 3),
+    }
+
+
+def night_gpu_figures(timelines: dict[str, Any], instances: list[str], started: float, ended: float) -> dict[str, Any]:
+    """Every GPU of every instance over the night: busy seconds (the union of its model runs) over the night's SR
+    window (first model run's start to the last one's end, on any instance) and over its instance's running time; per
+    lane, `gpu_figures` (idle before the first model run and after the last)."""
+    lanes = {i: gpu_figures(timelines.get(i) or {}, started, ended) for i in instances}
+    runs = [
+        (s, e)
+        for i in instances
+        for gpu_runs in ((timelines.get(i) or {}).get("gpu_busy") or {}).values()
+        for s, e in gpu_runs
+        if s >= started
+    ]
+    if not runs:
+        return {"gpus": 0, "sr_runs": 0}
+    first, last = min(s for s, _ in runs), max(e for _, e in runs)
+    over_window, over_running = [], []
+    for instance_id in instances:
+        timeline = timelines.get(instance_id) or {}
+        running = union_seconds(
+            [(s, e if e is not None else ended) for s, e in timeline.get("running", []) if s >= started]
+        )
+        busy = timeline.get("gpu_busy") or {}
+        for gpu in range(int(timeline.get("gpus") or 0)):
+            seconds = union_seconds([(s, e) for s, e in busy.get(str(gpu), []) if s >= started])
+            over_window.append(seconds / (last - first) if last > first else 0.0)
+            if running:
+                over_running.append(seconds / running)
+    lane_figures = list(lanes.values())
+    return {
+        "gpus": len(over_window),
+        "sr_runs": len(runs),
+        "sr_window_seconds": round(last - first, 1),
+        "model_seconds": round(sum(e - s for s, e in runs), 1),
+        "busy_ratio_in_night_window": spread(over_window),
+        "busy_ratio_of_running": spread(over_running),
+        "per_lane_busy_ratio_mean": spread(
+            [f["per_slot_busy_ratio_mean"] for f in lane_figures if f.get("per_slot_busy_ratio_mean") is not None]
+        ),
+        "idle_before_first_sr_seconds": spread(
+            [
+                f["idle_before_first_sr_seconds"]
+                for f in lane_figures
+                if f.get("idle_before_first_sr_seconds") is not None
+            ]
+        ),
+        "idle_after_last_sr_seconds": spread(
+            [f["idle_after_last_sr_seconds"] for f in lane_figures if f.get("idle_after_last_sr_seconds") is not None]
+        ),
+        "max_concurrent_sr_runs": max_overlap(runs),
+    }
+
+
+def tree_cpu_seconds(pid: int) -> tuple[float, float]:
+    """CPU seconds (user + system) of process `pid` itself, and of its descendants: the live ones and those reaped."""
+    import psutil
+
+    try:
+        process = psutil.Process(pid)
+        times = process.cpu_times()
+        descendants = process.children(recursive=True)
+    except psutil.Error:
+        return 0.0, 0.0
+    below = times.children_user + times.children_system
+    for child in descendants:
+        try:
+            child_times = child.cpu_times()
+        except psutil.Error:
+            continue
+        below += child_times.user + child_times.system + child_times.children_user + child_times.children_system
+    return times.user + times.system, below
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine spent busy so far (all cores; idle and iowait left out)."""
+    import psutil
+
+    times = psutil.cpu_times()
+    return sum(getattr(times, name, 0.0) for name in ("user", "nice", "system", "irq", "softirq", "steal"))
+
+
+class NightSampler:
+    """Every `interval` seconds while the night runs: task instances by state, live trigger rows, and CPU seconds so
+    far of each process tree (`pids`: name -> pid). `peaks()` gives the most of each state and of trigger rows."""
+
+    def __init__(self, dsn: str, pids: dict[str, int], interval: float = NIGHT_SAMPLE_SECONDS) -> None:
+        import threading
+
+        self.dsn, self.pids, self.interval = dsn, pids, interval
+        self.samples: list[dict[str, Any]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="night-sampler", daemon=True)
+
+    def start(self) -> NightSampler:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=60)
+
+    def _loop(self) -> None:
+        import psycopg2
+
+        connection = None
+        while not self._stop.is_set():
+            sample: dict[str, Any] = {
+                "time": time.time(),
+                "cpu": {n: sum(tree_cpu_seconds(p)) for n, p in self.pids.items()},
+            }
+            try:
+                if connection is None:
+                    connection = psycopg2.connect(self.dsn)
+                    connection.autocommit = True
+                with connection.cursor() as cursor:
+                    cursor.execute("SELECT state, count(*) FROM task_instance GROUP BY state")
+                    sample["task_instances"] = {str(state): count for state, count in cursor.fetchall()}
+                    cursor.execute("SELECT count(*) FROM trigger")
+                    sample["triggers"] = cursor.fetchone()[0]
+            except Exception as error:  # a sample missed is not a night lost
+                sample["error"] = repr(error)
+                connection = None
+            self.samples.append(sample)
+            self._stop.wait(self.interval)
+        if connection is not None:
+            connection.close()
+
+    def peaks(self) -> dict[str, Any]:
+        states = ("running", "queued", "scheduled", "deferred", "up_for_reschedule")
+        return {
+            **{
+                f"{state}_task_instances": max(
+                    (s.get("task_instances", {}).get(state, 0) for s in self.samples), default=0
+                )
+                for state in states
+            },
+            "trigger_rows": max((s.get("triggers", 0) for s in self.samples), default=0),
+            "samples": len(self.samples),
+            "interval_seconds": self.interval,
+        }
+
+    def busiest_cpu(self) -> dict[str, float]:
+        """Per process tree, its busiest interval between two samples: CPU seconds per wall second (1.0 = one core)."""
+        busiest: dict[str, float] = {}
+        for before, after in zip(self.samples, self.samples[1:], strict=False):
+            wall = after["time"] - before["time"]
+            for name, seconds in after["cpu"].items():
+                rate = (seconds - before["cpu"].get(name, 0.0)) / wall if wall > 0 else 0.0
+                busiest[name] = round(max(busiest.get(name, 0.0), rate), 2)
+        return busiest
+
+
+def night_db_figures(dsn: str) -> dict[str, Any]:
+    """What the night left in the metadata database (a fresh one: only the night's runs are in it)."""
+    import psycopg2
+
+    connection = psycopg2.connect(dsn)
+    try:
+        with connection.cursor() as cursor:
+
+            def one(sql: str) -> Any:
+                cursor.execute(sql)
+                return cursor.fetchone()[0]
+
+            def rows(sql: str) -> list[tuple[Any, ...]]:
+                cursor.execute(sql)
+                return cursor.fetchall()
+
+            sequence = one("SELECT pg_get_serial_sequence('trigger', 'id')")
+            triggers_created = (
+                one(f"SELECT last_value FROM {sequence}") if sequence else one("SELECT max(id) FROM trigger")
+            )
+            xcom_rows, xcom_bytes = rows("SELECT count(*), coalesce(sum(pg_column_size(value)), 0) FROM xcom")[0]
+            return {
+                "dag_runs": dict(rows("SELECT state, count(*) FROM dag_run GROUP BY state")),
+                "task_instances": one("SELECT count(*) FROM task_instance"),
+                "task_instances_by_task": dict(
+                    rows("SELECT task_id, count(*) FROM task_instance GROUP BY task_id ORDER BY 1")
+                ),
+                "task_instances_by_state": dict(rows("SELECT state, count(*) FROM task_instance GROUP BY state")),
+                "task_instance_tries": one("SELECT coalesce(sum(try_number), 0) FROM task_instance"),
+                "task_instance_history_rows": one("SELECT count(*) FROM task_instance_history"),
+                "task_reschedule_rows": one("SELECT count(*) FROM task_reschedule"),
+                "triggers_created": triggers_created,
+                "trigger_rows_left": one("SELECT count(*) FROM trigger"),
+                "xcom_rows": xcom_rows,
+                "xcom_bytes": xcom_bytes,
+                "xcom_bytes_by_key": dict(
+                    rows("SELECT key, coalesce(sum(pg_column_size(value)), 0) FROM xcom GROUP BY key ORDER BY 2 DESC")
+                ),
+                "log_rows": one("SELECT count(*) FROM log"),
+                "job_rows": dict(rows("SELECT job_type, count(*) FROM job GROUP BY job_type")),
+                "report_counts": [
+                    value
+                    for (value,) in rows("SELECT value FROM xcom WHERE task_id = 'report' AND key = 'return_value'")
+                ],
+            }
+    finally:
+        connection.close()
+
+
+def create_stopped_instances(endpoint_url: str, instance_type: str, count: int) -> list[str]:
+    """`count` stopped instances of `instance_type` from the Bluewhale AMI, as create_instance makes one (launched,
+    running, stopped), in one RunInstances."""
+    from include.local_aws.world import BLUEWHALE_AMI, boto_client
+
+    ec2 = boto_client("ec2", endpoint_url)
+    launched = ec2.run_instances(ImageId=BLUEWHALE_AMI, MinCount=count, MaxCount=count, InstanceType=instance_type)
+    instance_ids = [instance["InstanceId"] for instance in launched["Instances"]]
+    waiter_config = {"Delay": 1, "MaxAttempts": 120}
+    ec2.get_waiter("instance_running").wait(InstanceIds=instance_ids, WaiterConfig=waiter_config)
+    ec2.stop_instances(InstanceIds=instance_ids)
+    ec2.get_waiter("instance_stopped").wait(InstanceIds=instance_ids, WaiterConfig=waiter_config)
+    return instance_ids
+
+
+def night_manifest(run: int, lanes: int, files_per_lane: int, chunk_size: int) -> list[str]:
+    """The keys of run `run`'s manifest, chunk by chunk: the planner deals chunk n to the run's instance n % lanes, so
+    chunk n takes its files from folder `night/run-<run>/lane-<n % lanes>/` and each instance's files share a folder
+    (its verify lists one folder; see the note on flat layouts in the results). Whole chunks only: the planner cuts
+    the manifest every `chunk_size` files, so a lane's last, shorter chunk would shift every chunk after it."""
+    if files_per_lane % chunk_size:
+        raise ValueError(f"{files_per_lane} files per lane is not a whole number of chunks of {chunk_size}")
+    keys = []
+    for chunk in range(lanes * files_per_lane // chunk_size):
+        lane, first = chunk % lanes, chunk // lanes * chunk_size
+        keys += [f"night/run-{run}/lane-{lane:02d}/clip-{n:06d}.mp4" for n in range(first, first + chunk_size)]
+    return keys
+
+
+def run_night(work: Path) -> dict[str, Any]:
+    """The simulated night (see above): its own emulator with the stand-in, its own PostgreSQL and Airflow."""
+    import urllib.request
+
+    from include.local_aws.services import PostgresServer
+    from include.local_aws.world import OUTPUT_BUCKET, SOURCE_BUCKET, EmulatorProcess, boto_client
+
+    runs = NIGHT_INSTANCES // NIGHT_INSTANCES_PER_RUN
+    files_per_lane = NIGHT_FILES // NIGHT_INSTANCES
+    with contextlib.ExitStack() as cleanup:
+        emulator = EmulatorProcess(
+            work / "emulator",
+            "--synthetic-sr-seconds",
+            str(NIGHT_SR_SECONDS),
+            "--synthetic-sr-jitter",
+            str(NIGHT_JITTER),
+        )
+        cleanup.callback(emulator.stop)
+        print("==> night: the emulator with the synthetic SR stand-in", flush=True)
+        emulator.start()
+        url = emulator.endpoint_url
+        s3 = boto_client("s3", url)
+        for bucket in (SOURCE_BUCKET, OUTPUT_BUCKET):
+            s3.create_bucket(Bucket=bucket)
+        print(f"==> night: {NIGHT_INSTANCES} stopped {NIGHT_INSTANCE_TYPE}, {NIGHT_FILES:,} sources", flush=True)
+        instances = create_stopped_instances(url, NIGHT_INSTANCE_TYPE, NIGHT_INSTANCES)
+        setup_started = time.monotonic()
+        for run in range(runs):
+            for lane in range(NIGHT_INSTANCES_PER_RUN):
+                body = json.dumps(
+                    {
+                        "bucket": SOURCE_BUCKET,
+                        "prefix": f"night/run-{run}/lane-{lane:02d}/clip-",
+                        "count": files_per_lane,
+                        "bytes": NIGHT_SOURCE_BYTES,
+                    }
+                ).encode()
+                request = urllib.request.Request(f"{url}/_local_aws/s3/bulk-objects", data=body, method="POST")
+                with urllib.request.urlopen(request, timeout=120) as response:
+                    assert json.load(response)["created"] == files_per_lane
+            manifest = night_manifest(run, NIGHT_INSTANCES_PER_RUN, files_per_lane, NIGHT_CHUNK_SIZE)
+            s3.put_object(Bucket=SOURCE_BUCKET, Key=f"manifests/night-run-{run}.txt", Body="\n".join(manifest).encode())
+        sources_seconds = time.monotonic() - setup_started
+
+        postgres = PostgresServer()
+        cleanup.callback(postgres.stop)
+        postgres.start()
+        extra_env = {
+            "VOD_SR_MAX_ACTIVE_RUNS": str(runs),  # disjoint instance lists: safe (README)
+            "AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG": str(NIGHT_MAX_ACTIVE_TASKS),
+        }
+        stack = start_stack(
+            cleanup,
+            work,
+            url,
+            instances[0],
+            poll_interval=NIGHT_POLL_INTERVAL,
+            parallelism=NIGHT_PARALLELISM,
+            extra_env=extra_env,
+            dag_files=("vod_sr_batch.py",),
+            dag_ids=("vod_sr_batch",),
+            postgres=postgres,
+        )
+        dsn = stack.backend.database_url.replace("postgresql+psycopg2://", "postgresql://")
+        pids = {c.name: c.process.pid for c in stack.components}
+        pids |= {"emulator": emulator.process.pid, "postgres": postgres.process.pid}
+        cpu_before = {name: tree_cpu_seconds(pid) for name, pid in pids.items()}
+        machine_before, wall_before = machine_busy_seconds(), time.monotonic()
+        emulator.reset_calls()
+        sampler = NightSampler(dsn, pids).start()
+        cleanup.callback(sampler.stop)
+        print(f"==> night: {runs} vod_sr_batch runs of {NIGHT_INSTANCES_PER_RUN} instances", flush=True)
+        run_ids = []
+        for run in range(runs):
+            conf = {
+                "manifest": f"manifests/night-run-{run}.txt",
+                "model": "cpu",
+                "instance_ids": instances[run * NIGHT_INSTANCES_PER_RUN : (run + 1) * NIGHT_INSTANCES_PER_RUN],
+                "chunk_size": NIGHT_CHUNK_SIZE,
+            }
+            run_ids.append(stack.trigger(conf))
+        deadline = time.monotonic() + NIGHT_RUN_TIMEOUT
+        states: dict[str, str] = {}
+        while len(states) < len(run_ids):
+            for run_id in run_ids:
+                if run_id not in states and (state := stack.run_state(run_id)) in ("success", "failed"):
+                    states[run_id] = state
+                    print(f"    {run_id}: {state} after {time.monotonic() - wall_before:.0f} s", flush=True)
+            if time.monotonic() > deadline:
+                for run_id in set(run_ids) - set(states):
+                    with contextlib.suppress(Exception):
+                        stack.api("PATCH", f"/dags/vod_sr_batch/dagRuns/{run_id}", {"state": "failed"})
+                raise RuntimeError(f"the night's runs did not end within {NIGHT_RUN_TIMEOUT} s: {states}")
+            time.sleep(5)
+        wall = time.monotonic() - wall_before
+        machine = machine_busy_seconds() - machine_before
+        cpu_after = {name: tree_cpu_seconds(pid) for name, pid in pids.items()}
+        sampler.stop()
+        dag_runs = [stack.run(run_id) for run_id in run_ids]
+        started = min(parse_time(r["start_date"]) for r in dag_runs)
+        ended = max(parse_time(r["end_date"]) for r in dag_runs)
+        print("==> night: measuring", flush=True)
+        with urllib.request.urlopen(f"{url}/_local_aws/calls", timeout=600) as response:
+            calls = json.load(response)
+        timelines = with_retries(emulator.timeline, "emulator timeline")
+        db = night_db_figures(dsn)
+        per_minute = calls_per_minute(calls, started, ended)
+        cpu = {}
+        for name in pids:
+            own = cpu_after[name][0] - cpu_before[name][0]
+            below = cpu_after[name][1] - cpu_before[name][1]
+            cpu[name] = {"own": round(own, 1), "descendants": round(below, 1)}
+        ok = sum(int((counts or {}).get("ok", 0)) for counts in db["report_counts"] if isinstance(counts, dict))
+        return {
+            "state": "success" if set(states.values()) == {"success"} else "failed",
+            "run_states": states,
+            "setup": {
+                "instances": NIGHT_INSTANCES,
+                "instance_type": NIGHT_INSTANCE_TYPE,
+                "gpus": NIGHT_INSTANCES * 4,
+                "runs": runs,
+                "instances_per_run": NIGHT_INSTANCES_PER_RUN,
+                "files": NIGHT_FILES,
+                "chunk_size": NIGHT_CHUNK_SIZE,
+                "chunks": NIGHT_FILES // NIGHT_CHUNK_SIZE,
+                "synthetic_sr_seconds_per_file": NIGHT_SR_SECONDS,
+                "synthetic_sr_jitter": NIGHT_JITTER,
+                "assumed_real_sr_seconds_per_file": NIGHT_REAL_SR_SECONDS,
+                "compression_k": NIGHT_COMPRESSION,
+                "real_night_sr_hours_per_gpu": round(
+                    NIGHT_FILES / (NIGHT_INSTANCES * 4) * NIGHT_REAL_SR_SECONDS / 3600, 2
+                ),
+                "poll_interval_seconds": NIGHT_POLL_INTERVAL,
+                "airflow": {
+                    "executor": stack.backend.executor,
+                    "core.parallelism": NIGHT_PARALLELISM,
+                    "core.max_active_tasks_per_dag": NIGHT_MAX_ACTIVE_TASKS,
+                    "VOD_SR_MAX_ACTIVE_RUNS": runs,
+                    "pool": "default_pool, 128 slots (deferred tasks hold none)",
+                    "triggerers": stack.backend.triggerers,
+                    "api_workers": 1,
+                },
+                "emulator": "EC2 pending/stopping 2 s, SSM registration 1 s (emulator defaults)",
+                "sources": f"{NIGHT_FILES:,} objects of {NIGHT_SOURCE_BYTES} bytes via /_local_aws/s3/bulk-objects in "
+                f"{sources_seconds:.1f} s; one folder per lane (night/run-R/lane-NN/), manifests chunk by chunk",
+            },
+            "wall_seconds": round(ended - started, 1),
+            "runs_wall_seconds": {
+                r["dag_run_id"]: round(parse_time(r["end_date"]) - parse_time(r["start_date"]), 1) for r in dag_runs
+            },
+            "files_ok": ok,
+            "aws_calls_total": sum(f["total"] for f in per_minute.values()),
+            "aws_calls": against_limits(per_minute, NIGHT_COMPRESSION),
+            "s3_prefix_peaks": s3_prefix_peaks(calls, started, ended),
+            "metadata_db": db,
+            "peaks": sampler.peaks(),
+            "cpu_seconds": cpu,
+            "busiest_cpu_per_wall_second": sampler.busiest_cpu(),
+            "machine_cpu_seconds": round(machine, 1),
+            "machine_cores": os.cpu_count(),
+            "measured_wall_seconds": round(wall, 1),
+            "gpus": night_gpu_figures(timelines, instances, started, ended),
+            "notes": [
+                f"night compressed x{NIGHT_COMPRESSION:g}: {NIGHT_SR_SECONDS:g} s of synthetic model time per file "
+                f"stands for an assumed {NIGHT_REAL_SR_SECONDS:g} s; calls per file or per chunk (kind 'x K') come "
+                f"K times as often as in a real night (real_night_peak_per_second divides by K); polls (every "
+                f"{NIGHT_POLL_INTERVAL} s, production's default) and per-lane calls do not",
+                "the stand-in makes the real script's S3 calls but one: no QC contact sheet, one PUT per file fewer",
+                "each lane's sources share a folder: with a flat layout, round-robin chunks make each lane's verify "
+                "list the whole run's range (about files/1,000 ListObjectsV2 pages per lane, lanes x that per run)",
+                "runs of at most 50 instances (SendCommand's InstanceIds limit): the night is two runs side by side",
+            ],
+        }
 
 
 def fmt(value: Any, unit: str = "") -> str:
@@ -1129,9 +1812,61 @@ def print_summary(r: dict[str, Any]) -> None:
             f"{dig(r, 'idle_per_lane', 'after_last_sr_seconds') or {}})",
         ),
     ]
+    lines += night_summary(r, row)
     for step, error in r["failed_steps"].items():
         lines.append(f"  FAILED {step}: {error.splitlines()[0] if error else ''}")
     print("\n".join(lines) + "\n", flush=True)
+
+
+def night_summary(r: dict[str, Any], row: Callable[..., str]) -> list[str]:
+    """The simulated night's lines of the summary (empty when it was never measured)."""
+    night = r.get(NIGHT_STEP)
+    if not night or "setup" not in night:
+        return []
+    setup, db, gpus, cpu = night["setup"], night["metadata_db"], night["gpus"], night["cpu_seconds"]
+    g = fmt
+    lines = [
+        "",
+        f"  Simulated night ({night['state']}): {setup['instances']} x {setup['instance_type']} ({setup['gpus']} GPUs), "
+        f"{setup['files']:,} files in {setup['runs']} runs of {setup['instances_per_run']} instances, chunk size "
+        f"{setup['chunk_size']}, poll {setup['poll_interval_seconds']} s; synthetic SR "
+        f"{setup['synthetic_sr_seconds_per_file']:g} s/file = night compressed x{setup['compression_k']:g} "
+        f"(assumed {setup['assumed_real_sr_seconds_per_file']:g} s/file)",
+        f"    wall {g(night['wall_seconds'])} s, files verified ok {g(night['files_ok'])}, AWS calls "
+        f"{g(night['aws_calls_total'])}",
+        f"    {'action':<34} {'total':>8} {'mean/min':>9} {'peak/min':>9} {'peak/s':>7} {'limit/s':>8} "
+        f"{'ratio':>6}  kind",
+        *(
+            f"    {key:<34} {g(f['total']):>8} {g(f['mean_per_minute']):>9} {g(f['peak_minute']):>9} "
+            f"{g(f['peak_second']):>7} {g(f.get('limit_per_second')):>8} {g(f.get('ratio_peak_minute')):>6}  "
+            f"{f['kind']}"
+            + (f" (real night ~{f['real_night_peak_per_second']:g}/s)" if "real_night_peak_per_second" in f else "")
+            for key, f in night["aws_calls"].items()
+        ),
+        *(
+            f"    busiest S3 prefix, {kind:<5} {p['prefix']}: {p['peak_second']}/s at its busiest second, "
+            f"{p['peak_minute']}/min (limit {p['limit_per_second']:g}/s)"
+            for kind, p in night["s3_prefix_peaks"].items()
+        ),
+        f"    metadata DB: {g(db['task_instances'])} task instances ({db['task_instances_by_task']}), "
+        f"{g(db['task_instance_tries'])} tries, {g(db['task_reschedule_rows'])} reschedules, "
+        f"{g(db['triggers_created'])} triggers created (at most {g(night['peaks']['trigger_rows'])} rows at once), "
+        f"XCom {g(db['xcom_rows'])} rows / {g(db['xcom_bytes'])} bytes, dag runs {db['dag_runs']}",
+        f"    peaks: {night['peaks']['running_task_instances']} running, {night['peaks']['queued_task_instances']} "
+        f"queued, {night['peaks']['deferred_task_instances']} deferred task instances",
+        "    CPU seconds (own + descendants): "
+        + ", ".join(f"{name} {c['own']:g} + {c['descendants']:g}" for name, c in cpu.items())
+        + f"; machine {g(night['machine_cpu_seconds'])} of {g(round(night['measured_wall_seconds'] * night['machine_cores']))}"
+        f" available; busiest (cores): {night['busiest_cpu_per_wall_second']}",
+        f"    GPUs busy over the night's SR window ({g(gpus.get('sr_window_seconds'))} s): "
+        f"{gpus.get('busy_ratio_in_night_window')}; of their instance's running time "
+        f"{gpus.get('busy_ratio_of_running')}",
+        f"    per lane idle before first / after last model run (s): {gpus.get('idle_before_first_sr_seconds')} / "
+        f"{gpus.get('idle_after_last_sr_seconds')}",
+    ]
+    names = [name for name in r["targets"] if name.startswith("night_")]
+    lines += [row(name.removeprefix("night_").replace("_", " "), name) for name in names]
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

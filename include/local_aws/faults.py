@@ -106,6 +106,10 @@ class InstanceFaults:
     # principal whose policy lacks them.
     denied_actions: tuple[str, ...] = ()
     denied_error: str = "UnauthorizedOperation"
+    # Each model run (the chunk script's ffmpeg marked VOD_SR_SR_RUN=1) lasts this long at least: the real ffmpeg
+    # (niced) makes the output, then the stand-in waits out the rest. A GPU's pace, which does not slow down when the
+    # emulator's host runs short of CPU (benchmarks on a small machine); None: as long as the real ffmpeg takes.
+    model_run_seconds: float | None = None
 
     @classmethod
     def from_json(cls, data: dict[str, Any], base: InstanceFaults | None = None) -> InstanceFaults:

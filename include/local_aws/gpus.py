@@ -50,18 +50,28 @@ def nvidia_smi_stand_in(instance_id: str, gpus: int) -> str:
     return f"#!/bin/sh\n# Stand-in: this emulated instance's {gpus} GPU(s)\nprintf '%s\\n' {lines}\n"
 
 
-def ffmpeg_stand_in(real_ffmpeg: str, busy_log: Path) -> str:
+def ffmpeg_stand_in(real_ffmpeg: str, busy_log: Path, model_run_seconds: float | None = None) -> str:
     """Runs the real ffmpeg; for a model run (VOD_SR_SR_RUN=1) it appends `<CUDA_VISIBLE_DEVICES or -> <start>
     <end>` (epoch seconds) to `busy_log` when ffmpeg ends, however it ends. It passes TERM and INT on to ffmpeg, so
-    the chunk script's `timeout --foreground` (which signals only its own child) still stops ffmpeg at a limit."""
+    the chunk script's `timeout --foreground` (which signals only its own child) still stops ffmpeg at a limit.
+
+    `model_run_seconds`: a model run lasts that long at least, as on a GPU of fixed speed: the real ffmpeg runs
+    niced (the host's CPUs go to the orchestration first), then the stand-in sleeps out the rest; a signal ends the
+    sleep too."""
     real, log = shlex.quote(real_ffmpeg), shlex.quote(str(busy_log))
+    pace = "" if model_run_seconds is None else f"{float(model_run_seconds):.3f}"
     return f"""#!/bin/bash
-# Stand-in: the real ffmpeg, timed per GPU for the emulator's timeline.
+# Stand-in: the real ffmpeg, timed per GPU for the emulator's timeline{" and paced to a GPU" if pace else ""}.
 if [ -z "${{VOD_SR_SR_RUN:-}}" ]; then
     exec {real} "$@"
 fi
 start=$(date +%s.%N)
-{real} "$@" &
+pace={pace}
+if [ -n "$pace" ]; then
+    nice -n 10 {real} "$@" &
+else
+    {real} "$@" &
+fi
 child=$!
 trap 'kill -TERM "$child" 2>/dev/null' TERM
 trap 'kill -INT "$child" 2>/dev/null' INT
@@ -71,19 +81,35 @@ while kill -0 "$child" 2>/dev/null; do  # a signal ended the wait, not ffmpeg
     code=0
     wait "$child" || code=$?
 done
+if [ -n "$pace" ] && [ "$code" -eq 0 ]; then
+    rest=$(awk -v s="$start" -v p="$pace" -v n="$(date +%s.%N)" \
+        'BEGIN {{ r = s + p - n; printf "%.3f", (r > 0 ? r : 0) }}')
+    sleep "$rest" &
+    child=$!
+    wait "$child" || true
+    kill "$child" 2>/dev/null || true
+fi
 printf '%s %s %s\\n' "${{CUDA_VISIBLE_DEVICES:--}}" "$start" "$(date +%s.%N)" >>{log}
 exit "$code"
 """
 
 
-def install_stand_ins(sandbox: Path, instance_id: str, instance_type: str | None, real_ffmpeg: str) -> Path:
+def install_stand_ins(
+    sandbox: Path,
+    instance_id: str,
+    instance_type: str | None,
+    real_ffmpeg: str,
+    *,
+    model_run_seconds: float | None = None,
+) -> Path:
     """Write the instance's `nvidia-smi` and `ffmpeg` stand-ins into `sandbox/bin` (again before each command: the
-    type of a stopped instance can change) and return that directory, to go first in the command's PATH."""
+    type of a stopped instance can change, and so can its faults' `model_run_seconds`) and return that directory, to
+    go first in the command's PATH."""
     bin_dir = sandbox / "bin"
     bin_dir.mkdir(parents=True, exist_ok=True)
     stand_ins = {
         "nvidia-smi": nvidia_smi_stand_in(instance_id, gpu_count(instance_type)),
-        "ffmpeg": ffmpeg_stand_in(real_ffmpeg, sandbox / GPU_BUSY_LOG),
+        "ffmpeg": ffmpeg_stand_in(real_ffmpeg, sandbox / GPU_BUSY_LOG, model_run_seconds),
     }
     for name, body in stand_ins.items():
         path = bin_dir / name

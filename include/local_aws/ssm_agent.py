@@ -387,7 +387,11 @@ class SsmAgent:
         (workdir / "_script.sh").write_text(invocation.commands + "\n")
         instance = find_instance(invocation.instance_id)
         stand_ins = install_stand_ins(
-            sandbox, invocation.instance_id, getattr(instance, "instance_type", None), self._real_ffmpeg
+            sandbox,
+            invocation.instance_id,
+            getattr(instance, "instance_type", None),
+            self._real_ffmpeg,
+            model_run_seconds=self._faults.for_instance(invocation.instance_id).model_run_seconds,
         )
         env = {
             **self._agent_env,
