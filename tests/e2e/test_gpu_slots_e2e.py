@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import pytest
 
+from include.local_aws.world import launch_stopped_instance
+
 pytestmark = pytest.mark.e2e
 
 
@@ -21,12 +23,7 @@ def max_overlap(intervals: list[list[float]]) -> int:
 
 @pytest.fixture
 def four_gpu_instance(world, monkeypatch):
-    ec2 = world.ec2
-    instance_id = ec2.run_instances(
-        ImageId="ami-0b1ue0000000000aa", MinCount=1, MaxCount=1, InstanceType="g6e.12xlarge"
-    )["Instances"][0]["InstanceId"]
-    ec2.stop_instances(InstanceIds=[instance_id])
-    ec2.get_waiter("instance_stopped").wait(InstanceIds=[instance_id], WaiterConfig={"Delay": 1, "MaxAttempts": 60})
+    instance_id = launch_stopped_instance(world.emulator.endpoint_url, "g6e.12xlarge")
     monkeypatch.setenv("VOD_SR_INSTANCE_IDS", instance_id)
     return instance_id
 
