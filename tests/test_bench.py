@@ -380,3 +380,219 @@ def test_a_figure_from_a_run_that_failed_is_shown_but_not_judged(tmp_path):
     results.record(bench.GPU4_STEP, lambda: {"state": "failed", "per_slot_busy_ratio": 0.99})
     entry = json.loads((tmp_path / "bench-results.json").read_text())["targets"]["per_slot_busy_ratio"]
     assert (entry["value"], entry["met"], entry["run_state"]) == (0.99, None, "failed")
+
+
+# --- the simulated night's figures --------------------------------------------------------------------------------
+
+STARTED = 1_000.0
+
+
+def call(offset: float, action: str, service: str = "ssm", **extra: Any) -> dict[str, Any]:
+    return {"service": service, "action": action, "time": STARTED + offset, **extra}
+
+
+class TestNightCallRates:
+    def test_calls_per_minute_gives_total_mean_busiest_minute_and_second_per_action(self):
+        calls = [
+            *(call(t, "GetCommandInvocation") for t in (1, 2, 61, 62, 62.5, 63, 179)),
+            call(30, "SendCommand"),
+            call(-5, "SendCommand"),  # before the night: left out
+            call(200, "SendCommand"),  # after it
+            call(10, "GET object", "s3", caller="instance"),
+        ]
+
+        figures = bench.calls_per_minute(calls, STARTED, STARTED + 180)
+
+        assert list(figures) == ["ssm:GetCommandInvocation", "s3:GET object:instance", "ssm:SendCommand"]
+        assert figures["ssm:GetCommandInvocation"] == {
+            "total": 7,
+            "mean_per_minute": 2.3,
+            "peak_minute": 4,
+            "peak_minute_at": 60,
+            "peak_second": 2,  # 62 and 62.5
+        }
+        assert figures["ssm:SendCommand"]["total"] == 1
+
+    @pytest.mark.parametrize(
+        ("key", "kind"),
+        [
+            ("s3:PUT object:instance", "per file (x K)"),
+            ("ssm:SendCommand", "per chunk (x K)"),
+            ("ec2:CreateTags", "per chunk (x K)"),
+            ("ssm:GetCommandInvocation", "per poll"),
+            ("s3:GET object:orchestrator", "per poll"),
+            ("ec2:StartInstances", "per lane"),
+        ],
+    )
+    def test_call_kind_says_which_calls_the_compression_inflates(self, key, kind):
+        assert bench.call_kind(key) == kind
+
+    def test_against_limits_gives_ratios_to_the_published_limit_and_the_real_night_estimate(self):
+        per_minute = {
+            "ec2:CreateTags": {
+                "total": 900,
+                "mean_per_minute": 90.0,
+                "peak_minute": 300,
+                "peak_minute_at": 0,
+                "peak_second": 40,
+            },
+            "ssm:SendCommand": {
+                "total": 10,
+                "mean_per_minute": 1.0,
+                "peak_minute": 6,
+                "peak_minute_at": 0,
+                "peak_second": 2,
+            },
+            "ec2:StartInstances": {
+                "total": 100,
+                "mean_per_minute": 10.0,
+                "peak_minute": 90,
+                "peak_minute_at": 0,
+                "peak_second": 12,
+            },
+        }
+
+        rates = bench.against_limits(per_minute, compression=100)
+
+        assert rates["ec2:CreateTags"]["peak_minute_per_second"] == 5.0
+        assert rates["ec2:CreateTags"]["ratio_peak_minute"] == 0.5  # 5/s against 10/s
+        assert rates["ec2:CreateTags"]["ratio_peak_second_to_burst"] == 0.4  # 40 against a bucket of 100
+        assert rates["ec2:CreateTags"]["real_night_peak_per_second"] == 0.05
+        assert rates["ec2:StartInstances"]["ratio_peak_minute"] == 0.75  # 1.5/s against 2/s
+        assert rates["ec2:StartInstances"]["ratio_peak_second_to_burst"] == 2.4  # 12 at once: over its bucket of 5
+        assert "real_night_peak_per_second" not in rates["ec2:StartInstances"]  # per lane: not compressed
+        assert "limit_per_second" not in rates["ssm:SendCommand"]
+        assert "no published" in rates["ssm:SendCommand"]["limit"]
+
+    def test_the_busiest_s3_prefix_is_the_busiest_folder_for_reads_and_for_writes(self):
+        def s3(offset: float, method: str, key: str) -> dict[str, Any]:
+            return call(offset, f"{method} object", "s3", bucket="out", key=key)
+
+        calls = [
+            *(s3(t, "PUT", f"runs/tok/chunk-{t:05.0f}.results") for t in (1, 1.5, 2, 70)),
+            s3(3, "PUT", "lane-1/a.mp4"),
+            *(s3(t, "GET", "lane-2/b.mp4") for t in (5, 5.1)),
+            s3(6, "HEAD", "c.mp4"),
+            call(7, "GET bucket", "s3", bucket="out", key=""),  # a listing: not an object request
+        ]
+
+        peaks = bench.s3_prefix_peaks(calls, STARTED, STARTED + 120)
+
+        assert peaks["write"] | {"limit_source": ""} == {
+            "prefix": "out/runs/tok/",
+            "peak_minute": 3,
+            "peak_minute_per_second": 0.05,
+            "peak_second": 2,
+            "limit_per_second": 3500,
+            "ratio_peak_second": 0.0006,
+            "limit_source": "",
+            "prefixes": 2,
+        }
+        assert (peaks["read"]["prefix"], peaks["read"]["peak_second"], peaks["read"]["prefixes"]) == (
+            "out/lane-2/",
+            2,
+            2,
+        )
+
+
+def test_the_night_manifest_gives_each_instance_the_files_of_one_folder():
+    from include.vod_sr.plan import FileJob, chunk_files
+    from include.vod_sr.sources import S3Object
+
+    keys = bench.night_manifest(run=1, lanes=3, files_per_lane=12, chunk_size=4)
+    instances = ("i-0aaaaaaaaaaaaaaa0", "i-0aaaaaaaaaaaaaaa1", "i-0aaaaaaaaaaaaaaa2")
+    jobs = [FileJob(n, S3Object("src", key), S3Object("out", key)) for n, key in enumerate(keys)]
+
+    chunks = chunk_files(jobs, instances, chunk_size=4)  # the planner's own dealing
+
+    assert len(keys) == len(set(keys)) == 36
+    for lane, instance_id in enumerate(instances):
+        folders = {job.source.key.rpartition("/")[0] for c in chunks if c.instance_id == instance_id for job in c.files}
+        assert folders == {f"night/run-1/lane-{lane:02d}"}
+    assert sum(len(c.files) for c in chunks if c.instance_id == instances[0]) == 12
+    with pytest.raises(ValueError, match="not a whole number of chunks"):
+        bench.night_manifest(run=1, lanes=3, files_per_lane=10, chunk_size=4)
+
+
+def test_spread():
+    assert bench.spread([0.5, 1.0, 0.25, 0.75]) == {
+        "min": 0.25,
+        "p10": 0.25,
+        "median": 0.625,
+        "mean": 0.625,
+        "max": 1.0,
+    }
+    assert bench.spread([])["median"] is None
+
+
+def test_night_gpu_figures_count_every_gpu_of_every_instance():
+    timelines = {
+        "i-a": {"gpus": 2, "running": [[0.0, 100.0]], "gpu_busy": {"0": [[10.0, 60.0]], "1": [[10.0, 30.0]]}},
+        "i-b": {"gpus": 2, "running": [[0.0, 100.0]], "gpu_busy": {"0": [[20.0, 110.0]]}},
+    }
+
+    gpus = bench.night_gpu_figures(timelines, ["i-a", "i-b"], 0.0, 120.0)
+
+    assert (gpus["gpus"], gpus["sr_runs"], gpus["sr_window_seconds"]) == (4, 3, 100.0)
+    assert gpus["busy_ratio_in_night_window"] | {"p10": None} == {
+        "min": 0.0,  # i-b's GPU 1 never ran
+        "p10": None,
+        "median": 0.35,
+        "mean": 0.4,
+        "max": 0.9,
+    }
+    assert gpus["max_concurrent_sr_runs"] == 3
+
+
+def night_figures(state: str = "success", create_tags_per_second: float = 2.0) -> dict[str, Any]:
+    return {
+        "state": state,
+        "setup": {"runs": 2},
+        "aws_calls": {
+            "ec2:CreateTags": {"peak_minute_per_second": create_tags_per_second},
+            "ssm:GetCommandInvocation": {"peak_minute_per_second": 33.3},
+        },
+        "s3_prefix_peaks": {"write": {"prefix": "out/runs/", "peak_second": 120}},
+        "metadata_db": {"xcom_bytes": 30_000},
+    }
+
+
+def test_the_nights_calls_are_judged_against_the_published_limits(tmp_path):
+    results = bench.Results(tmp_path / "bench-results.json")
+    results.record(bench.NIGHT_STEP, lambda: night_figures(create_tags_per_second=12.5))
+    t = json.loads((tmp_path / "bench-results.json").read_text())["targets"]
+
+    assert (t["night_ec2_CreateTags_per_second"]["value"], t["night_ec2_CreateTags_per_second"]["met"]) == (12.5, False)
+    assert t["night_ec2_CreateTags_per_second"]["target"] == "< 10"
+    assert t["night_ec2_StartInstances_per_second"] | {"note": ""} == {
+        "value": 0.0,  # not called in the night: none at all
+        "target": "< 2",
+        "met": True,
+        "step": "night",
+        "measured_at": t["night_ec2_StartInstances_per_second"]["measured_at"],
+        "note": "",
+    }
+    ssm = t["night_ssm_GetCommandInvocation_per_second"]
+    assert (ssm["value"], ssm["target"], ssm["met"]) == (33.3, "no published limit", None)
+    assert (t["night_s3_writes_per_prefix_per_second"]["value"], t["night_s3_writes_per_prefix_per_second"]["met"]) == (
+        120,
+        True,
+    )
+    assert t["night_s3_reads_per_prefix_per_second"]["value"] is None
+    assert (t["night_xcom_bytes_per_run"]["value"], t["night_xcom_bytes_per_run"]["met"]) == (15_000, True)
+
+
+def test_a_night_that_failed_is_shown_but_not_judged(tmp_path):
+    results = bench.Results(tmp_path / "bench-results.json")
+    results.record(bench.NIGHT_STEP, lambda: night_figures(state="failed", create_tags_per_second=12.5))
+    entry = json.loads((tmp_path / "bench-results.json").read_text())["targets"]["night_ec2_CreateTags_per_second"]
+
+    assert (entry["value"], entry["met"], entry["run_state"]) == (12.5, None, "failed")
+
+
+def test_before_any_night_its_targets_are_unmeasured(tmp_path):
+    bench.Results(tmp_path / "bench-results.json").record("parse", lambda: {"dag_file_over_sdk_seconds": 0.1})
+    t = json.loads((tmp_path / "bench-results.json").read_text())["targets"]
+
+    assert t["night_ec2_CreateTags_per_second"]["value"] is None
+    assert t["night_ec2_CreateTags_per_second"]["met"] is None
