@@ -142,6 +142,10 @@ class Settings:
     # Seconds the queue watcher pauses after a long poll (20 s) that found nothing: an upload made in the pause waits
     # up to this long before it is seen. Each poll is an SQS request (about 100,000 a month at 5 s).
     events_poll_pause: int = 5
+    # vod_sr_sweeper (dags/vod_sr_sweeper.py): when it runs (cron or preset; "none": only when triggered), and how long
+    # after its launch an instance whose run cannot be found yet is left alone (the run may not be visible yet).
+    sweep_schedule: str = "*/15 * * * *"
+    sweep_grace: int = 600
     # Notifications (include/vod_sr/notify.py). An SNS topic ARN: each run's success or failure is published there.
     sns_topic_arn: str = ""
     # Scheduled DAGs (vod_sr_nightly): alert the topic when a run is still going this many minutes after it was
@@ -183,6 +187,8 @@ class Settings:
             nightly_start_date=os.environ.get("VOD_SR_NIGHTLY_START_DATE", "").strip() or defaults.nightly_start_date,
             events_queue_url=os.environ.get("VOD_SR_EVENTS_QUEUE_URL", "").strip(),
             events_poll_pause=_env_int("VOD_SR_EVENTS_POLL_PAUSE_SECONDS", defaults.events_poll_pause, minimum=0),
+            sweep_schedule=os.environ.get("VOD_SR_SWEEP_SCHEDULE", "").strip() or defaults.sweep_schedule,
+            sweep_grace=_env_int("VOD_SR_SWEEP_GRACE_SECONDS", defaults.sweep_grace, minimum=0),
             sns_topic_arn=os.environ.get("VOD_SR_SNS_TOPIC_ARN", "").strip(),
             deadline_minutes=_env_int("VOD_SR_DEADLINE_MINUTES", defaults.deadline_minutes, minimum=0),
             rates=_env_cost_rates(),
