@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 DEFAULT_CURRENCY = "USD"
@@ -94,3 +95,60 @@ def run_cost(released_records: Iterable[Mapping[str, Any]], rates: Rates) -> dic
 def format_money(amount: float, currency: str) -> str:
     """An amount as reports and messages show it: "1.2345 USD"."""
     return f"{amount:.{MONEY_DECIMALS}f} {currency}"
+
+
+@dataclass(frozen=True)
+class Spend:
+    """What a run's instances have cost so far (`spend_so_far`), in `currency`."""
+
+    currency: str
+    total: float
+    unpriced: tuple[str, ...] = ()  # instances left out of `total`: type, rate or running time unknown
+
+    def line(self) -> str:
+        left_out = ""
+        if self.unpriced:
+            left_out = f" ({len(self.unpriced)} instance(s) not priced: {', '.join(self.unpriced)})"
+        return f"about {format_money(self.total, self.currency)} spent so far{left_out}"
+
+
+def spend_so_far(ec2: Any, instance_ids: Iterable[str], rates: Rates, *, since: datetime, now: datetime) -> Spend:
+    """The run's instances' cost so far: each one's running time in its current (or last) start, counted from its
+    LaunchTime or `since` (the run's start: an instance already up for another run is counted from there), whichever
+    is later, to now (or to its stop), billed with EC2's 60 s minimum per start at its type's hourly rate.
+
+    One DescribeInstances call per 1,000 instances (the paginator). An instance EC2 no longer knows is left out, as
+    are those whose type has no rate (listed in `unpriced`)."""
+    from include.vod_sr.instance import _stop_time
+
+    ids = sorted(set(instance_ids))
+    total, unpriced = 0.0, []
+    if not ids:
+        return Spend(rates.currency, 0.0)
+    paginator = ec2.get_paginator("describe_instances")
+    found: dict[str, Mapping[str, Any]] = {}
+    for start in range(0, len(ids), 1000):
+        for page in paginator.paginate(InstanceIds=ids[start : start + 1000]):
+            for reservation in page.get("Reservations", []):
+                for instance in reservation.get("Instances", []):
+                    found[instance["InstanceId"]] = instance
+    for instance_id in ids:
+        instance = found.get(instance_id)
+        if instance is None:
+            continue
+        launched = instance.get("LaunchTime")
+        state = instance.get("State", {}).get("Name", "")
+        if launched is None:
+            unpriced.append(instance_id)
+            continue
+        launched = launched if launched.tzinfo else launched.replace(tzinfo=UTC)
+        until = now if state in ("pending", "running") else _stop_time(instance.get("StateTransitionReason", ""))
+        start_at = max(launched, since)
+        if until is None or until < start_at:
+            continue  # stopped before the run started (or EC2 does not say when): nothing of this run's
+        entry = instance_cost(round((until - start_at).total_seconds()), instance.get("InstanceType"), rates)
+        if entry["cost"] is None:
+            unpriced.append(instance_id)
+        else:
+            total += entry["cost"]
+    return Spend(rates.currency, round(total, MONEY_DECIMALS), tuple(unpriced))

@@ -14,6 +14,8 @@ from typing import Any
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
+from include.vod_sr.cost import Rates
+
 TRANSIENT_ERRORS_XCOM_KEY = "transient_aws_errors"
 # Seconds of 1-second polls of the CLI install before the poll interval: the usual no-op ends within one or two.
 QUICK_POLLS = 10
@@ -38,8 +40,9 @@ class RunChunksOperator(BaseOperator):
     At most `in_flight` commands are out at a time, by default two per slot of the instance (a slot is one GPU x one
     stream): a chunk holds its slot only while its model runs (see `script.render_sr_script`), so while one chunk's
     model runs in a slot, another has fetched its input and waits to take the slot, or is still uploading. Each GPU
-    goes straight from one model run to the next while Airflow resumes this task to send the chunk after. A failed chunk does not stop the others; the task fails at the end, with each failed command's
-    Status, StatusDetails, exit code and output tails in its log. When the last command ends it releases the
+    goes straight from one model run to the next while Airflow resumes this task to send the chunk after. A failed
+    chunk does not stop the others; the task fails at the end, with each failed command's Status, StatusDetails, exit
+    code and output tails in its log. When the last command ends it releases the
     instance at once (see `_release_early`).
 
     While chunks run, the deferred wait logs their progress (`chunk 3/20 on i-0abc: 7/10 files done (1 failed)`),
@@ -61,6 +64,10 @@ class RunChunksOperator(BaseOperator):
     :param install_cli: send this first and wait for it (polling each second at first: a CLI already installed
         answers within a second or two), then the chunks; None: the instance is ready (tests, a custom DAG).
     :param streams_per_gpu: chunks run at once on each GPU (VOD_SR_STREAMS_PER_GPU).
+    :param rates: hourly rates for the run's budget (the `budget` param, in `rates.currency`): before sending more
+        chunks it prices the run's instance time so far (`cost.spend_so_far`); once that reaches the budget it sends
+        no more, lets the running chunks finish and stores the chunks it did not send (`stored_plan.store_left`), whose
+        files the report lists as left for the next run. None, or no budget in the params: no check.
     :param in_flight: commands out at once on the instance; None: two per slot (`gpus * streams_per_gpu`), so no
         slot idles between two chunks.
     :param poll_interval: seconds between status polls in the triggerer.
@@ -79,6 +86,7 @@ class RunChunksOperator(BaseOperator):
         gpus: int = 1,
         streams_per_gpu: int = 1,
         install_cli: CliInstall | None = None,
+        rates: Rates | None = None,
         in_flight: int | None = None,
         poll_interval: float = 15,
         delivery_timeout: int = 300,
@@ -92,6 +100,8 @@ class RunChunksOperator(BaseOperator):
         self.gpus = gpus
         self.streams_per_gpu = streams_per_gpu
         self.install_cli = install_cli
+        self.rates = rates
+        self._budget_stop: dict[str, Any] | None = None  # set when the budget stopped the sends (see `_check_budget`)
         self._in_flight = in_flight
         self.release_timeout = release_timeout
         self.poll_interval = poll_interval
@@ -413,6 +423,7 @@ class RunChunksOperator(BaseOperator):
         self._sent = sent
         self._succeeded = state.get("succeeded", 0)
         self._succeeded_transient_errors = state.get("succeeded_transient_errors", 0)
+        self._budget_stop = state.get("budget_stop")
         polled = event.get("transient_errors") or {}
         for entry in sent:
             entry["transient_errors"] = entry.get("transient_errors", 0) + polled.get(entry["command_id"], 0)
@@ -609,7 +620,13 @@ class RunChunksOperator(BaseOperator):
 
         if sent_count() < len(chunks):  # still working on the instance: keep this run's lease fresh (never raises)
             refresh_lane_lease(self.lane, context["run_id"], self.aws_conn_id)
-        while sum(entry["outcome"] is None for entry in sent) < self.in_flight and sent_count() < len(chunks):
+        if self._budget_stop is None and sent_count() < len(chunks) and self._over_budget(context):
+            self._stop_for_budget(chunks[sent_count() :])
+        while (
+            self._budget_stop is None
+            and sum(entry["outcome"] is None for entry in sent) < self.in_flight
+            and sent_count() < len(chunks)
+        ):
             sent.append(self._send(chunks[sent_count()]))
         live = [entry for entry in sent if entry["outcome"] is None]
         if live:
@@ -628,6 +645,7 @@ class RunChunksOperator(BaseOperator):
                         "entries": sent,
                         "succeeded": self._succeeded,
                         "succeeded_transient_errors": self._succeeded_transient_errors,
+                        "budget_stop": self._budget_stop,
                     },
                     aws_conn_id=self.aws_conn_id,
                     region_name=self.region_name,
@@ -642,7 +660,70 @@ class RunChunksOperator(BaseOperator):
                 + "; their detail is in the log above, and the per-file results in the report"
             )
         # XCom gets counts, not an entry per chunk: O(1) per lane whatever the number of files.
-        return {"chunks": sent_count(), "outcomes": {"success": self._succeeded}}
+        done = {"chunks": sent_count(), "outcomes": {"success": self._succeeded}}
+        if self._budget_stop is not None:
+            done["left_for_budget"] = self._budget_stop["chunks"]
+        return done
+
+    def _over_budget(self, context: Any) -> bool:
+        """Whether the run's instances have cost its `budget` param (in the rates' currency) or more by now.
+
+        Prices every instance of the run (the plan's summary lists them), not only this lane's: the budget is the
+        run's. A failed check (EC2 unreachable) is logged and sends on: the budget bounds spending, it is not worth
+        failing a run over; the next check decides."""
+        budget = (context.get("params") or {}).get("budget")
+        if budget is None or self.rates is None:
+            return False
+        from datetime import UTC, datetime
+
+        from include.vod_sr.cost import format_money, spend_so_far
+
+        summary = context["ti"].xcom_pull(task_ids="plan", key="summary") or {}
+        instance_ids = [lane["instance_id"] for lane in summary.get("lanes") or []] or [self.lane["instance_id"]]
+        started = getattr(context.get("dag_run"), "start_date", None) or datetime.min.replace(tzinfo=UTC)
+        try:
+            spend = spend_so_far(self.ec2, instance_ids, self.rates, since=started, now=datetime.now(UTC))
+        except Exception as error:
+            self.log.warning("Could not price the run's instance time for its budget (sending on): %s", error)
+            return False
+        over = spend.total >= float(budget)
+        self.log.info(
+            "Budget %s: %s%s",
+            format_money(float(budget), self.rates.currency),
+            spend.line(),
+            "; reached: no more chunks are sent" if over else "",
+        )
+        if over:
+            self._budget_stop = {
+                "budget": float(budget),
+                "spent": spend.total,
+                "currency": self.rates.currency,
+                "chunks": 0,
+            }
+        return over
+
+    def _stop_for_budget(self, unsent: list[dict[str, Any]]) -> None:
+        """Keep the chunks the budget stopped (their indices, in S3 next to the plan) for verify and the report."""
+        from include.vod_sr.stored_plan import store_left
+
+        assert self._budget_stop is not None
+        self._budget_stop["chunks"] = len(unsent)
+        lane = self.lane
+        store_left(
+            self.s3,
+            lane["output_bucket"],
+            lane["run_token"],
+            lane["instance_id"],
+            [chunk["index"] for chunk in unsent],
+            self._budget_stop,
+        )
+        self.log.warning(
+            "Budget reached on %s: %s chunk(s) of %s file(s) not sent; the running chunks finish, and the report lists "
+            "the files left for the next run with the conf to run them",
+            self.lane["instance_id"],
+            len(unsent),
+            sum(len(chunk["files"]) for chunk in unsent),
+        )
 
 
 def _commented_file_count(comment: str) -> int | None:

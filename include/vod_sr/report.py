@@ -12,7 +12,7 @@ from include.vod_sr.cost import Rates, format_money, run_cost
 from include.vod_sr.instance import STOPPED_OUTCOMES
 from include.vod_sr.links import prefilled_trigger_link
 from include.vod_sr.plan import FileJob
-from include.vod_sr.verify import file_record, media_summary
+from include.vod_sr.verify import LEFT, file_record, media_summary
 
 REPORT_PREFIX = "vod-sr-reports/"
 
@@ -69,6 +69,9 @@ def build_report(
     # Overwrite: a failed file's output may exist (a broken output, or an upload that ended just before a kill);
     # without it the re-run would skip that file as done and succeed. Only the failed files are listed.
     retry_conf = {**dict(params), "sources": retry_sources, "prefixes": [], "manifest": None, "overwrite": True}
+    # Files the run's budget kept from being sent: not failures, work for the next run (with the same budget).
+    left_sources = [record["source"] for record in files if record["status"] == LEFT]
+    left_conf = {**dict(params), "sources": left_sources, "prefixes": [], "manifest": None}
     report = {
         "run_id": run_id,
         "run_token": run_token,
@@ -76,7 +79,15 @@ def build_report(
         "files": files,
         "retry_conf": retry_conf if retry_sources else None,
         "rerun_link": prefilled_trigger_link(ui_base_url, dag_id, retry_conf) if retry_sources and dag_id else None,
+        "left_conf": left_conf if left_sources else None,
+        "left_link": prefilled_trigger_link(ui_base_url, dag_id, left_conf) if left_sources and dag_id else None,
     }
+    if params.get("budget") is not None:
+        report["budget"] = {
+            "amount": params["budget"],
+            "currency": rates.currency if rates is not None else None,
+            "reached": bool(left_sources),
+        }
     if transient_aws_errors is not None:
         report["transient_aws_errors"] = sum(count or 0 for count in transient_aws_errors)
     if retry_sources and params.get("output_bucket"):
@@ -122,7 +133,21 @@ def format_table(report: Mapping[str, Any]) -> str:
     ]
     if report.get("cost"):
         lines += cost_lines(report["cost"])
+    if report.get("left_conf"):
+        lines.append(left_line(report))
     return "\n".join(lines)
+
+
+def left_line(report: Mapping[str, Any]) -> str:
+    """What the report says of the files the budget left: how many, and how to run them."""
+    left = report["left_conf"]
+    budget = report.get("budget") or {}
+    link = f" open {report['left_link']} or" if report.get("left_link") else ""
+    amount = f" of {budget['amount']} {budget.get('currency') or ''}".rstrip() if budget else ""
+    return (
+        f"{len(left['sources'])} file(s) left for the next run: the run's budget{amount} was reached. To run them,"
+        f"{link} trigger with: {json.dumps(left, ensure_ascii=False)}"
+    )
 
 
 def cost_lines(cost: Mapping[str, Any]) -> list[str]:

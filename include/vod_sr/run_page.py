@@ -248,6 +248,7 @@ def render_run_page(
                     ("ok", counts.get("ok", 0)),
                     ("failed", counts.get("failed", 0)),
                     ("skipped", counts.get("skipped", 0)),
+                    *([("left (budget)", counts["left"])] if counts.get("left") else []),
                 ]
             )
         )
@@ -261,6 +262,13 @@ def render_run_page(
             links.append(
                 f"<a id='rerun' class='button' href='{_e(href)}'>"
                 f"Re-run the {counts.get('failed', 0)} failed file(s)</a>"
+            )
+        if report.get("left_conf"):
+            conf = json.dumps(report["left_conf"], ensure_ascii=False, separators=(",", ":"))
+            href = "../trigger?" + urllib.parse.urlencode({"conf": conf})
+            links.append(
+                f"<a id='run-left' class='button' href='{_e(href)}'>"
+                f"Run the {counts.get('left', 0)} file(s) the budget left</a>"
             )
         parts.append("<div class='links'>" + "".join(links) + "</div>")
         parts.append(_cost_section(report.get("cost"), report.get("instance_seconds")))

@@ -150,6 +150,28 @@ def file_record(
     }
 
 
+LEFT = "left"  # a file the run's budget kept from being sent: not failed, left for the next run
+
+
+def split_left_for_budget(
+    chunks: Iterable[Chunk], left: Mapping[str, Any] | None
+) -> tuple[list[Chunk], list[dict[str, Any]]]:
+    """A lane's chunks to verify, and a `left` record for each file of the chunks the run's budget kept from being
+    sent (`left`: what run_chunks stored, `stored_plan.load_left`; None: nothing was kept back)."""
+    if not left:
+        return list(chunks), []
+    from include.vod_sr.cost import format_money
+
+    unsent = set(left.get("chunk_indices") or ())
+    reason = (
+        f"not started: the run's budget of {format_money(left['budget'], left['currency'])} was reached "
+        f"({format_money(left['spent'], left['currency'])} spent); left for the next run"
+    )
+    sent = [chunk for chunk in chunks if chunk.index not in unsent]
+    records = [file_record(job, LEFT, reason) for chunk in chunks if chunk.index in unsent for job in chunk.files]
+    return sent, records
+
+
 def media_summary(record: Mapping[str, Any]) -> str:
     """A record's figures for a report table: `640x480, 10.00 s, 1 audio -> 1280x960, 10.00 s, 1 audio`."""
     figures = [record.get("source_media"), record.get("output_media")]

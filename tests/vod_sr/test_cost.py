@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime, timedelta
 
 import pytest
 
-from include.vod_sr.cost import DEFAULT_HOURLY_RATES, Rates, instance_cost, run_cost
+from include.vod_sr.cost import DEFAULT_HOURLY_RATES, Rates, Spend, instance_cost, run_cost, spend_so_far
 from include.vod_sr.report import build_report, format_table
 from include.vod_sr.settings import Settings
 
@@ -202,3 +203,94 @@ class TestReport:
         table = format_table(self.build(released=self.RELEASED[:1], rates=Rates()))
 
         assert table.splitlines()[-1] == "estimated EC2 cost: 0.9305 USD"
+
+
+class TestSpendSoFar:
+    """What the run's budget is checked against: moto's EC2 (its LaunchTime is when the instance was launched)."""
+
+    @pytest.fixture
+    def ec2(self):
+        import boto3
+        from moto import mock_aws
+
+        with mock_aws():
+            yield boto3.client("ec2", region_name="us-east-1")
+
+    def launch(self, ec2, instance_type: str = "g6e.xlarge") -> tuple[str, datetime]:
+        instance = ec2.run_instances(ImageId="ami-12345678", MinCount=1, MaxCount=1, InstanceType=instance_type)[
+            "Instances"
+        ][0]
+        return instance["InstanceId"], instance["LaunchTime"]
+
+    def test_running_instances_cost_from_their_launch_to_now(self, ec2):
+        first, launched = self.launch(ec2)
+        second, _ = self.launch(ec2, "g6e.12xlarge")
+        now = launched + timedelta(hours=1)
+
+        spend = spend_so_far(ec2, [first, second], Rates(), since=launched - timedelta(days=1), now=now)
+
+        assert spend == Spend("USD", round(1.861 + 10.49264, 4))
+        assert spend.line() == "about 12.3536 USD spent so far"
+
+    def test_an_instance_up_before_the_run_counts_from_the_run_start(self, ec2):
+        instance, launched = self.launch(ec2)
+        started = launched + timedelta(hours=5)  # another run had it up for five hours
+
+        spend = spend_so_far(ec2, [instance], Rates(), since=started, now=started + timedelta(minutes=30))
+
+        assert spend.total == round(1.861 / 2, 4)
+
+    def test_a_stopped_instance_counts_to_its_stop(self, ec2):
+        instance, launched = self.launch(ec2)
+        ec2.stop_instances(InstanceIds=[instance])  # moto: "User initiated (<now> GMT)"
+
+        spend = spend_so_far(ec2, [instance], Rates(), since=launched, now=launched + timedelta(days=3))
+
+        assert spend.total == round(60 * 1.861 / 3600, 4)  # stopped within the minute: billed the minimum
+
+    def test_an_unpriced_type_is_named_not_guessed(self, ec2):
+        instance, launched = self.launch(ec2, "m5.large")
+
+        spend = spend_so_far(ec2, [instance], Rates(), since=launched, now=launched + timedelta(hours=1))
+
+        assert (spend.total, spend.unpriced) == (0.0, (instance,))
+        assert f"1 instance(s) not priced: {instance}" in spend.line()
+
+
+class TestBudgetSettings:
+    def test_nightly_runs_take_the_configured_budget_and_manual_runs_none(self, monkeypatch):
+        from include.vod_sr.pipeline import vod_sr_dag
+
+        monkeypatch.setenv("VOD_SR_NIGHTLY_BUDGET", "12.5")
+        # A scheduled DAG's params must all be valid by default.
+        monkeypatch.setenv("VOD_SR_OUTPUT_BUCKET", "out-bucket")
+        monkeypatch.setenv("VOD_SR_INSTANCE_IDS", "i-0123456789abcdef0")
+        settings = Settings.from_env()
+
+        nightly = vod_sr_dag(
+            "nightly_budget_test", doc_md="", schedule="@daily", selection="interval", settings=settings
+        )
+        manual = vod_sr_dag("manual_budget_test", doc_md="", settings=settings)
+
+        assert settings.nightly_budget == 12.5
+        assert nightly.params["budget"] == 12.5
+        assert manual.params["budget"] is None
+
+    @pytest.mark.parametrize("value", ["0", "-3", "ten"])
+    def test_a_bad_nightly_budget_is_refused_by_name(self, monkeypatch, value):
+        monkeypatch.setenv("VOD_SR_NIGHTLY_BUDGET", value)
+
+        with pytest.raises(ValueError, match="VOD_SR_NIGHTLY_BUDGET"):
+            Settings.from_env()
+
+    def test_the_form_refuses_a_budget_of_zero(self):
+        from airflow.sdk import Param
+        from airflow.sdk.exceptions import ParamValidationError
+
+        from include.vod_sr.params import trigger_form
+
+        budget: Param = trigger_form(Settings())["budget"]
+
+        budget.resolve(0.5)
+        with pytest.raises(ParamValidationError):
+            budget.resolve(0)

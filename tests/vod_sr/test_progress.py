@@ -481,3 +481,111 @@ class TestRunChunksOnTheEmulator:
                 assert [c["files"] for c in retried.value.trigger.commands][:2] == [1, 1]
             finally:
                 test_lane.cancel_all()
+
+
+class TestRunChunksBudget:
+    """run_chunks checks the run's spend before it sends more chunks (issue 13, point 3). AWS is stubbed here: the
+    spend is what `cost.spend_so_far` answers (tested against moto in test_cost.py), and the sends are recorded;
+    tests/e2e/test_budget_e2e.py runs it for real on the emulator."""
+
+    def operator(self, monkeypatch, spends: list[float], chunks: int = 5):
+        import include.vod_sr.cost as cost
+        import include.vod_sr.instance as instance
+        import include.vod_sr.stored_plan as stored_plan
+        from include.vod_sr.cost import Rates, Spend
+
+        operator = RunChunksOperator(
+            task_id="run_chunks",
+            lane={
+                **lane([1] * chunks),
+                "instance_id": "i-0abc",
+                "chunks": [{"index": n, "files": [{}]} for n in range(chunks)],
+            },
+            rates=Rates(),
+        )
+        from tests.vod_sr.test_commands import StubSsm
+
+        operator.ec2 = object()
+        operator.s3 = object()
+        operator.ssm = StubSsm()  # each ended command is read once: Success
+        sent: list[int] = []
+        stored: list[tuple] = []
+        priced: list[list[str]] = []
+
+        def fake_send(chunk):
+            sent.append(chunk["index"])
+            return {
+                "chunk": chunk["index"],
+                "command_id": f"c{chunk['index']}",
+                "instance_id": "i-0abc",
+                "deadline": 0,
+                "delivery_deadline": 0,
+                "outcome": None,
+                "transient_errors": 0,
+                "files": 1,
+            }
+
+        def fake_spend(ec2, instance_ids, rates, *, since, now):
+            priced.append(list(instance_ids))
+            return Spend("USD", spends.pop(0))
+
+        monkeypatch.setattr(operator, "_send", fake_send)
+        monkeypatch.setattr(operator, "_release_early", lambda: 0)
+        monkeypatch.setattr(cost, "spend_so_far", fake_spend)
+        monkeypatch.setattr(instance, "refresh_lane_lease", lambda *a: True)
+        monkeypatch.setattr(stored_plan, "store_left", lambda *args: stored.append(args))
+        return operator, sent, stored, priced
+
+    @staticmethod
+    def context(budget):
+        class Ti(dict):
+            def xcom_pull(self, task_ids, key):
+                return {"lanes": [{"instance_id": "i-0abc"}, {"instance_id": "i-0def"}]}
+
+            def xcom_push(self, key, value):
+                self[key] = value
+
+        return {"ti": Ti(), "params": {"budget": budget}, "run_id": "r", "dag_run": None}
+
+    @staticmethod
+    def ended(deferred, command_id: str) -> dict[str, Any]:
+        state = deferred.trigger.resume_state
+        return {
+            "status": "ended",
+            "commands": [{"command_id": command_id, "outcome": "success", "invocation_status": "Success"}],
+            "transient_errors": {},
+            "resume_state": state,
+        }
+
+    def test_no_chunk_is_sent_once_the_run_has_spent_its_budget_and_the_running_ones_finish(self, monkeypatch):
+        from airflow.sdk.exceptions import TaskDeferred
+
+        operator, sent, stored, priced = self.operator(monkeypatch, spends=[0.5, 1.2])
+        context = self.context(budget=1.0)
+        with pytest.raises(TaskDeferred) as first:
+            operator._advance(context, [])
+        assert sent == [0, 1]  # under budget: two out (one slot)
+
+        with pytest.raises(TaskDeferred) as second:
+            operator.resume(context, self.ended(first.value, "c0"))
+
+        assert sent == [0, 1]  # 1.2 of 1.0 spent: chunk 2 is not sent; chunk 1 still runs
+        assert priced == [["i-0abc", "i-0def"]] * 2  # the run's instances, not only this lane's
+        ((_s3, bucket, token, instance_id, indices, stop),) = stored
+        assert (bucket, token, instance_id, indices) == ("out", "0123456789abcdef", "i-0abc", [2, 3, 4])
+        assert stop == {"budget": 1.0, "spent": 1.2, "currency": "USD", "chunks": 3}
+        assert second.value.trigger.resume_state["budget_stop"] == stop
+
+        done = operator.resume(context, self.ended(second.value, "c1"))
+
+        assert sent == [0, 1] and len(stored) == 1  # never priced or sent again
+        assert done == {"chunks": 2, "outcomes": {"success": 2}, "left_for_budget": 3}
+
+    def test_without_a_budget_nothing_is_priced(self, monkeypatch):
+        from airflow.sdk.exceptions import TaskDeferred
+
+        operator, sent, stored, priced = self.operator(monkeypatch, spends=[])
+        with pytest.raises(TaskDeferred):
+            operator._advance(self.context(budget=None), [])
+
+        assert (sent, stored, priced) == ([0, 1], [], [])

@@ -16,10 +16,11 @@ import pytest
 from fastapi.testclient import TestClient
 
 from include.local_aws.world import boto_client
-from include.vod_sr.plan import run_token
+from include.vod_sr.plan import FileJob, run_token
 from include.vod_sr.report import REPORT_PREFIX
 from include.vod_sr.script import chunk_keys
 from include.vod_sr.settings import Settings
+from include.vod_sr.sources import S3Object
 from include.vod_sr.web import RunInfo, RunSource, app, run_source
 
 DAG_ID = "vod_sr_batch"
@@ -316,6 +317,38 @@ def test_a_partial_cost_names_the_instances_it_leaves_out():
         "0.93 USD" in page
         and "Partial: 1 instance(s) could not be priced (i-0bbb: its running time is unknown)" in page
     )
+
+
+def test_files_the_budget_left_are_counted_and_get_a_button_that_runs_them():
+    from include.vod_sr.report import build_report
+    from include.vod_sr.run_page import render_run_page
+    from include.vod_sr.verify import file_record
+
+    jobs = [FileJob(n, S3Object("src", f"in {n}.mp4"), S3Object("out", f"sr/{n}.mp4")) for n in range(3)]
+    report = build_report(
+        run_id="r",
+        run_token="t",
+        params={"output_bucket": "out", "budget": 5},
+        planned=jobs,
+        verified=[[file_record(jobs[0], "ok"), file_record(jobs[1], "left", "budget"), file_record(jobs[2], "left")]],
+        skipped=[],
+        dag_id=DAG_ID,
+    )
+
+    page = render_run_page(dag_id=DAG_ID, run_id="r", state="success", report=report, progress=None, report_uri=None)
+
+    assert "left (budget)" in page
+    assert "<a id='rerun'" not in page  # nothing failed
+    button = re.search(r"<a id='run-left' class='button' href='([^']+)'>Run the 2 file\(s\) the budget left", page)
+    assert button is not None
+    conf = json.loads(urllib.parse.parse_qs(button.group(1).replace("&amp;", "&").split("?", 1)[1])["conf"][0])
+    assert conf == {
+        "output_bucket": "out",
+        "budget": 5,
+        "sources": ["s3://src/in 1.mp4", "s3://src/in 2.mp4"],
+        "prefixes": [],
+        "manifest": None,
+    }
 
 
 def test_progress_reads_the_chunk_indices_from_the_stored_plan(auth_manager, world, client):
