@@ -465,7 +465,11 @@ def _error_text(error: BaseException) -> str:
 
 def airflow_run_states(ti: Any) -> RunStates:
     """Run states through the Task SDK (`ti.get_dagrun_state`, tasks have no metadata-DB access in Airflow 3); a run
-    the API server does not know (HTTP 404, raised as AirflowRuntimeError) is None. Other errors are raised."""
+    the API server does not know (HTTP 404) is None. Other errors are raised.
+
+    The 404 reaches the task as AirflowRuntimeError (detail `status_code` 404) from a supervisor in another process, and
+    as the client's own ServerResponseError under `dag.test()`, whose in-process supervisor does not translate it."""
+    from airflow.sdk.api.client import ServerResponseError
     from airflow.sdk.exceptions import AirflowRuntimeError
 
     def run_state(dag_id: str, run_id: str) -> str | None:
@@ -473,6 +477,10 @@ def airflow_run_states(ti: Any) -> RunStates:
             return str(getattr(state := ti.get_dagrun_state(dag_id, run_id), "value", state))
         except AirflowRuntimeError as error:
             if (error.error.detail or {}).get("status_code") == 404:
+                return None
+            raise
+        except ServerResponseError as error:
+            if error.response.status_code == 404:
                 return None
             raise
 

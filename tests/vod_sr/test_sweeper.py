@@ -430,17 +430,24 @@ class FakeTi:
     """`RuntimeTaskInstance.get_dagrun_state` as the Task SDK answers it: the state, or AirflowRuntimeError with the
     API server's 404 for a run it does not know."""
 
-    def __init__(self, states: dict[tuple[str, str], str], status_code: int = 404) -> None:
+    def __init__(self, states: dict[tuple[str, str], str], status_code: int = 404, in_process: bool = False) -> None:
         self.states = states
         self.status_code = status_code
+        self.in_process = in_process  # dag.test(): the client's ServerResponseError reaches the task untranslated
 
     def get_dagrun_state(self, dag_id: str, run_id: str):
+        import httpx
+        from airflow.sdk.api.client import ServerResponseError
         from airflow.sdk.api.datamodels._generated import DagRunState
         from airflow.sdk.exceptions import AirflowRuntimeError, ErrorType
         from airflow.sdk.execution_time.comms import ErrorResponse
 
         if (dag_id, run_id) in self.states:
             return DagRunState(self.states[(dag_id, run_id)])
+        if self.in_process:
+            request = httpx.Request("GET", f"http://in-process/execution/dag-runs/{dag_id}/{run_id}/state")
+            response = httpx.Response(self.status_code, request=request)
+            raise ServerResponseError("Server returned error", request=request, response=response)
         raise AirflowRuntimeError(
             ErrorResponse(
                 error=ErrorType.API_SERVER_ERROR,
@@ -461,6 +468,15 @@ class TestAirflowRunStates:
 
         with pytest.raises(AirflowRuntimeError):
             airflow_run_states(FakeTi({}, status_code=500))(BATCH, "manual__gone")
+
+    def test_under_dag_test_a_run_the_api_server_does_not_know_is_none_too(self):
+        assert airflow_run_states(FakeTi({}, in_process=True))(BATCH, "manual__gone") is None
+
+    def test_under_dag_test_other_api_errors_are_raised(self):
+        from airflow.sdk.api.client import ServerResponseError
+
+        with pytest.raises(ServerResponseError):
+            airflow_run_states(FakeTi({}, status_code=500, in_process=True))(BATCH, "manual__gone")
 
 
 class TestDecisions:
