@@ -32,6 +32,10 @@ NOTIFICATIONS_ADDITION = "airflow-principal-policy.notifications.json"
 # For the principal of the API server, whose Super-resolution tab reads reports, results, QC frames and signs links
 # to outputs (include/vod_sr/web.py)
 UI_ADDITION = "airflow-principal-policy.ui.json"
+# Added to the Airflow principal's policy (either variant) when runs launch fleets from a launch template
+# (include/vod_sr/fleet.py); checked end to end by tests/e2e/test_fleet_e2e.py
+LAUNCH_ADDITION = "airflow-principal-policy.launch.json"
+LAUNCHED_BY_TAG = "vod-sr:launched-by"
 FLEET_TAG = "vod-sr-fleet"
 SAMPLE = {
     "REGION": "eu-west-1",
@@ -44,6 +48,8 @@ SAMPLE = {
     "SOURCE_KMS_KEY_ID": "00000000-0000-4000-8000-000000000002",
     "OUTPUT_KMS_KEY_ID": "00000000-0000-4000-8000-000000000003",
     "SNS_TOPIC_NAME": "vod-sr-notifications",
+    "LAUNCH_TEMPLATE_ID": "lt-0123456789abcdef0",
+    "INSTANCE_ROLE_NAME": "vod-sr-bluewhale",
 }
 PLACEHOLDER = re.compile(r"\b[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+\b|\b(?:REGION|FLEET)\b")
 
@@ -68,6 +74,7 @@ class IamPolicy:
     OPERATORS = {
         "StringEquals": lambda expected, value: expected == value,
         "StringLike": lambda expected, value: glob_match(expected, value),
+        "ArnEquals": lambda expected, value: expected == value,
         "Bool": lambda expected, value: expected.lower() == str(value).lower(),
     }
 
@@ -185,6 +192,7 @@ class TestPolicyFiles:
             *KMS_ADDITIONS,
             NOTIFICATIONS_ADDITION,
             UI_ADDITION,
+            LAUNCH_ADDITION,
         }
 
         assert {p.name for p in IAM.glob("*")} == known  # a grant in an unknown file would escape every check
@@ -201,7 +209,14 @@ class TestPolicyFiles:
 
     def test_allowed_actions_are_named_one_by_one(self):
         # The end-to-end test compares granted actions with called ones: a wildcard would hide what it grants.
-        for name in (*PRINCIPAL_POLICIES.values(), FLEET_VARIANT, *KMS_ADDITIONS, NOTIFICATIONS_ADDITION, UI_ADDITION):
+        for name in (
+            *PRINCIPAL_POLICIES.values(),
+            FLEET_VARIANT,
+            *KMS_ADDITIONS,
+            NOTIFICATIONS_ADDITION,
+            UI_ADDITION,
+            LAUNCH_ADDITION,
+        ):
             assert not [a for a in IamPolicy.load(name).granted_actions() if "*" in a or "?" in a], name
 
 
@@ -293,6 +308,100 @@ class TestFleetVariant:
         assert not policy.allows(action, arn, lease)
 
 
+class TestLaunchAddition:
+    """Fleets (iam/airflow-principal-policy.launch.json): launch only from the template, with the run's tags, pass
+    only the instance role, and act (commands, leases, termination) only on instances launched that way."""
+
+    TEMPLATE = "arn:aws:ec2:{}:{}:launch-template/{}".format(
+        SAMPLE["REGION"], SAMPLE["ACCOUNT_ID"], SAMPLE["LAUNCH_TEMPLATE_ID"]
+    )
+    LAUNCH_TAGS = {LAUNCHED_BY_TAG: "vod_sr_batch/manual__1", "vod-sr:run-token": "0123456789abcdef", "Name": "vod-sr"}
+
+    @pytest.fixture
+    def policy(self) -> IamPolicy:
+        return IamPolicy.load(LAUNCH_ADDITION)
+
+    def launch(self, template: str | None = None, tags: dict[str, str] | None = None) -> dict[str, Any]:
+        """RunInstances' request context on the instance it creates."""
+        tags = self.LAUNCH_TAGS if tags is None else tags
+        context: dict[str, Any] = {"ec2:LaunchTemplate": template or self.TEMPLATE}
+        return context | {f"aws:RequestTag/{k}": v for k, v in tags.items()} | tagging(list(tags))
+
+    def test_grants_only_what_launching_and_using_a_fleet_needs(self, policy):
+        assert policy.granted_actions() == {
+            "ec2:RunInstances",
+            "ec2:CreateTags",
+            "ec2:DeleteTags",
+            "ec2:TerminateInstances",
+            "iam:PassRole",
+            "ssm:SendCommand",
+        }
+
+    @pytest.mark.parametrize("resource", ["instance", "volume"])
+    def test_launches_only_from_the_template_with_the_runs_tags(self, policy, resource):
+        arn = "arn:aws:ec2:{}:{}:{}/*".format(SAMPLE["REGION"], SAMPLE["ACCOUNT_ID"], resource)
+        other_template = self.TEMPLATE.replace(SAMPLE["LAUNCH_TEMPLATE_ID"], "lt-0fffffffffffffff0")
+        untagged = {k: v for k, v in self.LAUNCH_TAGS.items() if k != LAUNCHED_BY_TAG}
+
+        assert policy.allows("ec2:RunInstances", arn, self.launch())
+        assert not policy.allows("ec2:RunInstances", arn, self.launch(template=other_template))
+        assert not policy.allows(
+            "ec2:RunInstances", arn, {k: v for k, v in self.launch().items() if "Template" not in k}
+        )
+        assert not policy.allows("ec2:RunInstances", arn, self.launch(tags=untagged))
+        assert not policy.allows(
+            "ec2:RunInstances", arn, self.launch(tags=self.LAUNCH_TAGS | {"vod-sr-fleet": "gpu-sr"})
+        )
+
+    def test_the_templates_other_resources_only_through_the_template(self, policy):
+        image = "arn:aws:ec2:{}::image/ami-0123456789abcdef0".format(SAMPLE["REGION"])
+
+        assert policy.allows("ec2:RunInstances", self.TEMPLATE, {"ec2:LaunchTemplate": self.TEMPLATE})
+        assert policy.allows("ec2:RunInstances", image, {"ec2:LaunchTemplate": self.TEMPLATE})
+        assert not policy.allows("ec2:RunInstances", image)
+
+    def test_launch_tags_only_while_launching(self, policy):
+        existing = instance_arn(SAMPLE["INSTANCE_ID"])
+
+        assert policy.allows("ec2:CreateTags", existing, {"ec2:CreateAction": "RunInstances"})
+        # Enlisting an instance that was not launched so (to command or terminate it) is refused.
+        assert not policy.allows("ec2:CreateTags", existing, tagging([LAUNCHED_BY_TAG]))
+        launched = tagged({LAUNCHED_BY_TAG: "vod_sr_batch/manual__1"})
+        assert not policy.allows("ec2:CreateTags", existing, launched | tagging([LAUNCHED_BY_TAG]))
+
+    @pytest.mark.parametrize("action", ["ec2:CreateTags", "ec2:DeleteTags"])
+    def test_lease_and_name_tags_only_on_launched_instances(self, policy, action):
+        arn, launched = instance_arn("i-0fedcba9876543210"), tagged({LAUNCHED_BY_TAG: "vod_sr_batch/manual__1"})
+
+        assert policy.allows(action, arn, launched | tagging([LEASE_KEY]))
+        assert policy.allows(action, arn, launched | tagging(["Name"]))
+        assert not policy.allows(action, arn, tagging([LEASE_KEY]))
+        assert not policy.allows(action, arn, launched | tagging([LEASE_KEY, "vod-sr:run-token"]))
+        assert not policy.allows(action, arn, launched | tagging([]))
+
+    @pytest.mark.parametrize("action", ["ec2:TerminateInstances", "ssm:SendCommand"])
+    def test_terminates_and_commands_only_launched_instances(self, policy, action):
+        arn = instance_arn("i-0fedcba9876543210")
+
+        assert policy.allows(action, arn, tagged({LAUNCHED_BY_TAG: "vod_sr_nightly/scheduled__2026-11-28"}))
+        assert not policy.allows(action, arn, tagged({FLEET_TAG: SAMPLE["FLEET"]}))
+        assert not policy.allows(action, arn)
+
+    def test_neither_base_policy_terminates_anything(self):
+        for name in (PRINCIPAL_POLICIES["airflow"], FLEET_VARIANT):
+            assert "ec2:TerminateInstances" not in IamPolicy.load(name).granted_actions(), name
+
+    def test_passes_only_the_instance_role_and_only_to_ec2(self, policy):
+        role = "arn:aws:iam::{}:role/{}".format(SAMPLE["ACCOUNT_ID"], "{}")
+        to_ec2 = {"iam:PassedToService": "ec2.amazonaws.com"}
+
+        assert policy.allows("iam:PassRole", role.format(SAMPLE["INSTANCE_ROLE_NAME"]), to_ec2)
+        assert not policy.allows("iam:PassRole", role.format("admin"), to_ec2)
+        assert not policy.allows(
+            "iam:PassRole", role.format(SAMPLE["INSTANCE_ROLE_NAME"]), {"iam:PassedToService": "lambda.amazonaws.com"}
+        )
+
+
 class TestInstanceRole:
     @pytest.fixture
     def instance(self) -> IamPolicy:
@@ -348,6 +457,15 @@ LINT_IGNORED = {
     # docs say); parliament's ARN matcher requires one and so finds no resource type for it.
     ("airflow-principal-policy.json", "RESOURCE_MISMATCH", "ssm:SendCommand"),
     (FLEET_VARIANT, "RESOURCE_MISMATCH", "ssm:SendCommand"),
+    # Fleets: SendCommand to launched instances is a statement of its own (the tag condition), the document and the
+    # bucket are granted by the base policy; RunInstances is split in two statements because the tag conditions apply
+    # to the instance and its volumes only, so neither statement alone names every resource a launch touches.
+    (LAUNCH_ADDITION, "RESOURCE_MISMATCH", "ssm:SendCommand"),
+    (LAUNCH_ADDITION, "RESOURCE_MISMATCH", "ec2:RunInstances"),
+    # Launching with an instance profile needs iam:PassRole, and PassRole with RunInstances is what parliament calls
+    # an escalation: here the one instance role, only to EC2, only from the one launch template.
+    (LAUNCH_ADDITION, "PERMISSIONS_MANAGEMENT_ACTIONS", "iam:passrole"),
+    (LAUNCH_ADDITION, "PRIVILEGE_ESCALATION", "CreateEC2WithExistingIP"),
     # Starting an instance whose EBS volumes use a customer managed key makes EC2 create a grant in the caller's
     # name; the statement allows it only for grants EC2 itself asks for (GrantIsForAWSResource, ViaService).
     ("airflow-principal-policy.kms.json", "PERMISSIONS_MANAGEMENT_ACTIONS", "kms:creategrant"),
