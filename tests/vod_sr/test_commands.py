@@ -612,7 +612,7 @@ class TestAgainstTheEmulator:
         assert time.monotonic() - started > 3  # longer than the execution timeout alone
 
     def test_a_retry_cancels_the_earlier_attempt_before_sending_again(self, running_instance, emulator_env):
-        # run_chunks' first try sent the CLI install, then its worker died (or it gave up waiting) with it still running.
+        # run_chunks' first try sent the CLI install, then its worker died (or gave up waiting) with it still running.
         ssm = boto_client("ssm", emulator_env.endpoint_url)
         ours, theirs = (command_comment(token, "install AWS CLI") for token in ("0123456789abcdef", "fedcba9876543210"))
         first, other_run = (
