@@ -354,7 +354,7 @@ def plan_at_scale(endpoint_url: str, count: int = 10_000) -> dict[str, Any]:
         "sources": plan.file_count,
         "plan_seconds": round(seconds, 2),
         "chunks": len(plan.chunks),
-        "mapped_task_instances_per_task": len(plan.lanes()),
+        "mapped_task_instances_per_task": len({chunk.instance_id for chunk in plan.chunks}),
         "xcom_bytes": xcom["xcom_bytes"],
         "plan_s3_bytes": xcom["s3_put_bytes"],
     }
@@ -529,7 +529,8 @@ def plan_child(files: int, profile: bool = False) -> dict[str, Any]:
         "files": plan.file_count,
         "chunks": len(plan.chunks),
         "files_per_chunk": max((len(c.files) for c in plan.chunks), default=0),
-        "lanes": len(plan.lanes()),
+        # Not plan.lanes(), which makes every chunk a dict: 450 MiB more at 1M files, in the measured process.
+        "lanes": len({chunk.instance_id for chunk in plan.chunks}),
         "manifest_bytes": len(s3.manifest),
         "seconds": round(seconds, 2),
         "cpu_seconds": round(cpu_seconds, 2),  # the same work on a busy machine: wall time grows, this does not
