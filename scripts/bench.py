@@ -1249,10 +1249,16 @@ def spread(values: list[float]) -> dict[str, float | None]:
     }
 
 
-def night_gpu_figures(timelines: dict[str, Any], instances: list[str], started: float, ended: float) -> dict[str, Any]:
+def night_gpu_figures(
+    timelines: dict[str, Any], instances: list[str], started: float, ended: float, compression: float = 1.0
+) -> dict[str, Any]:
     """Every GPU of every instance over the night: busy seconds (the union of its model runs) over the night's SR
     window (first model run's start to the last one's end, on any instance) and over its instance's running time; per
-    lane, `gpu_figures` (idle before the first model run and after the last)."""
+    lane, `gpu_figures` (idle before the first model run and after the last).
+
+    `busy_ratio_in_night_window_real_night`: the same GPUs with their model time `compression` times longer and the
+    rest of the window (orchestration: starts, gaps, ends) as long as measured, K.b / (K.b + W - b): an estimate of
+    the busy ratio of a real night, whose model time the compression shrank but whose orchestration it did not."""
     lanes = {i: gpu_figures(timelines.get(i) or {}, started, ended) for i in instances}
     runs = [
         (s, e)
@@ -1264,7 +1270,7 @@ def night_gpu_figures(timelines: dict[str, Any], instances: list[str], started: 
     if not runs:
         return {"gpus": 0, "sr_runs": 0}
     first, last = min(s for s, _ in runs), max(e for _, e in runs)
-    over_window, over_running = [], []
+    over_window, over_running, real_night = [], [], []
     for instance_id in instances:
         timeline = timelines.get(instance_id) or {}
         running = union_seconds(
@@ -1274,6 +1280,8 @@ def night_gpu_figures(timelines: dict[str, Any], instances: list[str], started: 
         for gpu in range(int(timeline.get("gpus") or 0)):
             seconds = union_seconds([(s, e) for s, e in busy.get(str(gpu), []) if s >= started])
             over_window.append(seconds / (last - first) if last > first else 0.0)
+            stretched = compression * seconds
+            real_night.append(stretched / (stretched + (last - first) - seconds) if stretched else 0.0)
             if running:
                 over_running.append(seconds / running)
     lane_figures = list(lanes.values())
@@ -1283,6 +1291,7 @@ def night_gpu_figures(timelines: dict[str, Any], instances: list[str], started: 
         "sr_window_seconds": round(last - first, 1),
         "model_seconds": round(sum(e - s for s, e in runs), 1),
         "busy_ratio_in_night_window": spread(over_window),
+        "busy_ratio_in_night_window_real_night": spread(real_night),
         "busy_ratio_of_running": spread(over_running),
         "per_lane_busy_ratio_mean": spread(
             [f["per_slot_busy_ratio_mean"] for f in lane_figures if f.get("per_slot_busy_ratio_mean") is not None]
@@ -1639,7 +1648,7 @@ def run_night(work: Path) -> dict[str, Any]:
             "machine_cpu_seconds": round(machine, 1),
             "machine_cores": os.cpu_count(),
             "measured_wall_seconds": round(wall, 1),
-            "gpus": night_gpu_figures(timelines, instances, started, ended),
+            "gpus": night_gpu_figures(timelines, instances, started, ended, NIGHT_COMPRESSION),
             "notes": [
                 f"night compressed x{NIGHT_COMPRESSION:g}: {NIGHT_SR_SECONDS:g} s of synthetic model time per file "
                 f"stands for an assumed {NIGHT_REAL_SR_SECONDS:g} s; calls per file or per chunk (kind 'x K') come "
@@ -1861,7 +1870,8 @@ def night_summary(r: dict[str, Any], row: Callable[..., str]) -> list[str]:
         f" available; busiest (cores): {night['busiest_cpu_per_wall_second']}",
         f"    GPUs busy over the night's SR window ({g(gpus.get('sr_window_seconds'))} s): "
         f"{gpus.get('busy_ratio_in_night_window')}; of their instance's running time "
-        f"{gpus.get('busy_ratio_of_running')}",
+        f"{gpus.get('busy_ratio_of_running')}; a real night (model time x K, orchestration as measured) "
+        f"{gpus.get('busy_ratio_in_night_window_real_night')}",
         f"    per lane idle before first / after last model run (s): {gpus.get('idle_before_first_sr_seconds')} / "
         f"{gpus.get('idle_after_last_sr_seconds')}",
     ]

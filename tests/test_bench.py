@@ -531,7 +531,7 @@ def test_night_gpu_figures_count_every_gpu_of_every_instance():
         "i-b": {"gpus": 2, "running": [[0.0, 100.0]], "gpu_busy": {"0": [[20.0, 110.0]]}},
     }
 
-    gpus = bench.night_gpu_figures(timelines, ["i-a", "i-b"], 0.0, 120.0)
+    gpus = bench.night_gpu_figures(timelines, ["i-a", "i-b"], 0.0, 120.0, compression=10)
 
     assert (gpus["gpus"], gpus["sr_runs"], gpus["sr_window_seconds"]) == (4, 3, 100.0)
     assert gpus["busy_ratio_in_night_window"] | {"p10": None} == {
@@ -542,6 +542,9 @@ def test_night_gpu_figures_count_every_gpu_of_every_instance():
         "max": 0.9,
     }
     assert gpus["max_concurrent_sr_runs"] == 3
+    # i-a's GPU 0: 50 s busy of a 100 s window; 500 s of model time with the same 50 s of orchestration: 500 / 550
+    assert gpus["busy_ratio_in_night_window_real_night"]["max"] == pytest.approx(900 / 910, abs=0.001)
+    assert gpus["busy_ratio_in_night_window_real_night"]["median"] == pytest.approx((500 / 550 + 200 / 280) / 2, 0.01)
 
 
 def night_figures(state: str = "success", create_tags_per_second: float = 2.0) -> dict[str, Any]:
