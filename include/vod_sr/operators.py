@@ -19,6 +19,10 @@ from include.vod_sr.cost import Rates
 TRANSIENT_ERRORS_XCOM_KEY = "transient_aws_errors"
 # Seconds of 1-second polls of the CLI install before the poll interval: the usual no-op ends within one or two.
 QUICK_POLLS = 10
+# Seconds after a deferral before its trigger first polls: a resume within a second or two of the deferral can meet
+# the scheduler still handling the deferral's exit and lose the try (apache/airflow#72716). The chunks waiting for a
+# slot are already on the instance, so the GPUs do not feel it.
+DEFER_SETTLE_SECONDS = 5
 # A chunk sent again after its instance went down under it runs as chunk RESEND_INDEX_BASE + its index: its own file
 # list and results objects, its own script header. Plans have at most limits.MAX_CHUNKS (99,999) chunks.
 RESEND_INDEX_BASE = 100_000
@@ -649,6 +653,9 @@ class RunChunksOperator(BaseOperator):
                     },
                     aws_conn_id=self.aws_conn_id,
                     region_name=self.region_name,
+                    # Nothing left to send: resume once, when the last command ends, not at each end.
+                    wait_for_all=self._budget_stop is not None or sent_count() >= len(chunks),
+                    not_before=time.time() + DEFER_SETTLE_SECONDS,
                 ),
                 method_name="resume",
             )

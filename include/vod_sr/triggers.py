@@ -102,6 +102,11 @@ class SsmCommandsTrigger(BaseTrigger):
         (dag.test() in Airflow 3.3 drops `defer(kwargs=...)`, so the state travels with the trigger).
     :param aws_conn_id: Airflow connection for AWS.
     :param region_name: AWS region; the connection's when None.
+    :param wait_for_all: fire only once every command has ended (listing them all), not at the first: the task has
+        nothing more to send, so resuming it at each end would only add task runs (and scheduler races).
+    :param not_before: epoch seconds before which the first poll is not made (0: at once). A task resumed within a
+        second or two of its deferral can meet the scheduler still handling that deferral's exit and lose its try
+        (apache/airflow#72716, Airflow 3.3); the deferring task sets it a few seconds ahead.
     """
 
     def __init__(
@@ -112,6 +117,8 @@ class SsmCommandsTrigger(BaseTrigger):
         resume_state: Any = None,
         aws_conn_id: str | None = "aws_default",
         region_name: str | None = None,
+        wait_for_all: bool = False,
+        not_before: float = 0.0,
     ) -> None:
         super().__init__()
         self.commands = commands
@@ -119,6 +126,8 @@ class SsmCommandsTrigger(BaseTrigger):
         self.resume_state = resume_state
         self.aws_conn_id = aws_conn_id
         self.region_name = region_name
+        self.wait_for_all = wait_for_all
+        self.not_before = not_before
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -129,6 +138,8 @@ class SsmCommandsTrigger(BaseTrigger):
                 "resume_state": self.resume_state,
                 "aws_conn_id": self.aws_conn_id,
                 "region_name": self.region_name,
+                "wait_for_all": self.wait_for_all,
+                "not_before": self.not_before,
             },
         )
 
@@ -220,9 +231,12 @@ class SsmCommandsTrigger(BaseTrigger):
         async with AsyncExitStack() as stack:
             client = await stack.enter_async_context(await self.hook().get_async_conn())
             s3 = await self._s3_client(stack) if any(progress.values()) else None
+            if (settle := self.not_before - time.time()) > 0:
+                await asyncio.sleep(settle)
+            ended: list[dict[str, Any]] = []  # every command seen ended, each polled no more
             while True:
-                ended = []
-                for command in self.commands:
+                seen_ended = {command["command_id"] for command in ended}
+                for command in (c for c in self.commands if c["command_id"] not in seen_ended):
                     ended_before = len(ended)
                     try:
                         status = await self._status(client, command)
@@ -274,7 +288,7 @@ class SsmCommandsTrigger(BaseTrigger):
                         progress[command["command_id"]],
                         ended[-1]["outcome"] if len(ended) > ended_before else None,
                     )
-                if ended:
+                if ended and (not self.wait_for_all or len(ended) == len(self.commands)):
                     yield TriggerEvent(
                         {
                             "status": "ended",

@@ -244,6 +244,35 @@ class TestSsmCommandsTrigger:
 
         assert client.cancelled == ["b", "c"]
 
+    def test_waiting_for_all_fires_once_with_every_command_when_the_last_ends(self, monkeypatch):
+        client = StubAsyncSsm(
+            {"a": ["InProgress", "Success"], "b": ["InProgress", "InProgress", "InProgress", "Failed"]}
+        )
+        trigger = stub_trigger(monkeypatch, client)
+        trigger.wait_for_all = True
+
+        (event,) = collect_events(trigger)
+
+        assert [(c["command_id"], c["outcome"]) for c in event["commands"]] == [("a", "success"), ("b", "failed")]
+        assert client.polls == 2 + 4  # an ended command is not polled again
+
+    def test_by_default_it_fires_at_the_first_end(self, monkeypatch):
+        client = StubAsyncSsm({"a": ["InProgress", "Success"], "b": ["InProgress", "InProgress", "Failed"]})
+
+        (event,) = collect_events(stub_trigger(monkeypatch, client))
+
+        assert [c["command_id"] for c in event["commands"]] == ["a"]
+
+    def test_no_poll_before_not_before(self, monkeypatch):
+        client = StubAsyncSsm({"a": ["Success"]})
+        trigger = stub_trigger(monkeypatch, client)
+        trigger.not_before = time.time() + 1.5
+        started = time.monotonic()
+
+        (event,) = collect_events(trigger)
+
+        assert time.monotonic() - started >= 1.4 and event["commands"][0]["outcome"] == "success"
+
     def test_serializes_to_its_own_arguments(self):
         commands = [{"command_id": "c", "instance_id": "i", "deadline": 2.0, "delivery_deadline": 1.0}]
         trigger = SsmCommandsTrigger(
@@ -252,6 +281,8 @@ class TestSsmCommandsTrigger:
             resume_state=[{"chunk": 0}],
             aws_conn_id="aws_x",
             region_name="eu-west-1",
+            wait_for_all=True,
+            not_before=1234.5,
         )
 
         path, kwargs = trigger.serialize()
