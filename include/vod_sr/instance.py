@@ -15,11 +15,13 @@ import math
 import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from botocore.exceptions import ClientError
+
+from include.vod_sr.fleet import RUN_TOKEN_TAG
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +33,8 @@ LEASE_TTL = timedelta(hours=49)
 LIVE_COMMAND_STATES = ("Pending", "InProgress", "Delayed", "Cancelling")
 COMMAND_COMMENT_PREFIX = "vod-sr "
 RELEASE_XCOM_KEY = "release"  # the release task's `release_record`, read by the report
-STOPPED_OUTCOMES = ("stopped", "stopping", "already stopped", "already terminated")
+# Release outcomes after which the instance costs nothing more (the report lists any other as left running).
+STOPPED_OUTCOMES = ("stopped", "stopping", "already stopped", "terminated", "terminating", "already terminated")
 # SSM delivers a command to an Online agent within seconds; one Pending this long is not going anywhere soon.
 STUCK_PENDING_AFTER = timedelta(minutes=10)
 # AWS error codes no retry fixes: the principal lacks a permission or its credentials are refused, or the instance id
@@ -138,6 +141,11 @@ class InstanceStatus:
     reason_message: str = ""
     transition_reason: str = ""  # StateTransitionReason: "User initiated (2026-11-29 06:12:40 GMT)" after a stop
     instance_type: str | None = None  # "g6e.xlarge"; None when EC2 does not say
+    tags: Mapping[str, str] = field(default_factory=dict)
+
+    def launched_for(self, lease_id: str) -> bool:
+        """Whether the instance was launched for the run holding `lease_id` (its fleet): tagged with its run token."""
+        return bool(lease_id) and self.tags.get(RUN_TOKEN_TAG) == lease_id
 
 
 def describe_instance(ec2: Any, instance_id: str) -> InstanceStatus:
@@ -159,6 +167,7 @@ def describe_instance(ec2: Any, instance_id: str) -> InstanceStatus:
         reason.get("Message", ""),
         found.get("StateTransitionReason") or "",
         found.get("InstanceType") or None,
+        {tag["Key"]: tag.get("Value", "") for tag in found.get("Tags") or ()},
     )
 
 
@@ -483,10 +492,16 @@ def release(
     timeout: int,
     poll_interval: int,
     wait: bool = True,
+    terminate: bool | None = None,
 ) -> str:
     """Cancel this run's live commands, drop its lease; stop the instance if asked and nobody else uses it, waiting
     for `stopped` unless `wait` is off. Idempotent: a second call finds no command of ours live, the lease gone and
     the instance stopping or stopped.
+
+    An instance launched for this run (its fleet, fleet.py) is terminated instead, waiting for `terminated` unless
+    `wait` is off: at once when `terminate` is True (its lane says so); when None, if its tags say it was launched
+    for this run (`RUN_TOKEN_TAG` = `lease_id`), read where the instance's state is read anyway (run_chunks' early
+    release does not know the lane's flag); False never terminates.
 
     The cancel comes first, whether or not the instance is stopped: the teardown runs once every task of this run
     has ended (the early release once all its chunks have), so a command of ours still live is orphaned (a killed
@@ -498,6 +513,9 @@ def release(
     commands = live_commands(ssm, instance_id)
     ours = [c for c in commands if c.get("Comment", "").startswith(command_comment(lease_id, ""))]
     cancel_errors = _cancel_orphans(ssm, instance_id, ours)
+    if terminate:
+        _drop_lease_quietly(ec2, instance_id, lease_id)
+        return _terminate(ec2, instance_id, instance_state(ec2, instance_id), timeout, poll_interval, wait)
     drop_lease(ec2, instance_id, lease_id)
     if not stop:
         return _left_running("left running (stop_when_done is off)", cancel_errors)
@@ -512,7 +530,10 @@ def release(
         why = "; ".join(f"{c['CommandId']} ({c.get('Comment', '')}, {c.get('Status')})" for c in keepers)
         log.info("Instance %s stays up for another vod-sr run's command(s): %s", instance_id, why)
         return _left_running(f"left running: another vod-sr run's command(s) still live: {why}", cancel_errors)
-    state = instance_state(ec2, instance_id)
+    status = describe_instance(ec2, instance_id)
+    state = status.state
+    if terminate is None and status.launched_for(lease_id):
+        return _terminate(ec2, instance_id, state, timeout, poll_interval, wait)
     if state in ("stopped", "terminated"):
         return f"already {state}"
     config = waiter_config(timeout, poll_interval)
@@ -524,6 +545,30 @@ def release(
         return "stopping"
     ec2.get_waiter("instance_stopped").wait(InstanceIds=[instance_id], WaiterConfig=config)
     return "stopped"
+
+
+def _terminate(ec2: Any, instance_id: str, state: str, timeout: int, poll_interval: int, wait: bool) -> str:
+    """Terminate an instance launched for this run (found in `state`); the termination also ends any command still
+    on it. EC2 terminates a pending instance too."""
+    if state == "terminated":
+        return "already terminated"
+    if state != "shutting-down":
+        log.info("Terminating %s: it was launched for this run", instance_id)
+        ec2.terminate_instances(InstanceIds=[instance_id])
+    if not wait:
+        return "terminating"
+    ec2.get_waiter("instance_terminated").wait(
+        InstanceIds=[instance_id], WaiterConfig=waiter_config(timeout, poll_interval)
+    )
+    return "terminated"
+
+
+def _drop_lease_quietly(ec2: Any, instance_id: str, lease_id: str) -> None:
+    """Drop the lease of an instance about to be terminated: a failure does not matter (the lease goes with it)."""
+    try:
+        drop_lease(ec2, instance_id, lease_id)
+    except Exception as error:
+        log.info("Lease %s on %s not dropped (the instance is terminated anyway): %s", lease_id, instance_id, error)
 
 
 def release_record(ec2: Any, instance_id: str, outcome: str, *, now: datetime | None = None) -> dict[str, Any]:

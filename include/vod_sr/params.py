@@ -20,6 +20,7 @@ from airflow.sdk import Param
 
 from include.vod_sr.budget import AFTER_BUDGET, MAX_CHUNK_BUDGET, MIN_CHUNK_BUDGET, MIN_FILE_LIMIT
 from include.vod_sr.catalog import BUILTIN_MODELS, MODEL_NAME
+from include.vod_sr.fleet import INSTANCE_TYPE, MAX_FLEET_SIZE, MAX_INSTANCE_TYPES, TEMPLATE_NAME, TEMPLATE_VERSION
 from include.vod_sr.limits import MAX_CHUNK_SIZE, MAX_SSM_TARGETS
 from include.vod_sr.settings import Settings
 from include.vod_sr.sources import DEFAULT_OUTPUT_TEMPLATE, DEFAULT_SOURCE_EXTENSIONS
@@ -36,6 +37,7 @@ OUTPUT_SECTION = "Output"
 SOURCE_OPTIONS_SECTION = "Source options"
 INSTANCES_SECTION = "Instances"
 LIMITS_SECTION = "Limits"
+FLEET_SECTION = "Fleet"
 
 
 def model_choices(settings: Settings) -> dict[str, str]:
@@ -133,17 +135,19 @@ def trigger_form(settings: Settings, prefixes: tuple[str, ...] = ()) -> dict[str
             title="Overwrite existing outputs",
             description_md="Off: sources whose output already exists are skipped and reported as such.",
         ),
+        # Optional in the form: a run names instances here or launches a fleet (section Fleet); plan says when it has
+        # neither, or both.
         "instance_ids": Param(
             list(settings.instance_ids),
-            type="array",
+            type=["null", "array"],
             items={"type": "string", "pattern": INSTANCE_PATTERN},
-            minItems=1,
             maxItems=MAX_SSM_TARGETS,
             section=INSTANCES_SECTION,
             title="GPU instances",
             description_md="One per line: EC2 instance ids (`i-` followed by 8 to 17 hex digits) of Bluewhale AMI "
             "instances with an SSM instance profile, at most "
-            f"{MAX_SSM_TARGETS}. Chunks are dealt out to them in turn; each is started, used and stopped on its own.",
+            f"{MAX_SSM_TARGETS}. Chunks are dealt out to them in turn; each is started, used and stopped on its own. "
+            "Leave empty when the run launches a fleet (*Fleet*).",
         ),
         "stop_when_done": Param(
             True,
@@ -151,6 +155,54 @@ def trigger_form(settings: Settings, prefixes: tuple[str, ...] = ()) -> dict[str
             section=INSTANCES_SECTION,
             title="Stop the instance when done",
             description_md="Stop it at the end (also after failures) unless another run or command still uses it.",
+        ),
+        "fleet_size": Param(
+            settings.fleet_size,
+            type="integer",
+            minimum=0,
+            maximum=MAX_FLEET_SIZE,
+            section=FLEET_SECTION,
+            title="Fleet size",
+            description_md=f"0: no fleet, the run uses *GPU instances*. 1 to {MAX_FLEET_SIZE}: instances launched for "
+            "this run from the launch template below (instead of *GPU instances*, which must then be empty), once its "
+            "input is checked; never more than the run has chunks. They carry the run's tags and are terminated at its "
+            "end, also when it fails. At most as many as named instances, for the same reason: one run's lanes.",
+        ),
+        "launch_template": Param(
+            settings.launch_template or None,
+            type=["null", "string"],
+            pattern=f"^{TEMPLATE_NAME.pattern}$",
+            section=FLEET_SECTION,
+            title="Launch template",
+            description_md="EC2 launch template of the fleet, by id (`lt-` and 17 hex digits) or name (3 to 128 "
+            "letters, digits and `( ) . - / _`): the Bluewhale AMI, the SSM instance profile, network and disks.",
+        ),
+        "launch_template_version": Param(
+            settings.launch_template_version,
+            type="string",
+            pattern=f"^({TEMPLATE_VERSION.pattern})$",
+            section=FLEET_SECTION,
+            title="Launch template version",
+            description_md="`$Default`, `$Latest` or a version number.",
+        ),
+        "spot": Param(
+            settings.spot,
+            type="boolean",
+            section=FLEET_SECTION,
+            title="Spot first",
+            description_md="Ask for Spot instances first; where Spot has no room, On-Demand of the same type. A Spot "
+            "instance reclaimed by EC2 mid-run fails its lane's files (the report lists them for a re-run).",
+        ),
+        "fleet_instance_types": Param(
+            list(settings.fleet_instance_types),
+            type=["null", "array"],
+            items={"type": "string", "pattern": f"^{INSTANCE_TYPE.pattern}$"},
+            maxItems=MAX_INSTANCE_TYPES,
+            section=FLEET_SECTION,
+            title="Instance types",
+            description_md=f"One per line, at most {MAX_INSTANCE_TYPES} (such as `g6e.xlarge`): tried in turn while "
+            "EC2 has no capacity for the one before (each Spot first when asked, then On-Demand). Empty: the "
+            "template's type only. Fewer instances than asked is fine when at least one launched.",
         ),
         "execution_timeout": Param(
             21_600,

@@ -77,11 +77,14 @@ def _wire(settings: Settings, selection: Selection) -> None:
 
         from include.vod_sr.aws import aws_client
         from include.vod_sr.catalog import ModelError, resolve_model
+        from include.vod_sr.fleet import fleet_tags
         from include.vod_sr.nightly import selection_window
-        from include.vod_sr.plan import BatchRequest, PlanError, plan_batch, run_token
+        from include.vod_sr.plan import BatchRequest, PlanError, deal, run_token, select_files
         from include.vod_sr.stored_plan import store_plan
 
         context = get_current_context()
+        dag_id, run_id = context["dag"].dag_id, context["run_id"]
+        token = run_token(dag_id, run_id)
         try:
             window = None
             if selection == "interval":
@@ -109,18 +112,72 @@ def _wire(settings: Settings, selection: Selection) -> None:
             request = BatchRequest.from_params(params, modified_window=window)
             model = resolve_model(request.model, Variable.get(settings.models_variable, default=None))
             s3 = aws_client("s3", settings.aws_conn_id)
-            planned = plan_batch(request, s3, run_token=run_token(context["dag"].dag_id, context["run_id"]))
+            files = select_files(request, s3)
+            try:
+                tags = fleet_tags(dag_id, run_id, token) if request.fleet is not None else {}
+            except ValueError as error:
+                raise PlanError(str(error)) from None
         except (PlanError, ModelError) as error:
             raise AirflowFailException(f"bad input, nothing was started: {error}") from None
-        print(
-            f"Planned {planned.file_count} file(s) in {len(planned.chunks)} chunk(s) on "
-            f"{len({c.instance_id for c in planned.chunks})} instance(s); {len(planned.skipped)} skipped because their "
-            "output exists"
-        )
-        # The chunks go to S3, XCom gets references: O(instances) whatever the number of files (stored_plan.py).
-        lanes, summary = store_plan(s3, planned, model.to_xcom())
-        context["ti"].xcom_push(key="summary", value=summary)
+        # Everything is checked: a fleet is launched now, never for a run that has nothing to do.
+        launched = _launch_fleet(request, files, tags) if request.fleet is not None and files.todo else []
+        try:
+            planned = deal(request, token, files, tuple(launched) or request.instance_ids, launched=bool(launched))
+            print(
+                f"Planned {planned.file_count} file(s) in {len(planned.chunks)} chunk(s) on "
+                f"{len({c.instance_id for c in planned.chunks})} instance(s); {len(planned.skipped)} skipped because "
+                "their output exists"
+            )
+            # The chunks go to S3, XCom gets references: O(instances) whatever the number of files (stored_plan.py).
+            lanes, summary = store_plan(s3, planned, model.to_xcom())
+            context["ti"].xcom_push(key="summary", value=summary)
+        except BaseException:  # also the task being killed: no lane would ever terminate what was launched
+            if launched:
+                _terminate_launched(launched, "the plan task failed after launching them")
+            raise
         return [lane.to_xcom() for lane in lanes]
+
+    def _launch_fleet(request: Any, files: Any, tags: dict[str, str]) -> list[str]:
+        """Launch the run's fleet (plan.BatchRequest.fleet): as many instances as asked, but never more than the run
+        has chunks. Fails the task, with nothing left running, when none could be launched."""
+        from dataclasses import replace
+
+        from airflow.sdk.exceptions import AirflowFailException
+
+        from include.vod_sr.fleet import FleetError, launch_client, launch_fleet
+
+        fleet = request.fleet
+        wanted = min(fleet.count, files.chunk_count(request.chunk_size))
+        if wanted < fleet.count:
+            print(f"Launching {wanted} instance(s), not {fleet.count}: the run has only {wanted} chunk(s)")
+        ti = get_current_context()["ti"]
+        try:
+            launched = launch_fleet(
+                launch_client(settings.aws_conn_id),
+                replace(fleet, count=wanted),
+                tags,
+                # One RunInstances per try of this task and launch option: a retried call returns what it launched.
+                client_token=f"vod-sr-{tags['vod-sr:run-token']}-{ti.try_number}",
+            )
+        except FleetError as error:
+            raise AirflowFailException(f"the fleet could not be launched: {error}") from None
+        print(
+            f"Launched {len(launched)} of {wanted} instance(s) from launch template {fleet.launch_template!r} "
+            f"({fleet.version}), terminated at the end of the run: {', '.join(launched)}"
+        )
+        return launched
+
+    def _terminate_launched(instance_ids: list[str], why: str) -> None:
+        """Terminate instances launched for this run that no teardown will terminate; never raises (the caller is
+        already failing): what could not be terminated is left to the sweeper, and said so."""
+        from include.vod_sr.fleet import launch_client, terminate_fleet
+
+        try:
+            terminate_fleet(launch_client(settings.aws_conn_id), instance_ids)
+        except Exception as error:
+            print(f"Could not terminate {', '.join(instance_ids)} ({why}): {error}; the sweeper terminates them")
+        else:
+            print(f"Terminated {', '.join(instance_ids)}: {why}")
 
     @task_group
     def lane(lane: dict[str, Any]) -> Any:
@@ -145,6 +202,7 @@ def _wire(settings: Settings, selection: Selection) -> None:
             from include.vod_sr.instance import InstanceUnusable, acquire_instance
 
             instance_id, lease_id = lane["instance_id"], lane["run_token"]
+            ti = get_current_context()["ti"]
             try:
                 acquire_instance(
                     aws_client("ec2", settings.aws_conn_id),
@@ -154,8 +212,15 @@ def _wire(settings: Settings, selection: Selection) -> None:
                     timeout=settings.instance_state_timeout,
                     poll_interval=settings.poll_interval,
                 )
-            except InstanceUnusable as error:
-                raise AirflowFailException(str(error)) from None
+            except Exception as error:
+                # The teardown is skipped when its setup failed: an instance launched for this run is terminated here
+                # once no retry will follow.
+                final = isinstance(error, InstanceUnusable) or ti.try_number > ti.max_tries
+                if lane.get("terminate_when_done") and final:
+                    _terminate_launched([instance_id], "its lane could not acquire it")
+                if isinstance(error, InstanceUnusable):
+                    raise AirflowFailException(str(error)) from None
+                raise
             return {"instance_id": instance_id, "lease_id": lease_id, "label": label}
 
         @task.sensor(
@@ -233,6 +298,9 @@ def _wire(settings: Settings, selection: Selection) -> None:
                         instance_id,
                         acquired["lease_id"],
                         stop=lane["stop_when_done"],
+                        # Launched for this run (its fleet): terminated, not stopped. Otherwise the instance's own tags
+                        # decide (instance.release).
+                        terminate=lane.get("terminate_when_done") or None,
                         timeout=settings.instance_state_timeout,
                         poll_interval=settings.poll_interval,
                     )

@@ -19,6 +19,7 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from include.vod_sr.budget import MAX_CHUNK_BUDGET, MIN_CHUNK_BUDGET, MIN_FILE_LIMIT
+from include.vod_sr.fleet import FleetRequest
 from include.vod_sr.limits import MAX_CHUNK_SIZE, MAX_CHUNKS, MAX_SSM_TARGETS
 from include.vod_sr.sources import (
     DEFAULT_OUTPUT_TEMPLATE,
@@ -59,6 +60,31 @@ def _seconds(params: Mapping[str, Any], name: str, default: int | None) -> int |
     return int(value)
 
 
+def _fleet(params: Mapping[str, Any]) -> FleetRequest | None:
+    """The run's fleet (None when fleet_size is 0 or absent); checked by BatchRequest.validate."""
+    size = params.get("fleet_size") or 0
+    if isinstance(size, bool) or not isinstance(size, int | str) or not str(size).strip().isdigit():
+        raise PlanError(f"fleet_size must be a whole number (0: no fleet), got {size!r}")
+    if int(size) == 0:
+        return None
+    template = str(params.get("launch_template") or "").strip()
+    if not template:
+        raise PlanError(
+            f"fleet_size {int(size)} asks for a fleet but no launch_template is given (nor VOD_SR_LAUNCH_TEMPLATE): "
+            "name the EC2 launch template (lt-... or its name) the instances are launched from"
+        )
+    spot = params.get("spot", False)
+    if not isinstance(spot, bool):
+        raise PlanError(f"spot must be true or false, got {spot!r}")
+    return FleetRequest(
+        launch_template=template,
+        count=int(size),
+        version=str(params.get("launch_template_version") or "$Default").strip(),
+        spot=spot,
+        instance_types=tuple(dict.fromkeys(t.strip() for t in _strings(params, "fleet_instance_types") if t.strip())),
+    )
+
+
 @dataclass(frozen=True)
 class BatchRequest:
     """A run's params, type-checked. Built with `BatchRequest.from_params`."""
@@ -84,6 +110,8 @@ class BatchRequest:
     # non-video object) is an empty plan, not an error. Set by the events selection for event-started runs (the
     # `allow_empty` param, JSON true only; not a form field).
     allow_empty: bool = False
+    # Instances launched for this run from a launch template (fleet.py), instead of `instance_ids`.
+    fleet: FleetRequest | None = None
 
     @classmethod
     def from_params(
@@ -107,6 +135,7 @@ class BatchRequest:
             chunk_size=int(params.get("chunk_size", 10)),
             modified_window=modified_window,
             allow_empty=params.get("allow_empty") is True,
+            fleet=_fleet(params),
         )
         request.validate()
         return request
@@ -121,8 +150,13 @@ class BatchRequest:
             raise PlanError("no sources: give keys or s3:// URIs in 'sources', folders in 'prefixes', or a 'manifest'")
         if not self.model:
             raise PlanError("no model chosen")
-        if not self.instance_ids:
-            raise PlanError("no instance: give at least one EC2 instance id in 'instance_ids'")
+        if self.fleet is not None:
+            self._validate_fleet(self.fleet)
+        elif not self.instance_ids:
+            raise PlanError(
+                "no instance: give at least one EC2 instance id in 'instance_ids', or a fleet to launch "
+                "('fleet_size' and 'launch_template')"
+            )
         if len(self.instance_ids) > MAX_SSM_TARGETS:
             raise PlanError(f"{len(self.instance_ids)} instances given; at most {MAX_SSM_TARGETS} are supported")
         for instance_id in self.instance_ids:
@@ -149,6 +183,22 @@ class BatchRequest:
             validate_output_template(self.output_template)
         except SourceError as error:
             raise PlanError(str(error)) from None
+
+    def _validate_fleet(self, fleet: FleetRequest) -> None:
+        if self.instance_ids:
+            raise PlanError(
+                f"a run uses either named instances or a fleet, not both: instance_ids names {len(self.instance_ids)} "
+                f"and fleet_size asks for {fleet.count}. Clear instance_ids to launch a fleet, or set fleet_size to 0 "
+                "to use the named instances"
+            )
+        if not self.stop_when_done:
+            raise PlanError(
+                "stop_when_done is off, but a fleet's instances are always terminated at the end of the run (they "
+                "belong to it alone): turn stop_when_done on, or name instances in instance_ids to keep them running"
+            )
+        problems = fleet.problems()
+        if problems:
+            raise PlanError("; ".join(problems))
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,6 +244,7 @@ class BatchPlan:
     run_token: str
     chunks: tuple[Chunk, ...]
     skipped: tuple[FileJob, ...] = field(default=())
+    launched: tuple[str, ...] = ()  # the instances launched for this run (its fleet): terminated when done
 
     @property
     def file_count(self) -> int:
@@ -365,8 +416,44 @@ def resolve_sources(request: BatchRequest, s3_client: Any) -> dict[S3Object, int
     return resolved
 
 
+@dataclass(frozen=True)
+class FileSelection:
+    """The files a run will process (`todo`) and those skipped because their output exists, before they are dealt
+    to instances."""
+
+    todo: tuple[FileJob, ...]
+    skipped: tuple[FileJob, ...]
+
+    def chunk_count(self, chunk_size: int) -> int:
+        """How many chunks `chunk_files` makes of `todo`: the most lanes that can have work."""
+        if not self.todo:
+            return 0
+        size = max(chunk_size, math.ceil(len(self.todo) / MAX_CHUNKS))
+        return math.ceil(len(self.todo) / size)
+
+
 def plan_batch(request: BatchRequest, s3_client: Any, *, run_token: str) -> BatchPlan:
-    """Resolve, validate and chunk the request's sources. Raises PlanError naming the first bad value."""
+    """Resolve, validate and chunk the request's sources, dealt to its named instances. Raises PlanError naming the
+    first bad value."""
+    return deal(request, run_token, select_files(request, s3_client), request.instance_ids)
+
+
+def deal(
+    request: BatchRequest,
+    run_token: str,
+    selection: FileSelection,
+    instance_ids: tuple[str, ...],
+    *,
+    launched: bool = False,
+) -> BatchPlan:
+    """The plan: the selected files chunked and dealt to `instance_ids` (launched for this run when `launched`)."""
+    chunks = chunk_files(list(selection.todo), instance_ids, request.chunk_size) if selection.todo else ()
+    return BatchPlan(request, run_token, chunks, selection.skipped, instance_ids if launched else ())
+
+
+def select_files(request: BatchRequest, s3_client: Any) -> FileSelection:
+    """Resolve and validate the request's sources, name their outputs and skip those already done; nothing is
+    started. Raises PlanError naming the first bad value."""
     sources = resolve_sources(request, s3_client)
     empty = [obj.uri for obj, size in sources.items() if size == 0]
     if empty:
@@ -397,6 +484,6 @@ def plan_batch(request: BatchRequest, s3_client: Any, *, run_token: str) -> Batc
     except ClientError as error:
         raise PlanError(f"output bucket {request.output_bucket!r} is not accessible: {error}") from None
     done = {} if request.overwrite else existing_sizes(s3_client, [job.output for job in jobs])
-    todo = [job for job in jobs if job.output not in done]
+    todo = tuple(job for job in jobs if job.output not in done)
     skipped = tuple(job for job in jobs if job.output in done)
-    return BatchPlan(request, run_token, chunk_files(todo, request.instance_ids, request.chunk_size), skipped)
+    return FileSelection(todo, skipped)

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from include.vod_sr.cost import DEFAULT_CURRENCY, DEFAULT_HOURLY_RATES, Rates
+from include.vod_sr.fleet import MAX_FLEET_SIZE
 
 
 def _env_int(name: str, default: int, minimum: int = 1) -> int:
@@ -99,12 +100,42 @@ def _env_cost_rates() -> Rates:
     return Rates(currency, _env_rates("VOD_SR_HOURLY_RATES", defaults))
 
 
+def _env_fleet() -> dict[str, object]:
+    """VOD_SR_LAUNCH_TEMPLATE, VOD_SR_LAUNCH_TEMPLATE_VERSION, VOD_SR_FLEET_SIZE, VOD_SR_SPOT and
+    VOD_SR_FLEET_INSTANCE_TYPES, checked together: a default fleet needs a template and excludes default instances."""
+    template = os.environ.get("VOD_SR_LAUNCH_TEMPLATE", "").strip()
+    size = _env_int("VOD_SR_FLEET_SIZE", 0, minimum=0)
+    if size > MAX_FLEET_SIZE:
+        raise ValueError(f"VOD_SR_FLEET_SIZE={size} is over {MAX_FLEET_SIZE}, the most instances one run may have")
+    if size and not template:
+        raise ValueError("VOD_SR_FLEET_SIZE is set but VOD_SR_LAUNCH_TEMPLATE is not: name the launch template")
+    if size and os.environ.get("VOD_SR_INSTANCE_IDS", os.environ.get("VOD_SR_INSTANCE_ID", "")).strip():
+        raise ValueError(
+            "VOD_SR_FLEET_SIZE and VOD_SR_INSTANCE_IDS are both set, but a run uses either a fleet or named instances: "
+            "unset one (a run can still ask for the other in its conf)"
+        )
+    return {
+        "launch_template": template,
+        "launch_template_version": os.environ.get("VOD_SR_LAUNCH_TEMPLATE_VERSION", "").strip() or "$Default",
+        "fleet_size": size,
+        "spot": _env_bool("VOD_SR_SPOT", False),
+        "fleet_instance_types": _env_list("VOD_SR_FLEET_INSTANCE_TYPES"),
+    }
+
+
 @dataclass(frozen=True)
 class Settings:
     """Deployment-wide defaults for `vod_sr_batch`; see the README's Configuration table."""
 
     aws_conn_id: str = "aws_default"
     instance_ids: tuple[str, ...] = ()
+    # Fleets (include/vod_sr/fleet.py): runs launch `fleet_size` instances from this EC2 launch template (id lt-... or
+    # name) instead of using `instance_ids`, and terminate them at the end. 0: runs use the named instances.
+    launch_template: str = ""
+    launch_template_version: str = "$Default"
+    fleet_size: int = 0
+    spot: bool = False  # Spot first, On-Demand when Spot has no room
+    fleet_instance_types: tuple[str, ...] = ()  # tried in turn on capacity errors; empty: the template's type
     source_bucket: str = ""
     output_bucket: str = ""
     default_model: str = "A"
@@ -165,6 +196,7 @@ class Settings:
                 for i in os.environ.get("VOD_SR_INSTANCE_IDS", os.environ.get("VOD_SR_INSTANCE_ID", "")).split(",")
                 if i.strip()
             ),
+            **_env_fleet(),
             source_bucket=os.environ.get("VOD_SR_SOURCE_BUCKET", defaults.source_bucket),
             output_bucket=os.environ.get("VOD_SR_OUTPUT_BUCKET", defaults.output_bucket),
             default_model=os.environ.get("VOD_SR_DEFAULT_MODEL", defaults.default_model),

@@ -39,6 +39,8 @@ class Lane:
     chunk_count: int
     file_count: int
     model: Mapping[str, Any]
+    # Launched for this run (its fleet, fleet.py): the teardown terminates the instance instead of stopping it.
+    terminate_when_done: bool = False
 
     @property
     def chunks_key(self) -> str:
@@ -58,7 +60,8 @@ class Lane:
 
     @classmethod
     def from_xcom(cls, data: Mapping[str, Any]) -> Lane:
-        return cls(**{name: data[name] for name in cls.__dataclass_fields__})
+        # A lane stored before a field was added lacks it: the field's default stands.
+        return cls(**{name: data[name] for name in cls.__dataclass_fields__ if name in data})
 
 
 def _put(s3: Any, bucket: str, key: str, document: Any) -> None:
@@ -73,6 +76,7 @@ def _get(s3: Any, bucket: str, key: str) -> Any:
 def store_plan(s3: Any, plan: BatchPlan, model: Mapping[str, Any]) -> tuple[list[Lane], dict[str, Any]]:
     """Write the plan to S3; returns the lanes to map over and the run's summary, both O(instances)."""
     request, token = plan.request, plan.run_token
+    launched = set(plan.launched)
     by_instance: dict[str, list[Chunk]] = {}
     for chunk in plan.chunks:
         by_instance.setdefault(chunk.instance_id, []).append(chunk)
@@ -89,6 +93,7 @@ def store_plan(s3: Any, plan: BatchPlan, model: Mapping[str, Any]) -> tuple[list
             chunk_count=len(chunks),
             file_count=sum(len(chunk.files) for chunk in chunks),
             model=model,
+            terminate_when_done=instance_id in launched,
         )
         # One lane's dicts at a time: built, written and dropped before the next lane's (a million files' dicts
         # at once would be several times the plan's own size).
@@ -107,6 +112,7 @@ def store_plan(s3: Any, plan: BatchPlan, model: Mapping[str, Any]) -> tuple[list
             {"instance_id": lane.instance_id, "files": lane.file_count, "chunks": lane.chunk_count} for lane in lanes
         ],
         "modified_window": [t.isoformat() for t in request.modified_window or ()] or None,
+        "launched": list(plan.launched),
     }
     return lanes, summary
 

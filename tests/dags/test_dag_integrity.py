@@ -186,6 +186,55 @@ class TestParams:
     def test_good_conf_validates(self, dag):
         assert self.validated(dag, GOOD_CONF)["model"] == "B"
 
+    @pytest.mark.parametrize("instance_ids", [[], None], ids=["empty", "null"])
+    def test_a_fleet_conf_without_instance_ids_validates(self, dag, instance_ids):
+        # Named instances and a fleet are alternatives: the form takes either; plan refuses neither and both.
+        fleet = {
+            "instance_ids": instance_ids,
+            "fleet_size": 3,
+            "launch_template": "lt-0123456789abcdef0",
+            "launch_template_version": "7",
+            "spot": True,
+            "fleet_instance_types": ["g6e.xlarge", "g6e.2xlarge"],
+        }
+
+        validated = self.validated(dag, {**GOOD_CONF, **fleet})
+
+        assert (validated["fleet_size"], validated["launch_template"]) == (3, "lt-0123456789abcdef0")
+
+    def test_fleet_fields_have_their_own_section_and_default_to_no_fleet(self, dag):
+        names = ("fleet_size", "launch_template", "launch_template_version", "spot", "fleet_instance_types")
+
+        assert {dag.params.get_param(n).schema["section"] for n in names} == {"Fleet"}
+        assert (dag.params["fleet_size"], dag.params["launch_template_version"], dag.params["spot"]) == (
+            0,
+            "$Default",
+            False,
+        )
+        assert "null" in dag.params.get_param("instance_ids").schema["type"]  # optional in the form: a fleet instead
+
+    def test_fleet_defaults_from_the_deployment_are_valid(self):
+        from include.vod_sr.params import trigger_form
+        from include.vod_sr.settings import Settings
+
+        form = trigger_form(
+            Settings(
+                output_bucket="out",
+                launch_template="bluewhale-g6e",
+                fleet_size=4,
+                spot=True,
+                fleet_instance_types=("g6e.xlarge", "g6e.2xlarge"),
+            )
+        )
+
+        assert {name: form[name].resolve() for name in ("fleet_size", "launch_template", "spot")} == {
+            "fleet_size": 4,
+            "launch_template": "bluewhale-g6e",
+            "spot": True,
+        }
+        for param in form.values():
+            param.resolve()
+
     @pytest.mark.parametrize(
         "bad",
         [
@@ -205,7 +254,15 @@ class TestParams:
             pytest.param({"overwrite": "yes"}, id="overwrite-not-bool"),
             pytest.param({"model": "C"}, id="custom-model-in-the-drop-down"),
             pytest.param({"custom_model": "bad name"}, id="custom-model-name"),
-            pytest.param({"instance_ids": []}, id="no-instance"),
+            pytest.param({"fleet_size": 51}, id="fleet-over-a-runs-lanes"),
+            pytest.param({"fleet_size": -1}, id="fleet-size-negative"),
+            pytest.param({"fleet_size": "3"}, id="fleet-size-not-a-number"),
+            pytest.param({"launch_template": "lt"}, id="launch-template-too-short"),
+            pytest.param({"launch_template": "bluewhale gpu"}, id="launch-template-with-a-space"),
+            pytest.param({"launch_template_version": "v2"}, id="launch-template-version"),
+            pytest.param({"spot": "yes"}, id="spot-not-bool"),
+            pytest.param({"fleet_instance_types": ["G6E.XLARGE"]}, id="instance-type"),
+            pytest.param({"fleet_instance_types": [f"g6e.{n}xlarge" for n in range(11)]}, id="too-many-types"),
             pytest.param({"output_bucket": "ab"}, id="bucket-too-short"),
         ],
     )

@@ -817,3 +817,67 @@ class TestReleaseCancelsOrphansOnTheEmulator:
             assert set(live_leases(ec2, running_instance)) == {"run-b"}
         finally:
             ssm.cancel_command(CommandId=theirs)
+
+
+@pytest.mark.e2e
+class TestReleaseTerminatesLaunchedInstances:
+    """Instances launched for a run (fleet.py) are terminated by its release, on the emulator over HTTP."""
+
+    TOKEN = "0123456789abcdef"
+
+    @pytest.fixture
+    def clients(self, emulator_env):
+        return boto_client("ec2", emulator_env.endpoint_url), boto_client("ssm", emulator_env.endpoint_url)
+
+    @pytest.fixture
+    def launched(self, clients, emulator_env) -> str:
+        """An instance launched for run TOKEN from a launch template, still pending, its lease taken."""
+        from include.local_aws.world import create_launch_template
+        from include.vod_sr.fleet import FleetRequest, fleet_tags, launch_fleet
+
+        ec2, _ = clients
+        template = create_launch_template(emulator_env.endpoint_url, "vod-sr-release-tests")
+        (instance_id,) = launch_fleet(ec2, FleetRequest(template, 1), fleet_tags("d", "r", self.TOKEN))
+        take_lease(ec2, instance_id, self.TOKEN, "r")
+        return instance_id
+
+    def test_the_lanes_flag_terminates_even_a_pending_instance(self, clients, launched):
+        ec2, ssm = clients
+        assert instance_state(ec2, launched) == "pending"
+
+        outcome = release(ec2, ssm, launched, self.TOKEN, stop=True, timeout=20, poll_interval=1, terminate=True)
+
+        assert (outcome, instance_state(ec2, launched)) == ("terminated", "terminated")
+
+    def test_without_the_flag_its_tags_say_it_was_launched_for_this_run(self, clients, launched):
+        ec2, ssm = clients  # run_chunks' early release knows only stop_when_done
+
+        outcome = release(ec2, ssm, launched, self.TOKEN, stop=True, timeout=20, poll_interval=1, wait=False)
+
+        assert outcome == "terminating"
+        assert instance_state(ec2, launched) in ("shutting-down", "terminated")
+        again = release(ec2, ssm, launched, self.TOKEN, stop=True, timeout=20, poll_interval=1, terminate=True)
+        assert again in ("terminated", "already terminated")
+
+    def test_another_runs_release_stops_it_never_terminates_it(self, clients, launched):
+        ec2, ssm = clients
+        ec2.get_waiter("instance_running").wait(InstanceIds=[launched], WaiterConfig={"Delay": 1, "MaxAttempts": 30})
+        take_lease(ec2, launched, "another-run", "r2")
+        release(ec2, ssm, launched, self.TOKEN, stop=True, timeout=20, poll_interval=1, terminate=False)
+
+        outcome = release(ec2, ssm, launched, "another-run", stop=True, timeout=20, poll_interval=1)
+
+        assert (outcome, instance_state(ec2, launched)) == ("stopped", "stopped")
+        ec2.terminate_instances(InstanceIds=[launched])
+
+    def test_its_record_counts_the_instance_time_to_the_termination(self, clients, launched):
+        ec2, ssm = clients
+        ec2.get_waiter("instance_running").wait(InstanceIds=[launched], WaiterConfig={"Delay": 1, "MaxAttempts": 30})
+        time.sleep(1)
+        outcome = release(ec2, ssm, launched, self.TOKEN, stop=True, timeout=20, poll_interval=1, terminate=True)
+
+        record = release_record(ec2, launched, outcome)
+
+        assert record["outcome"] == "terminated"
+        assert record["instance_type"] == "g6e.xlarge"
+        assert record["instance_seconds"] is not None and record["instance_seconds"] >= 1

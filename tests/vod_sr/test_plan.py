@@ -8,6 +8,7 @@ import pytest
 from moto import mock_aws
 
 from include.vod_sr.budget import AFTER_BUDGET, MAX_CHUNK_BUDGET, ChunkLimits, chunk_limits
+from include.vod_sr.fleet import FleetRequest
 from include.vod_sr.limits import MAX_CHUNKS, MAX_EXECUTION_TIMEOUT
 from include.vod_sr.plan import (
     BatchRequest,
@@ -15,10 +16,12 @@ from include.vod_sr.plan import (
     FileJob,
     PlanError,
     chunk_files,
+    deal,
     existing_objects,
     existing_sizes,
     plan_batch,
     run_token,
+    select_files,
 )
 from include.vod_sr.sources import S3Object
 from tests.vod_sr.test_sources import HOSTILE_KEYS
@@ -88,6 +91,78 @@ class TestRequestValidation:
 
         with pytest.raises(PlanError, match=message.replace("(", r"\(").replace(")", r"\)")):
             BatchRequest.from_params(params)
+
+
+FLEET = {"instance_ids": [], "fleet_size": 3, "launch_template": "bluewhale-g6e"}
+
+
+class TestFleetRequest:
+    def test_a_fleet_takes_the_place_of_instance_ids(self):
+        given = request("a.mp4", **FLEET, spot=True, fleet_instance_types=["g6e.xlarge", " g6e.2xlarge", "g6e.xlarge"])
+
+        assert given.instance_ids == ()
+        assert given.fleet == FleetRequest(
+            "bluewhale-g6e", 3, "$Default", spot=True, instance_types=("g6e.xlarge", "g6e.2xlarge")
+        )
+
+    @pytest.mark.parametrize("size", [0, None, "0"], ids=["zero", "null", "text-zero"])
+    def test_fleet_size_zero_is_no_fleet_even_with_a_template(self, size):
+        assert request("a.mp4", fleet_size=size, launch_template="bluewhale-g6e").fleet is None
+
+    @pytest.mark.parametrize(
+        ("overrides", "message"),
+        [
+            pytest.param(
+                {"instance_ids": [INSTANCE_ID]}, "either named instances or a fleet, not both", id="ids-and-fleet"
+            ),
+            pytest.param({"launch_template": None}, "no launch_template is given", id="no-template"),
+            pytest.param({"fleet_size": 51}, r"fleet_size 51 is outside 1..50", id="too-many"),
+            pytest.param({"fleet_size": -2}, "fleet_size must be a whole number", id="negative"),
+            pytest.param({"fleet_size": 2.5}, "fleet_size must be a whole number", id="fraction"),
+            pytest.param({"launch_template": "a b"}, "neither a launch template id", id="template-name"),
+            pytest.param({"launch_template_version": "latest"}, r"is not \$Default, \$Latest", id="version"),
+            pytest.param({"fleet_instance_types": ["xlarge"]}, "are not EC2 instance types", id="instance-type"),
+            pytest.param({"spot": "true"}, "spot must be true or false", id="spot-text"),
+            pytest.param({"stop_when_done": False}, "always terminated at the end of the run", id="keep-running"),
+        ],
+    )
+    def test_bad_fleets_are_named_before_anything_starts(self, overrides, message):
+        with pytest.raises(PlanError, match=message):
+            request("a.mp4", **{**FLEET, **overrides})
+
+    def test_neither_instances_nor_a_fleet_says_how_to_give_either(self):
+        with pytest.raises(PlanError, match="instance_ids', or a fleet to launch"):
+            request("a.mp4", instance_ids=[])
+
+    def test_the_selection_is_dealt_to_the_launched_instances_and_says_they_were_launched(self, s3):
+        for n in range(5):
+            put(s3, f"f{n}.mp4")
+        fleet_request = request(*(f"f{n}.mp4" for n in range(5)), **FLEET, chunk_size=2)
+        launched = ("i-0aaaaaaaaaaaaaaa1", "i-0aaaaaaaaaaaaaaa2")
+
+        selection = select_files(fleet_request, s3)
+        plan = deal(fleet_request, TOKEN, selection, launched, launched=True)
+
+        assert selection.chunk_count(2) == 3
+        assert [(c.instance_id, len(c.files)) for c in plan.chunks] == [
+            (launched[0], 2),
+            (launched[1], 2),
+            (launched[0], 1),
+        ]
+        assert plan.launched == launched
+
+    def test_nothing_to_do_has_no_chunks_so_no_fleet(self, s3):
+        put(s3, "a.mp4")
+        put(s3, "a_sr_A.mp4", bucket=OUTPUT)
+
+        selection = select_files(request("a.mp4", **FLEET), s3)
+
+        assert (selection.todo, selection.chunk_count(10), len(selection.skipped)) == ((), 0, 1)
+
+    def test_named_instances_are_not_launched_ones(self, s3):
+        put(s3, "a.mp4")
+
+        assert plan_batch(request("a.mp4"), s3, run_token=TOKEN).launched == ()
 
 
 class TestTimeLimits:

@@ -128,3 +128,30 @@ def test_one_lanes_file_dicts_are_built_at_a_time(monkeypatch):
         ("lanes.json", 40),
         ("skipped.json", 40),
     ]
+
+
+class TestLaunchedLanes:
+    def test_lanes_of_instances_launched_for_the_run_are_terminated_when_done(self, s3):
+        plan = a_plan(40)
+        launched = BatchPlan(plan.request, plan.run_token, plan.chunks, launched=INSTANCES[:1])
+
+        lanes, summary = store_plan(s3, launched, MODEL)
+
+        assert {lane.instance_id: lane.terminate_when_done for lane in lanes} == {
+            INSTANCES[0]: True,
+            INSTANCES[1]: False,
+        }
+        assert summary["launched"] == [INSTANCES[0]]
+        assert Lane.from_xcom(lanes[0].to_xcom()).terminate_when_done is True
+
+    def test_named_instances_are_never_terminated(self, s3):
+        lanes, summary = store_plan(s3, a_plan(40), MODEL)
+
+        assert [lane.terminate_when_done for lane in lanes] == [False, False]
+        assert summary["launched"] == []
+
+    def test_a_lane_stored_before_fleets_existed_still_loads(self, s3):
+        (lane, _), _ = store_plan(s3, a_plan(20), MODEL)
+        earlier = {k: v for k, v in lane.to_xcom().items() if k != "terminate_when_done"}  # XCom of a run in flight
+
+        assert Lane.from_xcom(earlier) == lane
