@@ -49,8 +49,9 @@ def model_choices(settings: Settings) -> dict[str, str]:
     return choices
 
 
-def trigger_form(settings: Settings, prefixes: tuple[str, ...] = ()) -> dict[str, Param]:
-    """The trigger form; `prefixes` pre-fills the source folders (the nightly DAG's watch prefixes)."""
+def trigger_form(settings: Settings, prefixes: tuple[str, ...] = (), budget: float | None = None) -> dict[str, Param]:
+    """The trigger form; `prefixes` pre-fills the source folders (the nightly DAG's watch prefixes), `budget` the
+    run's budget (the nightly DAG's VOD_SR_NIGHTLY_BUDGET)."""
     choices = model_choices(settings)
     return {
         "sources": Param(
@@ -231,6 +232,18 @@ def trigger_form(settings: Settings, prefixes: tuple[str, ...] = ()) -> dict[str
             "how long the model may run on one file (not its download, measuring or upload). A file that reaches it "
             'is stopped and fails with "per-file limit ... reached"; the chunk goes on with its next file while its '
             "budget lasts.",
+        ),
+        "budget": Param(
+            budget,
+            type=["null", "number"],
+            exclusiveMinimum=0,
+            section=LIMITS_SECTION,
+            title=f"Budget ({settings.rates.currency})",
+            description_md=f"Empty: no budget. Otherwise the most the run's GPU instances may cost, in "
+            f"{settings.rates.currency} at the deployment's hourly rates (per second, 60 s minimum per start). Checked "
+            "before each chunk is sent: once reached, no more chunks are sent, the running ones finish, and the "
+            "report lists the files left for the next run with the conf (and a link) to run them. Running chunks may "
+            "take the spend past it by up to one chunk's time per instance.",
         ),
         "chunk_size": Param(
             10,

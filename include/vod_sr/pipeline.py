@@ -44,7 +44,11 @@ def vod_sr_dag(
     with DAG(
         dag_id,
         schedule=schedule,
-        params=trigger_form(settings, prefixes=settings.nightly_prefixes if selection == "interval" else ()),
+        params=trigger_form(
+            settings,
+            prefixes=settings.nightly_prefixes if selection == "interval" else (),
+            budget=settings.nightly_budget if selection == "interval" else None,
+        ),
         max_active_runs=settings.max_active_runs,  # runs share the GPU instances: queue them (README, Configuration)
         doc_md=doc_md,
         tags=["vod-sr"],
@@ -131,7 +135,9 @@ def _wire(settings: Settings, selection: Selection) -> None:
             # The chunks go to S3, XCom gets references: O(instances) whatever the number of files (stored_plan.py).
             lanes, summary = store_plan(s3, planned, model.to_xcom())
             context["ti"].xcom_push(key="summary", value=summary)
-        except BaseException:  # also the task being killed: no lane would ever terminate what was launched
+        # Any error (BaseException too): no lane would ever terminate what was launched. A task ended by Airflow
+        # (a run marked failed: SIGTERM, which only calls on_kill, then SIGKILL) runs no cleanup: the sweeper's case.
+        except BaseException:
             if launched:
                 _terminate_launched(launched, "the plan task failed after launching them")
             raise
@@ -256,21 +262,23 @@ def _wire(settings: Settings, selection: Selection) -> None:
             from include.vod_sr.aws import aws_client
             from include.vod_sr.catalog import SrModel
             from include.vod_sr.plan import Chunk
-            from include.vod_sr.stored_plan import Lane, load_chunks, store_verified
-            from include.vod_sr.verify import verify_chunks
+            from include.vod_sr.stored_plan import Lane, load_chunks, load_left, store_verified
+            from include.vod_sr.verify import split_left_for_budget, verify_chunks
 
             work = Lane.from_xcom(lane)
             s3 = aws_client("s3", settings.aws_conn_id)
+            # Chunks the run's budget kept from being sent are not verified: their files are left for the next run.
+            sent, left = split_left_for_budget([Chunk.from_xcom(c) for c in load_chunks(s3, work)], load_left(s3, work))
             files = verify_chunks(
                 s3,
                 work.output_bucket,
                 work.run_token,
-                [Chunk.from_xcom(c) for c in load_chunks(s3, work)],
+                sent,
                 ssm=aws_client("ssm", settings.aws_conn_id),
                 scale=SrModel.from_xcom(work.model).scale,
                 duration_tolerance=settings.duration_tolerance,
             )
-            return store_verified(s3, work, files)  # the records go to S3, the report reads them there
+            return store_verified(s3, work, [*files, *left])  # the records go to S3, the report reads them there
 
         @task(**by_lane)
         def release(acquired: dict[str, str], lane: dict[str, Any]) -> str:
@@ -323,6 +331,7 @@ def _wire(settings: Settings, selection: Selection) -> None:
             task_id="run_chunks",
             lane=lane,
             install_cli=CliInstall(skip_install=settings.skip_cli_install, timeout=settings.install_cli_timeout),
+            rates=settings.rates,  # the run's `budget` param is in their currency
             streams_per_gpu=settings.streams_per_gpu,
             poll_interval=settings.poll_interval,
             delivery_timeout=settings.command_delivery_timeout,

@@ -185,6 +185,9 @@ class Settings:
     # The report's estimated EC2 cost (include/vod_sr/cost.py): price per hour of each instance type, and its currency
     # (VOD_SR_HOURLY_RATES over the built-in us-east-1 On-Demand list prices; VOD_SR_COST_CURRENCY).
     rates: Rates = field(default_factory=Rates)
+    # vod_sr_nightly's default run budget, in the rates' currency (the `budget` param; None: no budget): once the
+    # run's instance time at those rates reaches it, no new chunk is sent (operators.RunChunksOperator).
+    nightly_budget: float | None = None
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -224,4 +227,5 @@ class Settings:
             sns_topic_arn=os.environ.get("VOD_SR_SNS_TOPIC_ARN", "").strip(),
             deadline_minutes=_env_int("VOD_SR_DEADLINE_MINUTES", defaults.deadline_minutes, minimum=0),
             rates=_env_cost_rates(),
+            nightly_budget=_env_float("VOD_SR_NIGHTLY_BUDGET", 0) or None,
         )

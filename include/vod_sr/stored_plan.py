@@ -140,3 +140,30 @@ def store_verified(s3: Any, lane: Lane, records: Sequence[Mapping[str, Any]]) ->
 def load_verified(s3: Any, bucket: str, verified: Iterable[Mapping[str, Any]]) -> list[list[dict[str, Any]]]:
     """The records of each lane verify stored (see `store_verified`)."""
     return [_get(s3, bucket, ref["verified_key"]) for ref in verified]
+
+
+def left_key(run_token: str, instance_id: str) -> str:
+    return plan_key(run_token, f"left-{instance_id}.json")
+
+
+def store_left(
+    s3: Any,
+    bucket: str,
+    run_token: str,
+    instance_id: str,
+    chunk_indices: Sequence[int],
+    budget_stop: Mapping[str, Any],
+) -> None:
+    """Keep the chunks of a lane that the run's budget kept from being sent (run_chunks), with the budget figures
+    (`budget`, `spent`, `currency`): verify reports their files as left for the next run."""
+    _put(s3, bucket, left_key(run_token, instance_id), {**budget_stop, "chunk_indices": list(chunk_indices)})
+
+
+def load_left(s3: Any, lane: Lane) -> dict[str, Any] | None:
+    """What `store_left` kept for the lane; None when the budget stopped nothing there."""
+    try:
+        return _get(s3, lane.output_bucket, left_key(lane.run_token, lane.instance_id))
+    except Exception as error:  # botocore is not imported here: NoSuchKey is told by its code
+        if getattr(error, "response", {}).get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+            return None
+        raise
