@@ -13,6 +13,7 @@ import enum
 import logging
 import math
 import re
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -259,6 +260,23 @@ def is_ready(ec2: Any, ssm: Any, instance_id: str, *, lease_id: str, holder: str
     """
     with unusable_when_unfixable(instance_id):
         return _is_ready(ec2, ssm, instance_id, lease_id=lease_id, holder=holder)
+
+
+def ready_within(
+    ec2: Any, ssm: Any, instance_id: str, *, lease_id: str, holder: str, seconds: float, interval: float = 1.0
+) -> bool:
+    """`is_ready`, looked at again every `interval` seconds for up to `seconds`: True as soon as it is.
+
+    The readiness sensor's poke: an agent usually comes Online seconds after the instance runs, and a sensor
+    rescheduled for its poke interval (15 s by default) would leave the GPU idle that long. Longer waits (a cold boot,
+    a slow registration) go back to the sensor's reschedules, which hold no worker slot."""
+    deadline = time.monotonic() + seconds
+    while True:
+        if is_ready(ec2, ssm, instance_id, lease_id=lease_id, holder=holder):
+            return True
+        if time.monotonic() + interval > deadline:
+            return False
+        time.sleep(interval)
 
 
 def _is_ready(ec2: Any, ssm: Any, instance_id: str, *, lease_id: str, holder: str) -> bool:

@@ -14,6 +14,8 @@ from include.vod_sr.params import trigger_form
 from include.vod_sr.settings import Settings
 
 Selection = Literal["params", "interval", "events"]
+# Seconds each wait_for_agent poke looks for the agent, once a second, before a reschedule (instance.ready_within).
+AGENT_QUICK_WAIT_SECONDS = 20
 
 
 def vod_sr_dag(
@@ -242,13 +244,16 @@ def _wire(settings: Settings, selection: Selection) -> None:
             from airflow.sdk.exceptions import AirflowFailException
 
             from include.vod_sr.aws import aws_client
-            from include.vod_sr.instance import InstanceUnusable, is_ready, refresh_lease
+            from include.vod_sr.instance import InstanceUnusable, ready_within, refresh_lease
 
             instance_id, lease_id = acquired["instance_id"], acquired["lease_id"]
             holder = get_current_context()["run_id"]
             ec2, ssm = aws_client("ec2", settings.aws_conn_id), aws_client("ssm", settings.aws_conn_id)
             try:
-                ready = is_ready(ec2, ssm, instance_id, lease_id=lease_id, holder=holder)
+                # Each poke looks every second for a while: the agent is usually Online within seconds of `running`.
+                ready = ready_within(
+                    ec2, ssm, instance_id, lease_id=lease_id, holder=holder, seconds=AGENT_QUICK_WAIT_SECONDS
+                )
             except InstanceUnusable as error:
                 raise AirflowFailException(str(error)) from None
             if ready:

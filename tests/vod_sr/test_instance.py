@@ -881,3 +881,28 @@ class TestReleaseTerminatesLaunchedInstances:
         assert record["outcome"] == "terminated"
         assert record["instance_type"] == "g6e.xlarge"
         assert record["instance_seconds"] is not None and record["instance_seconds"] >= 1
+
+
+class TestReadyWithin:
+    """The readiness sensor's poke looks again every second for a while (moto's EC2 and SSM; is_ready's own cases
+    are above)."""
+
+    def test_true_at_the_first_look_that_finds_it_ready(self, ec2, monkeypatch):
+        import include.vod_sr.instance as instance
+
+        looks = iter([False, False, True])
+        monkeypatch.setattr(instance, "is_ready", lambda *a, **k: next(looks))
+        started = time.monotonic()
+
+        assert instance.ready_within(ec2, None, "i-x", lease_id="l", holder="h", seconds=10, interval=0.2)
+        assert 0.4 <= time.monotonic() - started < 2
+
+    def test_false_once_the_time_is_up(self, monkeypatch):
+        import include.vod_sr.instance as instance
+
+        looks: list[bool] = []
+        monkeypatch.setattr(instance, "is_ready", lambda *a, **k: looks.append(False) or False)
+        started = time.monotonic()
+
+        assert not instance.ready_within(None, None, "i-x", lease_id="l", holder="h", seconds=1, interval=0.2)
+        assert time.monotonic() - started < 1.5 and 4 <= len(looks) <= 6
