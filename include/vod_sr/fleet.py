@@ -238,7 +238,7 @@ def launch_fleet(
             launched += ids
     except FleetError:
         raise
-    except BaseException:  # killed mid-launch (the task's SIGTERM): nothing else knows these instances yet
+    except BaseException:  # any error, KeyboardInterrupt too: nothing else knows these instances yet
         if launched:
             log.error("Launch interrupted%s", _terminated_after_failure(ec2, launched))
         raise

@@ -356,3 +356,33 @@ def launch_requests(call: dict[str, Any], template_arn: str) -> list[Request]:
         Request("airflow", "fleet", "ec2:CreateTags", created),
         Request("airflow", "fleet", "iam:PassRole", [role]),
     ]
+
+
+@pytest.mark.fullstack
+def test_marking_a_fleet_run_failed_still_terminates_its_instance(world, template, airflow_backend, tmp_path):
+    """The production deployment (scheduler, Celery workers, triggerers): a run marked failed in the UI while its
+    chunk runs still has its teardown terminate the launched instance."""
+    import os
+
+    from include.local_aws.airflow_stack import AirflowStack
+
+    # A 90 s clip keeps the SR command busy long enough to give up on the run while it runs.
+    world.upload("fleet/long.mp4", make_sample_clip(tmp_path / "long.mp4", seconds=90))
+    stack = AirflowStack(tmp_path / "airflow-home", dict(os.environ), backend=airflow_backend).start()
+    try:
+        run_id = stack.trigger({"sources": ["fleet/long.mp4"], "model": "cpu", **fleet_conf(template, size=1)})
+        stack.wait_until(
+            lambda: stack.task_states(run_id).get("lane.run_chunks") == "deferred", 300, "the wait never deferred"
+        )
+
+        stack.api("PATCH", f"/dags/{DAG_ID}/dagRuns/{run_id}", {"state": "failed"})
+        stack.wait_until(
+            lambda: stack.task_states(run_id).get("lane.release") in ("success", "failed"), 240, "no teardown ran"
+        )
+
+        assert stack.task_states(run_id)["lane.release"] == "success"
+        (instance,) = launched_by(world, run_id).values()
+        assert instance["State"]["Name"] == "terminated"
+    finally:
+        stack.stop()
+    assert stack.leaked == []
