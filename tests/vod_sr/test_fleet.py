@@ -327,3 +327,68 @@ class TestTerminate:
         with pytest.raises(ClientError, match="InvalidInstanceID"):
             terminate_fleet(ec2, ["i-0000000000000dead"])
         terminate_fleet(ec2, launched)
+
+
+class TestDeploymentDefaults:
+    """VOD_SR_* settings for fleets (include/vod_sr/settings.py), read at DAG parse time."""
+
+    @pytest.fixture(autouse=True)
+    def clean_env(self, monkeypatch):
+        for name in (
+            "VOD_SR_INSTANCE_IDS",
+            "VOD_SR_INSTANCE_ID",
+            "VOD_SR_LAUNCH_TEMPLATE",
+            "VOD_SR_LAUNCH_TEMPLATE_VERSION",
+            "VOD_SR_FLEET_SIZE",
+            "VOD_SR_SPOT",
+            "VOD_SR_FLEET_INSTANCE_TYPES",
+        ):
+            monkeypatch.delenv(name, raising=False)
+
+    def test_a_nightly_fleet_from_the_environment(self, monkeypatch):
+        from include.vod_sr.settings import Settings
+
+        monkeypatch.setenv("VOD_SR_LAUNCH_TEMPLATE", "bluewhale-g6e")
+        monkeypatch.setenv("VOD_SR_FLEET_SIZE", "4")
+        monkeypatch.setenv("VOD_SR_SPOT", "true")
+        monkeypatch.setenv("VOD_SR_FLEET_INSTANCE_TYPES", "g6e.xlarge, g6e.2xlarge")
+
+        settings = Settings.from_env()
+
+        assert (settings.launch_template, settings.launch_template_version, settings.fleet_size) == (
+            "bluewhale-g6e",
+            "$Default",
+            4,
+        )
+        assert (settings.spot, settings.fleet_instance_types) == (True, ("g6e.xlarge", "g6e.2xlarge"))
+
+    def test_no_fleet_by_default(self):
+        from include.vod_sr.settings import Settings
+
+        assert (Settings.from_env().fleet_size, Settings.from_env().launch_template) == (0, "")
+
+    @pytest.mark.parametrize(
+        ("env", "message"),
+        [
+            pytest.param({"VOD_SR_FLEET_SIZE": "3"}, "VOD_SR_LAUNCH_TEMPLATE is not", id="no-template"),
+            pytest.param(
+                {
+                    "VOD_SR_FLEET_SIZE": "3",
+                    "VOD_SR_LAUNCH_TEMPLATE": "t-1",
+                    "VOD_SR_INSTANCE_IDS": "i-0123456789abcdef0",
+                },
+                "either a fleet or named instances",
+                id="both",
+            ),
+            pytest.param({"VOD_SR_FLEET_SIZE": "51", "VOD_SR_LAUNCH_TEMPLATE": "t-1"}, "over 50", id="too-many"),
+            pytest.param({"VOD_SR_FLEET_SIZE": "three"}, "not a whole number", id="not-a-number"),
+        ],
+    )
+    def test_a_default_fleet_that_cannot_work_fails_at_parse_time(self, monkeypatch, env, message):
+        from include.vod_sr.settings import Settings
+
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+
+        with pytest.raises(ValueError, match=message):
+            Settings.from_env()
