@@ -567,9 +567,10 @@ def release(
 
 def _terminate(ec2: Any, instance_id: str, state: str, timeout: int, poll_interval: int, wait: bool) -> str:
     """Terminate an instance launched for this run (found in `state`); the termination also ends any command still
-    on it. EC2 terminates a pending instance too."""
+    on it. EC2 terminates a pending instance too. Found terminated (run_chunks' early release began it) is
+    "terminated" too: the run's instance is gone, which is what the report says."""
     if state == "terminated":
-        return "already terminated"
+        return "terminated"
     if state != "shutting-down":
         log.info("Terminating %s: it was launched for this run", instance_id)
         ec2.terminate_instances(InstanceIds=[instance_id])
