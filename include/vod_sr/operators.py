@@ -17,6 +17,8 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from include.vod_sr.cost import Rates
 
 TRANSIENT_ERRORS_XCOM_KEY = "transient_aws_errors"
+# Commands out per GPU slot: see RunChunksOperator.
+IN_FLIGHT_PER_SLOT = 3
 # Seconds of 1-second polls of the CLI install before the poll interval: the usual no-op ends within one or two.
 QUICK_POLLS = 10
 # Seconds after a deferral before its trigger first polls: a resume within a second or two of the deferral can meet
@@ -41,10 +43,12 @@ class CliInstall:
 class RunChunksOperator(BaseOperator):
     """Run one instance's chunks, one SSM command per chunk, waiting deferred (no worker slot held).
 
-    At most `in_flight` commands are out at a time, by default two per slot of the instance (a slot is one GPU x one
-    stream): a chunk holds its slot only while its model runs (see `script.render_sr_script`), so while one chunk's
-    model runs in a slot, another has fetched its input and waits to take the slot, or is still uploading. Each GPU
-    goes straight from one model run to the next while Airflow resumes this task to send the chunk after. A failed
+    At most `in_flight` commands are out at a time, by default three per slot of the instance (a slot is one GPU x
+    one stream): a chunk holds its slot only while its model runs (see `script.render_sr_script`), so while one
+    chunk's model runs in a slot, others fetch their input and wait to take it, or measure and upload what they made.
+    Each GPU goes straight from one model run to the next while Airflow resumes this task to send the chunk after.
+    (Two per slot left GPUs waiting in the bench: a chunk spends a fetch before its model run and its checks and
+    uploads after, and the next send waits for the poll, the resume and the agent.) A failed
     chunk does not stop the others; the task fails at the end, with each failed command's Status, StatusDetails, exit
     code and output tails in its log. When the last command ends it releases the
     instance at once (see `_release_early`).
@@ -72,7 +76,7 @@ class RunChunksOperator(BaseOperator):
         chunks it prices the run's instance time so far (`cost.spend_so_far`); once that reaches the budget it sends
         no more, lets the running chunks finish and stores the chunks it did not send (`stored_plan.store_left`), whose
         files the report lists as left for the next run. None, or no budget in the params: no check.
-    :param in_flight: commands out at once on the instance; None: two per slot (`gpus * streams_per_gpu`), so no
+    :param in_flight: commands out at once on the instance; None: three per slot (`gpus * streams_per_gpu`), so no
         slot idles between two chunks.
     :param poll_interval: seconds between status polls in the triggerer.
     :param delivery_timeout: seconds SSM may take to list an invocation after SendCommand.
@@ -125,8 +129,8 @@ class RunChunksOperator(BaseOperator):
 
     @property
     def in_flight(self) -> int:
-        """Commands out at once: two per slot, one whose model runs there and one fetching, waiting or uploading."""
-        return self._in_flight if self._in_flight is not None else 2 * self.slots
+        """Commands out at once: three per slot, one whose model runs there and two fetching, waiting or uploading."""
+        return self._in_flight if self._in_flight is not None else IN_FLIGHT_PER_SLOT * self.slots
 
     @cached_property
     def ssm(self) -> Any:

@@ -15,10 +15,12 @@ from tests.e2e.test_batch_e2e import stored_report
 
 pytestmark = pytest.mark.e2e
 
-FILES = 6
+FILES = 8
 MODEL_RUN_SECONDS = 20
 RATE_PER_HOUR = 36.0  # 0.01 USD a second: the 60 s billed at the first start alone cost 0.60
-BUDGET = 0.75  # reached at 75 s of instance time: after the first two chunks, before the last one is due
+# Reached at 75 s of instance time. Three chunks go out at once (one GPU slot); each later one when one ends, about
+# every 20 s: by 75 s at most six of the eight were sent.
+BUDGET = 0.75
 
 
 def test_a_budget_stops_the_sends_part_way_and_leaves_the_rest_for_the_next_run(world, monkeypatch):
@@ -35,7 +37,7 @@ def test_a_budget_stops_the_sends_part_way_and_leaves_the_rest_for_the_next_run(
     status = {f["source"].rsplit("/", 1)[-1]: f["status"] for f in report["files"]}
     left = sorted(name for name, s in status.items() if s == "left")
     assert set(status.values()) == {"ok", "left"}, status
-    assert 1 <= len(left) <= FILES - 2, status  # part-way: some ran, some were left
+    assert 2 <= len(left) <= FILES - 3, status  # part-way: some ran, some were left
     # Exactly the files whose chunks were never sent are left: the running chunks finished.
     sent = {
         int(c["Comment"].split(" chunk ", 1)[1].split()[0])

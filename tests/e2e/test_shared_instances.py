@@ -120,9 +120,15 @@ def start_and_wait_online(world) -> None:
 
     ssm = boto_client("ssm", world.emulator.endpoint_url)
     world.ec2.start_instances(InstanceIds=[world.instance_id])
+    # Running first, then an Online from this boot: the world's instance was launched and stopped, and SSM shows
+    # that boot's stale Online for a while (EC2 refuses to stop an instance still pending).
+    world.ec2.get_waiter("instance_running").wait(InstanceIds=[world.instance_id], WaiterConfig={"Delay": 0.5})
+    launched = world.ec2.describe_instances(InstanceIds=[world.instance_id])["Reservations"][0]["Instances"][0][
+        "LaunchTime"
+    ]
     deadline = time.monotonic() + 60
     while not any(
-        item["PingStatus"] == "Online"
+        item["PingStatus"] == "Online" and item["LastPingDateTime"] >= launched
         for item in ssm.describe_instance_information(Filters=[{"Key": "InstanceIds", "Values": [world.instance_id]}])[
             "InstanceInformationList"
         ]

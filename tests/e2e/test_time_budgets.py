@@ -75,7 +75,7 @@ def test_a_budget_just_above_one_chunk_lets_both_chunks_of_a_lane_finish(world, 
         ]
         if " chunk " in command["Comment"]
     }
-    assert ssm_timeouts == {str(chunk_limits(BUDGET, queued_ahead=1).backstop)}
+    assert ssm_timeouts == {str(chunk_limits(BUDGET, queued_ahead=2).backstop)}  # two chunks per slot may be ahead
 
 
 def test_a_file_over_the_per_file_limit_fails_alone(world, clips, monkeypatch):

@@ -407,7 +407,7 @@ class TestRunChunksProgressFields:
         from tests.vod_sr.test_commands import RecordingTi, StubSsm, chunks_operator, sent_entry
 
         operator = chunks_operator(StubSsm(), 1, monkeypatch)
-        assert operator.gpus == 1 and operator.in_flight == 2
+        assert operator.gpus == 1 and operator.in_flight == 3
         sent = [sent_entry("c0")]
         event = {
             "status": "ended",
@@ -418,8 +418,8 @@ class TestRunChunksProgressFields:
 
         operator.resume({"ti": RecordingTi()}, event)
 
-        # A new operator object on each resume: the count comes back from the trigger's state, two commands per GPU.
-        assert (operator.gpus, operator.slots, operator.in_flight) == (4, 4, 8)
+        # A new operator object on each resume: the count comes back from the trigger's state, three commands per GPU.
+        assert (operator.gpus, operator.slots, operator.in_flight) == (4, 4, 12)
 
     def test_each_live_command_tells_the_trigger_its_place_files_and_results_object(self):
         operator = RunChunksOperator(task_id="run_chunks", lane=lane([10, 4, 2]))
@@ -502,6 +502,7 @@ class TestRunChunksBudget:
                 "chunks": [{"index": n, "files": [{}]} for n in range(chunks)],
             },
             rates=Rates(),
+            in_flight=2,
         )
         from tests.vod_sr.test_commands import StubSsm
 
@@ -564,7 +565,7 @@ class TestRunChunksBudget:
         context = self.context(budget=1.0)
         with pytest.raises(TaskDeferred) as first:
             operator._advance(context, [])
-        assert sent == [0, 1]  # under budget: two out (one slot)
+        assert sent == [0, 1]  # under budget: two out
 
         with pytest.raises(TaskDeferred) as second:
             operator.resume(context, self.ended(first.value, "c0"))

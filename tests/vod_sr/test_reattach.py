@@ -77,8 +77,9 @@ class Lane:
         """A fresh RunChunksOperator for this lane: what a new try of the task starts with."""
         from include.vod_sr.operators import RunChunksOperator
 
+        # Two out at once (the default is three per GPU slot): the scenarios below are written for two.
         return RunChunksOperator(
-            task_id="run_chunks", lane=self.lane, poll_interval=0.5, delivery_timeout=DELIVERY_TIMEOUT
+            task_id="run_chunks", lane=self.lane, poll_interval=0.5, delivery_timeout=DELIVERY_TIMEOUT, in_flight=2
         )
 
     def commands_by_chunk(self) -> dict[int, list[dict[str, Any]]]:
