@@ -10,7 +10,7 @@ verifies every output in S3, writes a report and stops the instances again, also
    - **acquire** (setup) takes a lease on the instance and starts it if needed;
    - **wait_for_agent** waits until EC2 says running *and* the SSM agent is Online;
    - **run_chunks** first installs the AWS CLI if the instance lacks it (a no-op otherwise) and counts its GPUs, in
-     one command, then sends one SSM command per chunk, two per GPU slot so no GPU waits, and waits for them
+     one command, then sends one SSM command per chunk, three per GPU slot so no GPU waits, and waits for them
      deferred (no worker slot held);
    - **verify** checks each output exists, is non-empty, has the size the instance wrote, was written by this run
      and is its source upscaled (resolution at the model's scale, duration, audio);
