@@ -17,6 +17,7 @@ from typing import Any
 DEFAULT_CURRENCY = "USD"
 MINIMUM_BILLED_SECONDS = 60  # EC2 Linux: per second, at least a minute each time the instance starts
 MONEY_DECIMALS = 4
+DESCRIBE_FILTER_VALUES = 200  # values one DescribeInstances filter takes
 
 # AWS list prices: us-east-1, Linux, On-Demand, USD per hour. Check them against the EC2 pricing page before relying
 # on them, and override them (VOD_SR_HOURLY_RATES) for other regions, Spot, Savings Plans or Reserved Instances.
@@ -117,8 +118,10 @@ def spend_so_far(ec2: Any, instance_ids: Iterable[str], rates: Rates, *, since: 
     LaunchTime or `since` (the run's start: an instance already up for another run is counted from there), whichever
     is later, to now (or to its stop), billed with EC2's 60 s minimum per start at its type's hourly rate.
 
-    One DescribeInstances call per 1,000 instances (the paginator). An instance EC2 no longer knows is left out, as
-    are those whose type has no rate (listed in `unpriced`)."""
+    Instances are looked up with an `instance-id` filter, 200 ids per call (the filter's limit): unlike InstanceIds,
+    it skips an id EC2 no longer knows (a launched instance terminated an hour ago) instead of failing the whole
+    call, which would leave the run with no budget. Such an instance is left out, as are those whose type has no rate
+    or whose stop time EC2 does not give (both listed in `unpriced`)."""
     from include.vod_sr.instance import _stop_time
 
     ids = sorted(set(instance_ids))
@@ -127,8 +130,9 @@ def spend_so_far(ec2: Any, instance_ids: Iterable[str], rates: Rates, *, since: 
         return Spend(rates.currency, 0.0)
     paginator = ec2.get_paginator("describe_instances")
     found: dict[str, Mapping[str, Any]] = {}
-    for start in range(0, len(ids), 1000):
-        for page in paginator.paginate(InstanceIds=ids[start : start + 1000]):
+    for start in range(0, len(ids), DESCRIBE_FILTER_VALUES):
+        batch = ids[start : start + DESCRIBE_FILTER_VALUES]
+        for page in paginator.paginate(Filters=[{"Name": "instance-id", "Values": batch}]):
             for reservation in page.get("Reservations", []):
                 for instance in reservation.get("Instances", []):
                     found[instance["InstanceId"]] = instance
@@ -144,8 +148,11 @@ def spend_so_far(ec2: Any, instance_ids: Iterable[str], rates: Rates, *, since: 
         launched = launched if launched.tzinfo else launched.replace(tzinfo=UTC)
         until = now if state in ("pending", "running") else _stop_time(instance.get("StateTransitionReason", ""))
         start_at = max(launched, since)
-        if until is None or until < start_at:
-            continue  # stopped before the run started (or EC2 does not say when): nothing of this run's
+        if until is None:
+            unpriced.append(instance_id)  # stopped, but EC2 does not say when
+            continue
+        if until < start_at:
+            continue  # stopped before the run started: nothing of this run's
         entry = instance_cost(round((until - start_at).total_seconds()), instance.get("InstanceType"), rates)
         if entry["cost"] is None:
             unpriced.append(instance_id)

@@ -163,9 +163,25 @@ class RunChunksOperator(BaseOperator):
 
         context["lane_label"] = lane_label(self.lane)
         self._load_chunks()
-        if self.install_cli is not None:
+        reattached = self._reattach()
+        self._budget_stop = self._stored_budget_stop()
+        if self.install_cli is not None and self._budget_stop is None and len(reattached) < len(self.lane["chunks"]):
+            # Chunks are left to send: install the CLI and count the GPUs first. A retry that finds every chunk sent
+            # only re-attaches (its instance may even be released already).
             self.gpus = self._install_cli(context, self.install_cli)
-        return self._advance(context, self._reattach())
+        return self._advance(context, reattached)
+
+    def _stored_budget_stop(self) -> dict[str, Any] | None:
+        """The budget stop an earlier try of this task recorded (`stored_plan.store_left`), so that a retry sends
+        none of the chunks it kept back: verify reports those as left, not verified."""
+        from include.vod_sr.stored_plan import load_left_of
+
+        lane = self.lane
+        left = load_left_of(self.s3, lane["output_bucket"], lane["run_token"], lane["instance_id"])
+        if left is None:
+            return None
+        self.log.info("An earlier try stopped the sends for the run's budget: sending nothing more")
+        return {name: left[name] for name in ("budget", "spent", "currency", "chunks") if name in left}
 
     def _install_cli(self, context: Any, install: CliInstall) -> int:
         """Install the AWS CLI (or check it, `install.skip_install`) and count the GPUs in one command; the count.
@@ -185,7 +201,7 @@ class RunChunksOperator(BaseOperator):
             else install_cli_script(lock_wait=install.timeout * 2 // 3, count_gpus=True),
             comment=command_comment(self.lane["run_token"], "install AWS CLI"),
             timeout=install.timeout,
-            poll_interval=int(self.poll_interval),
+            poll_interval=max(1, round(self.poll_interval)),  # whole seconds for botocore's waiter
             delivery_timeout=self.delivery_timeout,
             # SSM stores the whole output there; a failure shows its true end and the link (commands.py)
             output_bucket=self.lane["output_bucket"],
@@ -580,7 +596,7 @@ class RunChunksOperator(BaseOperator):
                 lane["run_token"],
                 stop=lane["stop_when_done"],
                 timeout=self.release_timeout,
-                poll_interval=int(self.poll_interval),
+                poll_interval=max(1, round(self.poll_interval)),  # whole seconds for botocore's waiter
                 wait=False,
             )
         except Exception as error:

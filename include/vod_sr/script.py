@@ -228,7 +228,7 @@ def render_sr_script(
     `$TMPDIR/vod-sr.slot-<k>.lock` (flock) from its first model run to the end of its last, and its ffmpeg sees only
     GPU `k // streams_per_gpu` (`CUDA_VISIBLE_DEVICES`). The chunk's file list and first download come before the
     slot, its last measurements, contact sheet and upload after it: a chunk waiting with its input ready starts its
-    model run within 0.1 s of a slot freeing, so with more chunks out than slots no GPU waits on S3 or on the
+    model run within 0.25 s of a slot freeing, so with more chunks out than slots no GPU waits on S3 or on the
     orchestration. As many model runs go at once as there are slots (see `limits.lock_wait` for the wait). Every chunk
     sent to an instance must be rendered with the same `gpus` and `streams_per_gpu`: chunks that count the slots
     differently would share them wrongly.
@@ -306,10 +306,11 @@ budget_end=$((SECONDS + ${budget:-0}))
 # Cancel and timeout send SIGKILL, which runs no trap: remove the work directories killed chunks left. Each live chunk
 # holds a lock on its own directory (fd 6) from the moment it makes it; a directory whose lock is free and that is
 # more than a minute old (so not one being made right now) was left by a killed chunk.
-find "$tmp" -mindepth 1 -maxdepth 1 -type d -name 'vod-sr.chunk.*' -mmin +1 -print0 |
+# Chunks starting together may race for the same stale directory: neither find nor the loop may fail the script.
+find "$tmp" -ignore_readdir_race -mindepth 1 -maxdepth 1 -type d -name 'vod-sr.chunk.*' -mmin +1 -print0 |
     while IFS= read -r -d '' stale; do
         flock -n "$stale" rm -rf -- "$stale" 2>/dev/null || true
-    done
+    done || true
 # Left by the scripts from before, which held a slot's lock (or, before the slots, vod-sr.lock) for their whole run
 # and worked in vod-sr.slot-<k>.XXXXXXXX (vod-sr.XXXXXXXX): once nothing holds that lock, what they left is stale.
 for ((k = 0; k < slots; k++)); do
@@ -355,7 +356,7 @@ take_slot() {  # returns non-zero when every slot is still held at the end of th
                 return 1
             fi
         fi
-        sleep 0.1  # a freed slot is taken within a tenth of a second
+        sleep 0.25  # a freed slot is taken within a quarter of a second, at a few flock runs per waiting chunk
     done
 }
 

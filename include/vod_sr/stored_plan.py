@@ -161,8 +161,13 @@ def store_left(
 
 def load_left(s3: Any, lane: Lane) -> dict[str, Any] | None:
     """What `store_left` kept for the lane; None when the budget stopped nothing there."""
+    return load_left_of(s3, lane.output_bucket, lane.run_token, lane.instance_id)
+
+
+def load_left_of(s3: Any, bucket: str, run_token: str, instance_id: str) -> dict[str, Any] | None:
+    """`load_left` for a lane given by its bucket, run token and instance."""
     try:
-        return _get(s3, lane.output_bucket, left_key(lane.run_token, lane.instance_id))
+        return _get(s3, bucket, left_key(run_token, instance_id))
     except Exception as error:  # botocore is not imported here: NoSuchKey is told by its code
         if getattr(error, "response", {}).get("Error", {}).get("Code") in ("NoSuchKey", "404"):
             return None

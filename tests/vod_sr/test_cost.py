@@ -232,6 +232,17 @@ class TestSpendSoFar:
         assert spend == Spend("USD", round(1.861 + 10.49264, 4))
         assert spend.line() == "about 12.3536 USD spent so far"
 
+    def test_an_instance_ec2_no_longer_knows_is_left_out_not_fatal(self, ec2):
+        # AWS forgets a terminated instance after about an hour: DescribeInstances(InstanceIds=[it]) then fails whole
+        # (InvalidInstanceID.NotFound), which would leave the run without a budget. The filter skips it.
+        instance, launched = self.launch(ec2)
+
+        spend = spend_so_far(
+            ec2, [instance, "i-0123456789abcdef0"], Rates(), since=launched, now=launched + timedelta(hours=1)
+        )
+
+        assert spend == Spend("USD", 1.861)
+
     def test_an_instance_up_before_the_run_counts_from_the_run_start(self, ec2):
         instance, launched = self.launch(ec2)
         started = launched + timedelta(hours=5)  # another run had it up for five hours

@@ -73,13 +73,18 @@ class Lane:
 
         monkeypatch.setattr("include.vod_sr.script.render_sr_script", sleeping_script)
 
-    def operator(self) -> Any:
+    def operator(self, **kwargs: Any) -> Any:
         """A fresh RunChunksOperator for this lane: what a new try of the task starts with."""
         from include.vod_sr.operators import RunChunksOperator
 
         # Two out at once (the default is three per GPU slot): the scenarios below are written for two.
         return RunChunksOperator(
-            task_id="run_chunks", lane=self.lane, poll_interval=0.5, delivery_timeout=DELIVERY_TIMEOUT, in_flight=2
+            task_id="run_chunks",
+            lane=self.lane,
+            poll_interval=0.5,
+            delivery_timeout=DELIVERY_TIMEOUT,
+            in_flight=2,
+            **kwargs,
         )
 
     def commands_by_chunk(self) -> dict[int, list[dict[str, Any]]]:
@@ -254,6 +259,22 @@ class TestARetryReattachesInsteadOfResending:
             lane.operator().execute(task_context())
 
         assert sends(emulator_env) == 0
+
+    def test_a_retry_that_finds_every_chunk_sent_does_not_install_the_cli_again(self, lane_on, emulator_env):
+        # The last resume may have released the instance already: a retry then only re-attaches and reports.
+        from include.vod_sr.operators import CliInstall
+
+        lane = lane_on({0: 0, 1: 0, 2: 0})
+        for entry in defer(lane.operator()).resume_state["entries"]:  # chunks 0 and 1
+            lane.wait_until_ended(entry["command_id"])
+        for entry in defer(lane.operator()).resume_state["entries"]:  # a second try: re-attaches, sends chunk 2
+            lane.wait_until_ended(entry["command_id"])
+        emulator_env.reset_calls()
+
+        done = lane.operator(install_cli=CliInstall(skip_install=True, timeout=60)).execute(task_context())
+
+        assert done["outcomes"] == {"success": 3}
+        assert sends(emulator_env) == 0  # no install command, no chunk
 
     def test_a_retry_after_chunks_were_sent_again_reattaches_to_the_resends(self, lane_on, emulator_env):
         import asyncio
