@@ -91,7 +91,7 @@ class TestLeases:
     def test_expired_lease_deleted_own_lease_refreshed_and_the_other_runs_lease_named(
         self, world, short_clip, caplog, capfd
     ):
-        keys = upload(world, short_clip, 3)
+        keys = upload(world, short_clip, 4)  # one chunk more than run_chunks sends at once (three per GPU slot)
         world.ec2.create_tags(
             Resources=[world.instance_id],
             Tags=[
@@ -109,7 +109,7 @@ class TestLeases:
         # The other run's lease keeps the instance up, and the log says which lease, whose, and how old.
         assert world.instance_state() == "running"
         assert "left running: lease other-run held by manual__other, taken or refreshed" in log
-        # Refreshed while the run works: a CreateTags after chunks were already sent (3 chunks, 2 in flight).
+        # Refreshed while the run works: a CreateTags after chunks were already sent (4 chunks, 3 in flight).
         sends = [call["time"] for call in calls(world, "SendCommand")]
         assert any(call["time"] > sends[1] for call in calls(world, "CreateTags")), "lease never refreshed mid-run"
 
