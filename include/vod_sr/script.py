@@ -240,8 +240,8 @@ def render_sr_script(
 
     Cancel and timeout kill the command's whole process group with SIGKILL, so nothing may wait for the end: the
     results at `results_uri` are rewritten as each file ends (an upload ends it), and the work directories killed
-    chunks left behind are removed by the next chunk to start (each live chunk holds a lock on its own
-    `vod-sr.chunk.XXXXXXXX`; one whose lock is free and that is over a minute old is stale).
+    chunks left behind are removed by the next chunk to take a slot (each live chunk holds a lock on its own
+    `vod-sr.chunk.XXXXXXXX`, made and locked under `vod-sr.dirs.lock`; one whose lock is free is stale).
 
     Each output and its source are measured right after ffmpeg, with ffmpeg itself (every instance that runs a
     model has it; ffprobe is not always there): the first video stream's resolution, that stream's duration (read
@@ -303,27 +303,39 @@ wait_end=$(($(now_ms) + ${lock_wait:-0} * 1000))
 # Until a slot is taken, the budget counts from the start (it bounds the first download); then from taking it.
 budget_end=$((SECONDS + ${budget:-0}))
 
-# Cancel and timeout send SIGKILL, which runs no trap: remove the work directories killed chunks left. Each live chunk
-# holds a lock on its own directory (fd 6) from the moment it makes it; a directory whose lock is free and that is
-# more than a minute old (so not one being made right now) was left by a killed chunk.
-# Chunks starting together may race for the same stale directory: neither find nor the loop may fail the script.
-find "$tmp" -ignore_readdir_race -mindepth 1 -maxdepth 1 -type d -name 'vod-sr.chunk.*' -mmin +1 -print0 |
-    while IFS= read -r -d '' stale; do
-        flock -n "$stale" rm -rf -- "$stale" 2>/dev/null || true
-    done || true
-# Left by the scripts from before, which held a slot's lock (or, before the slots, vod-sr.lock) for their whole run
-# and worked in vod-sr.slot-<k>.XXXXXXXX (vod-sr.XXXXXXXX): once nothing holds that lock, what they left is stale.
-for ((k = 0; k < slots; k++)); do
-    { flock -n 7 && find "$tmp" -mindepth 1 -maxdepth 1 -type d -name "vod-sr.slot-$k.*" -exec rm -rf -- {} +; } \
-        7>>"$tmp/vod-sr.slot-$k.lock" || true
-done
-if [ -e "$tmp/vod-sr.lock" ]; then
-    { flock -n 7 && find "$tmp" -mindepth 1 -maxdepth 1 -type d -name 'vod-sr.*' ! -name 'vod-sr.slot-*' \
-        ! -name 'vod-sr.chunk.*' -exec rm -rf -- {} +; } 7>"$tmp/vod-sr.lock" || true
-fi
-workdir=$(mktemp -d "$tmp/vod-sr.chunk.XXXXXXXX")
-exec 6<"$workdir"
-flock -n 6
+# Cancel and timeout send SIGKILL, which runs no trap: the work directories killed chunks left are removed by the next
+# chunk to take a slot (`sweep`). Each live chunk holds a lock on its own directory (fd 6); making and locking one, and
+# sweeping, each happen under $tmp/vod-sr.dirs.lock, so a sweep never sees a directory not yet locked.
+{
+    flock 5
+    workdir=$(mktemp -d "$tmp/vod-sr.chunk.XXXXXXXX")
+    exec 6<"$workdir"
+    flock -n 6
+} 5>>"$tmp/vod-sr.dirs.lock"
+sweep() {
+    local stale k
+    {
+        flock 5
+        for stale in "$tmp"/vod-sr.chunk.*/; do
+            [ -d "$stale" ] || continue
+            flock -n "$stale" rm -rf -- "$stale" 2>/dev/null || true
+        done
+        # Left by the scripts from before, which held a slot's lock (or, before the slots, vod-sr.lock) for their
+        # whole run and worked in vod-sr.slot-<k>.XXXXXXXX (vod-sr.XXXXXXXX): once nothing holds that lock, stale.
+        for ((k = 0; k < slots; k++)); do
+            if [ "$k" = "$slot" ]; then  # held by this chunk now: no script from before is in it
+                find "$tmp" -mindepth 1 -maxdepth 1 -type d -name "vod-sr.slot-$k.*" -exec rm -rf -- {} + || true
+                continue
+            fi
+            { flock -n 7 && find "$tmp" -mindepth 1 -maxdepth 1 -type d -name "vod-sr.slot-$k.*" \
+                -exec rm -rf -- {} +; } 7>>"$tmp/vod-sr.slot-$k.lock" || true
+        done
+        if [ -e "$tmp/vod-sr.lock" ]; then
+            { flock -n 7 && find "$tmp" -mindepth 1 -maxdepth 1 -type d -name 'vod-sr.*' ! -name 'vod-sr.slot-*' \
+                ! -name 'vod-sr.chunk.*' -exec rm -rf -- {} +; } 7>"$tmp/vod-sr.lock" || true
+        fi
+    } 5>>"$tmp/vod-sr.dirs.lock"
+}
 trap 'rm -rf -- "$workdir"' EXIT
 
 # A slot is one GPU x one stream, slot k on GPU k / streams_per_gpu, held with the lock $tmp/vod-sr.slot-<k>.lock
@@ -344,6 +356,7 @@ take_slot() {  # returns non-zero when every slot is still held at the end of th
                 export CUDA_VISIBLE_DEVICES=$gpu
                 echo "vod-sr: took slot $slot of $slots ($tmp/vod-sr.slot-$slot.lock): GPU $gpu" \
                     "(CUDA_VISIBLE_DEVICES=$gpu), stream $((slot % streams_per_gpu + 1)) of $streams_per_gpu" >&2
+                sweep  # a chunk killed in a slot left its directory: the next one to take a slot removes it
                 return 0
             fi
         done

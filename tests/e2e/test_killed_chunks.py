@@ -61,9 +61,9 @@ def work_directories(emulator: Any, instance_id: str) -> list[str]:
 class CancelAfterFiles(threading.Thread):
     """Cancels chunk `chunk`'s command on `instance_id` as soon as its output shows `files` files done.
 
-    The chunk then holds the instance's lock, which tells the order of the chunks on the instance: chunk `other`
-    either printed its results before (it took the lock first) or waits behind the killed chunk and runs next. The
-    work directories on the instance at that moment are the killed chunk's own (only the lock's holder has one).
+    The chunk then holds the instance's slot, which tells the order of the chunks on the instance: chunk `other`
+    either printed its results before (it took the slot first) or waits behind the killed chunk and runs next. The
+    work directories on the instance at that moment are the killed chunk's and, if it is still waiting, the other's.
     """
 
     def __init__(self, emulator: Any, instance_id: str, chunk: int, files: int, other: int) -> None:
@@ -133,13 +133,15 @@ def test_cancelled_chunk_credits_files_done_before_the_cancel_and_the_next_chunk
         "s3://vod-sr-demo-source/killed/2-long.mp4",
         "s3://vod-sr-demo-source/killed/3.mp4",
     ]
-    assert len(canceller.killed_work_directories) == 1, canceller.killed_work_directories
+    # The killed chunk's directory, and the other chunk's while it waited for the slot.
+    assert 1 <= len(canceller.killed_work_directories) <= 2, canceller.killed_work_directories
     if canceller.other_ran_first:
         # run_chunks sends both chunks at once and the agent starts both: which takes the instance's lock first is
         # not fixed (a loaded instance can start chunk 1's shell first). Then the killed chunk was the last on the
         # instance in this run: its work directory survives the kill and the stop, and the next chunk on the
         # instance, in a later run, removes it.
-        assert work_directories(world.emulator, world.instance_id) == canceller.killed_work_directories
+        (left,) = work_directories(world.emulator, world.instance_id)
+        assert left in canceller.killed_work_directories
         assert run_next_chunk(world, clips)["Status"] == "Success"
     assert work_directories(world.emulator, world.instance_id) == []
 

@@ -75,6 +75,9 @@ def test_server_errors_while_the_chunk_runs_are_counted_and_the_run_succeeds(wor
 
 def test_an_error_no_retry_fixes_fails_run_chunks_at_once_and_the_instance_still_stops(world, capfd):
     world.upload(SAMPLE_KEY)
+    # A chunk that outlasts the trigger's first poll (5 s after the deferral): the error meets a running chunk, which
+    # the teardown cancels. A chunk done by then would be verified ok and the run succeed, run_chunks failed or not.
+    world.emulator.set_faults({"instances": {world.instance_id: {"model_run_seconds": 30}}})
     armed = arm_when_a_chunk_runs(
         world, {"invocation_read_errors": 10_000, "invocation_read_error": "AccessDeniedException"}
     )
