@@ -29,6 +29,7 @@ from typing import Any
 from include.vod_sr.instance import (
     LEASE_TAG_PREFIX,
     Lease,
+    _age,
     command_comment,
     keeping_commands,
     lease_tag_key,
@@ -445,15 +446,6 @@ def _since(when: datetime | None, now: datetime) -> timedelta | None:
     if not isinstance(when, datetime):
         return None
     return now - (when if when.tzinfo else when.replace(tzinfo=UTC))
-
-
-def _age(delta: timedelta) -> str:
-    seconds = max(0, int(delta.total_seconds()))
-    if seconds < 120:
-        return f"{seconds} s"
-    if seconds < 7200:
-        return f"{seconds // 60} min"
-    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
 
 
 def _error_text(error: BaseException) -> str:
