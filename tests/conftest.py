@@ -69,3 +69,41 @@ def running_instance(emulator_env):
         assert time.monotonic() < deadline, "the emulated agent never came Online"
         time.sleep(0.2)
     return instance_id
+
+
+class DurationsRecorder:
+    """Writes each test's time (setup + call + teardown) and the session's wall time to `path`, a tab-separated file
+    `scripts/durations.py` merges into test-artifacts/durations.txt (`make test` sets VOD_SR_DURATIONS_FILE per tier).
+    Under pytest-xdist the reports of every worker reach the controller, which alone writes."""
+
+    def __init__(self, path: Path, tier: str) -> None:
+        self.path, self.tier = path, tier
+        self.seconds: dict[str, float] = {}
+        self.outcomes: dict[str, str] = {}
+        self.started = 0.0
+
+    def pytest_sessionstart(self, session: pytest.Session) -> None:
+        import time
+
+        self.started = time.monotonic()
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        self.seconds[report.nodeid] = self.seconds.get(report.nodeid, 0.0) + report.duration
+        if report.when == "call" or report.outcome != "passed":
+            self.outcomes[report.nodeid] = report.outcome if not hasattr(report, "wasxfail") else "xfailed"
+        else:
+            self.outcomes.setdefault(report.nodeid, report.outcome)
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        import time
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lines = [f"# tier\t{self.tier}\twall\t{time.monotonic() - self.started:.1f}"]
+        lines += [f"{seconds:.2f}\t{self.outcomes[nodeid]}\t{nodeid}" for nodeid, seconds in self.seconds.items()]
+        self.path.write_text("\n".join(lines) + "\n")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    path = os.environ.get("VOD_SR_DURATIONS_FILE")
+    if path and not hasattr(config, "workerinput"):  # an xdist worker reports to the controller instead
+        config.pluginmanager.register(DurationsRecorder(Path(path), Path(path).stem), "vod-sr-durations")

@@ -62,10 +62,17 @@ class Backend:
     workers: int = 0
     triggerers: int = 1
     worker_concurrency: int = 4
+    migrated: bool = False  # the database is a copy of a migrated one (`migrated_template`): no `airflow db migrate`
 
     @classmethod
     def celery(
-        cls, database_url: str, broker_url: str, workers: int = 2, triggerers: int = 2, worker_concurrency: int = 4
+        cls,
+        database_url: str,
+        broker_url: str,
+        workers: int = 2,
+        triggerers: int = 2,
+        worker_concurrency: int = 4,
+        migrated: bool = False,
     ) -> Backend:
         return cls(
             database_url=database_url,
@@ -74,16 +81,37 @@ class Backend:
             workers=workers,
             triggerers=triggerers,
             worker_concurrency=worker_concurrency,
+            migrated=migrated,
         )
 
     @classmethod
-    def fresh_celery(cls, postgres: PostgresServer, redis: RedisServer, **options: Any) -> Backend:
-        """A Celery deployment on a new database of `postgres` and an emptied `redis` (nothing queued by an earlier
-        stack reaches this one's workers)."""
+    def fresh_celery(
+        cls, postgres: PostgresServer, redis: RedisServer, template: str | None = None, **options: Any
+    ) -> Backend:
+        """A Celery deployment on a new database of `postgres` (a copy of `template`, a database `migrated_template`
+        made, when given) and an emptied `redis` (nothing queued by an earlier stack reaches this one's workers)."""
         import redis as redis_client
 
         redis_client.Redis(port=redis.port).flushall()
-        return cls.celery(postgres.url(postgres.create_database()), redis.url, **options)
+        database = postgres.create_database(template=template)
+        return cls.celery(postgres.url(database), redis.url, migrated=template is not None, **options)
+
+    @staticmethod
+    def migrated_template(postgres: PostgresServer, home: Path) -> str:
+        """A database of `postgres` migrated once by `airflow db migrate` (Airflow home `home`), for `fresh_celery` to
+        copy: each stack then starts on its own database without migrating it again. Its name."""
+        database = postgres.create_database()
+        env = {
+            **os.environ,
+            "AIRFLOW_HOME": str(home),
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": postgres.url(database),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        }
+        home.mkdir(parents=True, exist_ok=True)
+        airflow = str(Path(sys.executable).parent / "airflow")
+        migrate = subprocess.run([airflow, "db", "migrate"], env=env, capture_output=True, text=True, timeout=300)
+        assert migrate.returncode == 0, "airflow db migrate of the template failed:\n" + migrate.stdout[-4000:]
+        return database
 
     @property
     def executor(self) -> str:
@@ -179,10 +207,15 @@ class AirflowStack:
     def _start(self, timeout: float, dag_ids: tuple[str, ...]) -> AirflowStack:
         self.home.mkdir(parents=True, exist_ok=True)
         self.log = open(self.log_path, "ab")
-        migrate = subprocess.run(
-            [self.airflow, "db", "migrate"], env=self.env, stdout=self.log, stderr=subprocess.STDOUT, timeout=timeout
-        )
-        assert migrate.returncode == 0, "airflow db migrate failed:\n" + self.tail()
+        if not self.backend.migrated:
+            migrate = subprocess.run(
+                [self.airflow, "db", "migrate"],
+                env=self.env,
+                stdout=self.log,
+                stderr=subprocess.STDOUT,
+                timeout=timeout,
+            )
+            assert migrate.returncode == 0, "airflow db migrate failed:\n" + self.tail()
         self.start_component("api-server")
         self.start_component("scheduler")
         self.start_component("dag-processor")

@@ -21,9 +21,9 @@ TRANSIENT_ERRORS_XCOM_KEY = "transient_aws_errors"
 IN_FLIGHT_PER_SLOT = 3
 # Seconds of 1-second polls of the CLI install before the poll interval: the usual no-op ends within one or two.
 QUICK_POLLS = 10
-# Seconds after a deferral before its trigger first polls: a resume within a second or two of the deferral can meet
-# the scheduler still handling the deferral's exit and lose the try (apache/airflow#72716). The chunks waiting for a
-# slot are already on the instance, so the GPUs do not feel it.
+# Seconds after a deferral before its trigger first polls (the default of `defer_settle`): a resume within a second or
+# two of the deferral can meet the scheduler still handling the deferral's exit and lose the try (apache/airflow#72716).
+# The chunks waiting for a slot are already on the instance, so the GPUs do not feel it.
 DEFER_SETTLE_SECONDS = 5
 # A chunk sent again after its instance went down under it runs as chunk RESEND_INDEX_BASE + its index: its own file
 # list and results objects, its own script header. Plans have at most limits.MAX_CHUNKS (99,999) chunks.
@@ -79,6 +79,7 @@ class RunChunksOperator(BaseOperator):
     :param in_flight: commands out at once on the instance; None: three per slot (`gpus * streams_per_gpu`), so no
         slot idles between two chunks.
     :param poll_interval: seconds between status polls in the triggerer.
+    :param defer_settle: seconds after each deferral before the trigger's first poll (`DEFER_SETTLE_SECONDS`).
     :param delivery_timeout: seconds SSM may take to list an invocation after SendCommand.
     :param release_timeout: bound of the wait for `running` should the instance still be pending when released.
     :param aws_conn_id: Airflow connection for AWS.
@@ -97,6 +98,7 @@ class RunChunksOperator(BaseOperator):
         rates: Rates | None = None,
         in_flight: int | None = None,
         poll_interval: float = 15,
+        defer_settle: float = DEFER_SETTLE_SECONDS,
         delivery_timeout: int = 300,
         release_timeout: int = 600,
         aws_conn_id: str | None = "aws_default",
@@ -113,6 +115,7 @@ class RunChunksOperator(BaseOperator):
         self._in_flight = in_flight
         self.release_timeout = release_timeout
         self.poll_interval = poll_interval
+        self.defer_settle = defer_settle
         self.delivery_timeout = delivery_timeout
         self.aws_conn_id = aws_conn_id
         self.region_name = region_name
@@ -675,7 +678,7 @@ class RunChunksOperator(BaseOperator):
                     region_name=self.region_name,
                     # Nothing left to send: resume once, when the last command ends, not at each end.
                     wait_for_all=self._budget_stop is not None or sent_count() >= len(chunks),
-                    not_before=time.time() + DEFER_SETTLE_SECONDS,
+                    not_before=time.time() + self.defer_settle,
                 ),
                 method_name="resume",
             )

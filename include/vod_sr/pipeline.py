@@ -14,8 +14,6 @@ from include.vod_sr.params import trigger_form
 from include.vod_sr.settings import Settings
 
 Selection = Literal["params", "interval", "events"]
-# Seconds each wait_for_agent poke looks for the agent, once a second, before a reschedule (instance.ready_within).
-AGENT_QUICK_WAIT_SECONDS = 20
 
 
 def vod_sr_dag(
@@ -54,7 +52,7 @@ def vod_sr_dag(
         max_active_runs=settings.max_active_runs,  # runs share the GPU instances: queue them (README, Configuration)
         doc_md=doc_md,
         tags=["vod-sr"],
-        default_args={"retries": 2, "retry_delay": timedelta(seconds=30), "pool": settings.pool},
+        default_args={"retries": 2, "retry_delay": timedelta(seconds=settings.retry_delay), "pool": settings.pool},
         **dag_kwargs,
     ) as dag:
         _wire(settings, selection)
@@ -252,7 +250,7 @@ def _wire(settings: Settings, selection: Selection) -> None:
             try:
                 # Each poke looks every second for a while: the agent is usually Online within seconds of `running`.
                 ready = ready_within(
-                    ec2, ssm, instance_id, lease_id=lease_id, holder=holder, seconds=AGENT_QUICK_WAIT_SECONDS
+                    ec2, ssm, instance_id, lease_id=lease_id, holder=holder, seconds=settings.agent_quick_wait
                 )
             except InstanceUnusable as error:
                 raise AirflowFailException(str(error)) from None
@@ -339,6 +337,7 @@ def _wire(settings: Settings, selection: Selection) -> None:
             rates=settings.rates,  # the run's `budget` param is in their currency
             streams_per_gpu=settings.streams_per_gpu,
             poll_interval=settings.poll_interval,
+            defer_settle=settings.defer_settle,
             delivery_timeout=settings.command_delivery_timeout,
             release_timeout=settings.instance_state_timeout,
             aws_conn_id=settings.aws_conn_id,

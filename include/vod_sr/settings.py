@@ -150,6 +150,14 @@ class Settings:
     command_delivery_timeout: int = 300
     # Retry delay for starting the instance (doubles each retry): EC2 capacity often returns within minutes.
     start_retry_delay: int = 60
+    # Seconds before a failed task's next try (every vod-sr task but acquire, which has start_retry_delay).
+    retry_delay: int = 30
+    # Seconds after run_chunks defers before its trigger first polls: a resume within a second or two of the deferral
+    # can meet the scheduler still handling the deferral and lose the try (apache/airflow#72716). 0 only where no
+    # scheduler races the resume (dag.test()).
+    defer_settle: int = 5
+    # Seconds each wait_for_agent poke looks for the agent (once a second) before it is rescheduled.
+    agent_quick_wait: int = 20
     # Runs of one DAG share its GPU instances: a second run would wait for the GPU with its execution timeouts
     # already ticking. One at a time queues it visibly instead; raise it when runs name disjoint instances.
     max_active_runs: int = 1
@@ -211,6 +219,9 @@ class Settings:
             poll_interval=_env_int("VOD_SR_POLL_INTERVAL", defaults.poll_interval),
             command_delivery_timeout=_env_int("VOD_SR_COMMAND_DELIVERY_TIMEOUT", defaults.command_delivery_timeout),
             start_retry_delay=_env_int("VOD_SR_START_RETRY_DELAY", defaults.start_retry_delay),
+            retry_delay=_env_int("VOD_SR_RETRY_DELAY", defaults.retry_delay, minimum=0),
+            defer_settle=_env_int("VOD_SR_DEFER_SETTLE_SECONDS", defaults.defer_settle, minimum=0),
+            agent_quick_wait=_env_int("VOD_SR_AGENT_QUICK_WAIT_SECONDS", defaults.agent_quick_wait, minimum=0),
             max_active_runs=_env_int("VOD_SR_MAX_ACTIVE_RUNS", defaults.max_active_runs),
             streams_per_gpu=_env_int("VOD_SR_STREAMS_PER_GPU", defaults.streams_per_gpu),
             duration_tolerance=_env_float("VOD_SR_DURATION_TOLERANCE", defaults.duration_tolerance),

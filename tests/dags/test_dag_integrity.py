@@ -96,6 +96,41 @@ def test_chunks_run_deferred_and_a_retry_reattaches_instead_of_resending(dag):
     assert dag.get_task("lane.verify").trigger_rule == "all_done"  # verify what got done, also after a failure
 
 
+class TestWaits:
+    """Every fixed wait is a setting whose default is the production value; the e2e fixtures lower them."""
+
+    def test_the_defaults_are_the_production_waits(self, dag):
+        from include.vod_sr.operators import DEFER_SETTLE_SECONDS
+
+        assert dag.get_task("lane.run_chunks").defer_settle == DEFER_SETTLE_SECONDS == 5  # apache/airflow#72716
+        assert dag.get_task("lane.verify").retry_delay.total_seconds() == 30
+        assert dag.get_task("lane.acquire").retry_delay.total_seconds() == 60
+
+    def test_the_settings_reach_the_tasks(self, monkeypatch):
+        from include.vod_sr.pipeline import vod_sr_dag
+        from include.vod_sr.settings import Settings
+
+        monkeypatch.setenv("VOD_SR_DEFER_SETTLE_SECONDS", "0")
+        monkeypatch.setenv("VOD_SR_RETRY_DELAY", "2")
+        monkeypatch.setenv("VOD_SR_AGENT_QUICK_WAIT_SECONDS", "3")
+        monkeypatch.setenv("VOD_SR_INSTANCE_IDS", "i-0123456789abcdef0")
+        settings = Settings.from_env()
+        dag = vod_sr_dag("waits_probe", doc_md="", settings=settings)
+
+        assert (settings.defer_settle, settings.retry_delay, settings.agent_quick_wait) == (0, 2, 3)
+        assert dag.get_task("lane.run_chunks").defer_settle == 0
+        assert dag.get_task("lane.verify").retry_delay.total_seconds() == 2
+        assert dag.get_task("report").retry_delay.total_seconds() == 2
+
+    @pytest.mark.parametrize("name", ["VOD_SR_DEFER_SETTLE_SECONDS", "VOD_SR_RETRY_DELAY"])
+    def test_a_negative_wait_is_refused_naming_the_setting(self, monkeypatch, name):
+        from include.vod_sr.settings import Settings
+
+        monkeypatch.setenv(name, "-1")
+        with pytest.raises(ValueError, match=name):
+            Settings.from_env()
+
+
 def test_runs_sharing_the_gpu_instances_queue_one_at_a_time(dag):
     assert dag.max_active_runs == 1  # VOD_SR_MAX_ACTIVE_RUNS raises it where runs use disjoint instances
 

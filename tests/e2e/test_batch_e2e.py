@@ -44,9 +44,9 @@ def assert_contact_sheets(world, report: dict) -> list[int]:
     return sizes
 
 
-def test_two_files_become_verified_2x_outputs_and_the_instance_stops(world, tmp_path):
-    world.upload(SAMPLE_KEY)
-    world.upload(NASTY_KEY)
+def test_two_files_become_verified_2x_outputs_and_the_instance_stops(world, tmp_path, full_clip):
+    world.upload(SAMPLE_KEY, full_clip)
+    world.upload(NASTY_KEY, full_clip)
 
     run = world.run(sources=[SAMPLE_KEY, NASTY_KEY])
 
@@ -75,7 +75,7 @@ def test_corrupt_file_fails_the_run_keeps_the_other_output_and_stops_the_instanc
     task_log = caplog.text + logs.out + logs.err
     assert "Invalid data found when processing input" in task_log  # ffmpeg's words, from the instance's stderr
     assert "Status=Failed StatusDetails=Failed exit code=1" in task_log
-    assert probe_video(world.download("good_sr_cpu.mp4", tmp_path / "good.mp4")).width == 1280
+    assert probe_video(world.download("good_sr_cpu.mp4", tmp_path / "good.mp4")).width == 2 * 320  # 2x the clip
     files = {f["source"].rsplit("/", 1)[-1]: f for f in stored_report(world, run)["files"]}
     assert files["good.mp4"]["status"] == "ok"
     assert files["corrupt.mp4"]["status"] == "failed"

@@ -10,7 +10,6 @@ triggerer receives them, and the scheduler starts runs of the DAG by itself.
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
 from datetime import UTC, datetime
@@ -20,6 +19,7 @@ import pytest
 from include.local_aws.airflow_stack import AirflowStack
 from include.local_aws.upload_events import create_upload_queue
 from include.local_aws.world import OUTPUT_BUCKET, SOURCE_BUCKET, airflow_env, make_sample_clip
+from tests.e2e.conftest import stack_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.fullstack]
 DAG_ID = "vod_sr_events"
@@ -39,7 +39,7 @@ def queue_url(world):
 @pytest.fixture
 def airflow(world, queue_url, airflow_backend, tmp_path):
     env = {
-        **os.environ,
+        **stack_env(),
         **airflow_env(world.emulator.endpoint_url, world.instance_id),
         "VOD_SR_EVENTS_QUEUE_URL": queue_url,
         "VOD_SR_START_RETRY_DELAY": "1",

@@ -27,6 +27,7 @@ from include.local_aws.world import (
 from include.vod_sr.fleet import LAUNCHED_BY_TAG, RUN_TOKEN_TAG
 from include.vod_sr.plan import run_token
 from include.vod_sr.report import REPORT_PREFIX
+from tests.e2e.conftest import stack_env
 from tests.e2e.test_iam_least_privilege import Request, iam_requests, principal_of
 from tests.test_deployment_files import LAUNCH_ADDITION, PRINCIPAL_POLICIES, SAMPLE, IamPolicy
 
@@ -361,13 +362,12 @@ def launch_requests(call: dict[str, Any], template_arn: str) -> list[Request]:
 def test_marking_a_fleet_run_failed_still_terminates_its_instance(world, template, airflow_backend, tmp_path):
     """The production deployment (scheduler, Celery workers, triggerers): a run marked failed in the UI while its
     chunk runs still has its teardown terminate the launched instance."""
-    import os
 
     from include.local_aws.airflow_stack import AirflowStack
 
     # A 90 s clip keeps the SR command busy long enough to give up on the run while it runs.
     world.upload("fleet/long.mp4", make_sample_clip(tmp_path / "long.mp4", seconds=90))
-    stack = AirflowStack(tmp_path / "airflow-home", dict(os.environ), backend=airflow_backend).start()
+    stack = AirflowStack(tmp_path / "airflow-home", stack_env(), backend=airflow_backend).start()
     try:
         run_id = stack.trigger({"sources": ["fleet/long.mp4"], "model": "cpu", **fleet_conf(template, size=1)})
         stack.wait_until(

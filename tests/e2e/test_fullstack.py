@@ -6,13 +6,13 @@ in a real triggerer."""
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 
 import pytest
 
 from include.local_aws.airflow_stack import AirflowStack
 from include.local_aws.world import SAMPLE_KEY, boto_client, create_world, make_sample_clip
+from tests.e2e.conftest import stack_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.fullstack]
 DAG_ID = "vod_sr_batch"
@@ -20,7 +20,7 @@ DAG_ID = "vod_sr_batch"
 
 @pytest.fixture
 def airflow(world, airflow_backend, tmp_path):
-    stack = AirflowStack(tmp_path / "airflow-home", dict(os.environ), backend=airflow_backend).start()
+    stack = AirflowStack(tmp_path / "airflow-home", stack_env(), backend=airflow_backend).start()
     yield stack
     stack.stop()
     assert stack.leaked == []  # every process ended with its component
@@ -66,7 +66,7 @@ def test_a_batch_whose_lanes_land_on_both_workers_finishes(world, airflow_backen
     # One task at a time per worker: while one worker runs a lane's task, the other lane's goes to the other worker.
     backend = dataclasses.replace(airflow_backend, worker_concurrency=1)
     started = time.monotonic()
-    airflow = AirflowStack(tmp_path / "airflow-home", dict(os.environ), backend=backend).start()
+    airflow = AirflowStack(tmp_path / "airflow-home", stack_env(), backend=backend).start()
     figures["celery_stack_start_seconds"] = round(time.monotonic() - started, 1)
     try:
         second_instance = create_world(world.emulator.endpoint_url)

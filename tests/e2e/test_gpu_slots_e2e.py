@@ -28,10 +28,10 @@ def four_gpu_instance(world, monkeypatch):
     return instance_id
 
 
-def test_a_four_gpu_instance_keeps_four_ffmpeg_runs_going(world, four_gpu_instance):
+def test_a_four_gpu_instance_keeps_four_ffmpeg_runs_going(world, four_gpu_instance, full_clip):
     keys = [f"gpus/clip {n}.mp4" for n in range(8)]
     for key in keys:
-        world.upload(key)
+        world.upload(key, full_clip)  # model runs long enough to overlap
 
     run = world.run(sources=keys, chunk_size=1)
 
@@ -44,12 +44,12 @@ def test_a_four_gpu_instance_keeps_four_ffmpeg_runs_going(world, four_gpu_instan
     assert max_overlap([interval for runs in busy.values() for interval in runs]) == 4  # four at once
 
 
-def test_two_streams_per_gpu_run_two_chunks_on_each_gpu(world, monkeypatch):
+def test_two_streams_per_gpu_run_two_chunks_on_each_gpu(world, monkeypatch, full_clip):
     """A 1-GPU instance with VOD_SR_STREAMS_PER_GPU=2: two chunks at once, both on GPU 0."""
     monkeypatch.setenv("VOD_SR_STREAMS_PER_GPU", "2")
     keys = [f"streams/clip {n}.mp4" for n in range(4)]
     for key in keys:
-        world.upload(key)
+        world.upload(key, full_clip)  # model runs long enough to overlap
 
     run = world.run(sources=keys, chunk_size=1)
 

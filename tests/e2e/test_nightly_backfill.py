@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import subprocess
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -23,6 +22,7 @@ from include.local_aws.airflow_stack import AirflowStack
 from include.local_aws.world import OUTPUT_BUCKET, SOURCE_BUCKET, make_sample_clip
 from include.vod_sr.plan import run_token
 from include.vod_sr.publish import PUBLISHED_PREFIX
+from tests.e2e.conftest import stack_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.fullstack]
 NIGHTLY, PUBLISH = "vod_sr_nightly", "vod_sr_publish"
@@ -43,7 +43,7 @@ def airflow(world, airflow_backend, tmp_path) -> Iterator[AirflowStack]:
         world.upload(key, clip)
         world.emulator.set_last_modified(SOURCE_BUCKET, key, when)
     env = {
-        **os.environ,
+        **stack_env(),
         "VOD_SR_NIGHTLY_PREFIXES": "nightly/",
         "VOD_SR_NIGHTLY_SETTLE_SECONDS": "0",
         "VOD_SR_NIGHTLY_START_DATE": "2026-10-01",

@@ -9,7 +9,6 @@ triggerers; tests/e2e/test_fullstack.py), against the emulator's SNS with an SQS
 
 from __future__ import annotations
 
-import os
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -17,6 +16,7 @@ import pytest
 
 from include.local_aws.airflow_stack import AirflowStack
 from include.local_aws.world import SAMPLE_KEY, SOURCE_BUCKET, create_world
+from tests.e2e.conftest import stack_env
 from tests.e2e.test_notifications_e2e import subscribed_topic
 
 pytestmark = [pytest.mark.e2e, pytest.mark.fullstack]
@@ -56,7 +56,7 @@ def test_success_is_published_by_the_dag_processor_and_a_stuck_nightly_run_by_it
     }.items():
         monkeypatch.setenv(name, value)
 
-    airflow = AirflowStack(tmp_path / "airflow-home", dict(os.environ), backend=airflow_backend)
+    airflow = AirflowStack(tmp_path / "airflow-home", stack_env(), backend=airflow_backend)
     airflow.start(dag_ids=("vod_sr_batch", NIGHTLY))
     try:
         run_id = airflow.trigger({"sources": [SAMPLE_KEY], "model": "cpu", "instance_ids": [second_instance]})

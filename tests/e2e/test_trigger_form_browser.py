@@ -65,10 +65,10 @@ def sources(emulator, tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def airflow(emulator, sources, postgres, redis_server, tmp_path_factory) -> Iterator[AirflowStack]:
+def airflow(emulator, sources, postgres, redis_server, airflow_template, tmp_path_factory) -> Iterator[AirflowStack]:
     instance_id = create_world(emulator.endpoint_url)
     env = {**os.environ, **airflow_env(emulator.endpoint_url, instance_id)}
-    backend = Backend.fresh_celery(postgres, redis_server)
+    backend = Backend.fresh_celery(postgres, redis_server, template=airflow_template)
     stack = AirflowStack(tmp_path_factory.mktemp("browser-airflow"), env, backend=backend).start()
     yield stack
     stack.stop()

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import re
 import threading
 import time
@@ -36,6 +35,7 @@ from include.vod_sr.commands import get_invocation
 from include.vod_sr.operators import RESEND_INDEX_BASE
 from include.vod_sr.plan import run_token
 from include.vod_sr.script import parse_result_lines
+from tests.e2e.conftest import stack_env
 from tests.e2e.test_batch_e2e import stored_report
 
 pytestmark = pytest.mark.e2e
@@ -137,7 +137,7 @@ def proxy(world) -> Iterator[HoldingProxy]:
 @pytest.fixture
 def airflow(world, proxy, airflow_backend, tmp_path) -> Iterator[AirflowStack]:
     env = {
-        **os.environ,
+        **stack_env(),
         **airflow_env(proxy.url, world.instance_id),  # Airflow's AWS calls go through the proxy
         "AIRFLOW_VAR_VOD_SR_MODELS": json.dumps({"rt": REALTIME_MODEL}),
     }
