@@ -86,6 +86,26 @@ def airflow_backend(postgres, redis_server, airflow_template):
 
 
 @pytest.fixture(scope="session")
+def shared_airflow(emulator, postgres, redis_server, airflow_template, tmp_path_factory):
+    """One production deployment (Celery: two workers, two triggerers) shared by the full-stack tests that only
+    trigger, read and mark runs failed; tests that kill a component, or need settings that change the DAGs (a
+    schedule, a queue, a topic), start their own. Each test still starts from a clean state: its own instance or
+    fleet (`instance_ids` or the fleet fields in the run's conf) and its own runs; the default instance in its
+    settings is one of its own. Waits are production ones but the retry delays (see `stack_env`)."""
+    from include.local_aws.airflow_stack import AirflowStack, Backend
+
+    default_instance = create_world(emulator.endpoint_url)
+    env = {name: value for name, value in os.environ.items() if name not in DAG_TEST_WAITS}
+    env.update(airflow_env(emulator.endpoint_url, default_instance))
+    env.update({"VOD_SR_START_RETRY_DELAY": "1", "VOD_SR_RETRY_DELAY": "1"})
+    backend = Backend.fresh_celery(postgres, redis_server, template=airflow_template)
+    stack = AirflowStack(tmp_path_factory.mktemp("shared-airflow"), env, backend=backend).start()
+    yield stack
+    stack.stop()
+    assert stack.leaked == []  # every process ended with its component
+
+
+@pytest.fixture(scope="session")
 def figures():
     """Measurements taken by the full-stack tests (takeover times, suite figures), kept in
     test-artifacts/fullstack-figures.json for the README's scaling guide and the issue notes."""

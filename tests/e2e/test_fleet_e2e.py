@@ -27,7 +27,6 @@ from include.local_aws.world import (
 from include.vod_sr.fleet import LAUNCHED_BY_TAG, RUN_TOKEN_TAG
 from include.vod_sr.plan import run_token
 from include.vod_sr.report import REPORT_PREFIX
-from tests.e2e.conftest import stack_env
 from tests.e2e.test_iam_least_privilege import Request, iam_requests, principal_of
 from tests.test_deployment_files import LAUNCH_ADDITION, PRINCIPAL_POLICIES, SAMPLE, IamPolicy
 
@@ -359,29 +358,22 @@ def launch_requests(call: dict[str, Any], template_arn: str) -> list[Request]:
 
 
 @pytest.mark.fullstack
-def test_marking_a_fleet_run_failed_still_terminates_its_instance(world, template, airflow_backend, tmp_path):
+def test_marking_a_fleet_run_failed_still_terminates_its_instance(world, template, shared_airflow, tmp_path):
     """The production deployment (scheduler, Celery workers, triggerers): a run marked failed in the UI while its
     chunk runs still has its teardown terminate the launched instance."""
-
-    from include.local_aws.airflow_stack import AirflowStack
-
+    stack = shared_airflow
     # A 90 s clip keeps the SR command busy long enough to give up on the run while it runs.
     world.upload("fleet/long.mp4", make_sample_clip(tmp_path / "long.mp4", seconds=90))
-    stack = AirflowStack(tmp_path / "airflow-home", stack_env(), backend=airflow_backend).start()
-    try:
-        run_id = stack.trigger({"sources": ["fleet/long.mp4"], "model": "cpu", **fleet_conf(template, size=1)})
-        stack.wait_until(
-            lambda: stack.task_states(run_id).get("lane.run_chunks") == "deferred", 300, "the wait never deferred"
-        )
+    run_id = stack.trigger({"sources": ["fleet/long.mp4"], "model": "cpu", **fleet_conf(template, size=1)})
+    stack.wait_until(
+        lambda: stack.task_states(run_id).get("lane.run_chunks") == "deferred", 300, "the wait never deferred"
+    )
 
-        stack.api("PATCH", f"/dags/{DAG_ID}/dagRuns/{run_id}", {"state": "failed"})
-        stack.wait_until(
-            lambda: stack.task_states(run_id).get("lane.release") in ("success", "failed"), 240, "no teardown ran"
-        )
+    stack.api("PATCH", f"/dags/{DAG_ID}/dagRuns/{run_id}", {"state": "failed"})
+    stack.wait_until(
+        lambda: stack.task_states(run_id).get("lane.release") in ("success", "failed"), 240, "no teardown ran"
+    )
 
-        assert stack.task_states(run_id)["lane.release"] == "success"
-        (instance,) = launched_by(world, run_id).values()
-        assert instance["State"]["Name"] == "terminated"
-    finally:
-        stack.stop()
-    assert stack.leaked == []
+    assert stack.task_states(run_id)["lane.release"] == "success"
+    (instance,) = launched_by(world, run_id).values()
+    assert instance["State"]["Name"] == "terminated"

@@ -19,7 +19,14 @@ DAG_ID = "vod_sr_batch"
 
 
 @pytest.fixture
-def airflow(world, airflow_backend, tmp_path):
+def airflow(shared_airflow, world):
+    """The session's shared stack: these tests name their instance in the run's conf."""
+    return shared_airflow
+
+
+@pytest.fixture
+def own_airflow(world, airflow_backend, tmp_path):
+    """A stack of this test's own, for a test that kills one of its components."""
     stack = AirflowStack(tmp_path / "airflow-home", stack_env(), backend=airflow_backend).start()
     yield stack
     stack.stop()
@@ -29,7 +36,7 @@ def airflow(world, airflow_backend, tmp_path):
 def test_triggered_through_the_rest_api_the_triggerer_runs_the_wait(airflow, world):
     world.upload(SAMPLE_KEY)
 
-    run_id = airflow.trigger({"sources": [SAMPLE_KEY], "model": "cpu"})
+    run_id = airflow.trigger({"sources": [SAMPLE_KEY], "model": "cpu", "instance_ids": [world.instance_id]})
     assert airflow.wait_for_run(run_id, 300) == "success", airflow.task_states(run_id)
     assert world.s3.head_object(Bucket="vod-sr-demo-output", Key="original_640x480_10s_sr_cpu.mp4")["ContentLength"] > 0
     assert world.instance_state() == "stopped"
@@ -44,7 +51,7 @@ def test_triggered_through_the_rest_api_the_triggerer_runs_the_wait(airflow, wor
 def test_marking_a_run_failed_still_stops_the_instance_and_cancels_its_command(airflow, world, tmp_path):
     # A 90 s clip keeps the SR command busy for half a minute: long enough to give up on it while it runs.
     world.upload("long.mp4", make_sample_clip(tmp_path / "long.mp4", seconds=90))
-    run_id = airflow.trigger({"sources": ["long.mp4"], "model": "cpu"})
+    run_id = airflow.trigger({"sources": ["long.mp4"], "model": "cpu", "instance_ids": [world.instance_id]})
     airflow.wait_until(
         lambda: airflow.task_states(run_id).get("lane.run_chunks") == "deferred", 240, "the wait never deferred"
     )
@@ -107,7 +114,10 @@ def triggerer_holding(airflow: AirflowStack, run_id: str) -> str | None:
     return next(job["hostname"] for job in jobs if job["id"] == triggerer_id)
 
 
-def test_a_triggerer_lost_while_a_chunk_is_deferred_hands_its_trigger_to_the_other(airflow, world, tmp_path, figures):
+def test_a_triggerer_lost_while_a_chunk_is_deferred_hands_its_trigger_to_the_other(
+    own_airflow, world, tmp_path, figures
+):
+    airflow = own_airflow
     world.upload("long.mp4", make_sample_clip(tmp_path / "long.mp4", seconds=60))
     run_id = airflow.trigger({"sources": ["long.mp4"], "model": "cpu"})
     airflow.wait_until(lambda: triggerer_holding(airflow, run_id) is not None, 240, "the wait never deferred")

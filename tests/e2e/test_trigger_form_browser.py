@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from include.local_aws.airflow_stack import AirflowStack, Backend
-from include.local_aws.world import OUTPUT_BUCKET, SOURCE_BUCKET, airflow_env, boto_client, create_world
+from include.local_aws.airflow_stack import AirflowStack
+from include.local_aws.world import OUTPUT_BUCKET, SOURCE_BUCKET, boto_client, create_world
 from include.local_aws.world import make_sample_clip as make_clip
 from include.vod_sr.links import prefilled_trigger_link
 from tests.conftest import REPO_ROOT
@@ -65,14 +65,9 @@ def sources(emulator, tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def airflow(emulator, sources, postgres, redis_server, airflow_template, tmp_path_factory) -> Iterator[AirflowStack]:
-    instance_id = create_world(emulator.endpoint_url)
-    env = {**os.environ, **airflow_env(emulator.endpoint_url, instance_id)}
-    backend = Backend.fresh_celery(postgres, redis_server, template=airflow_template)
-    stack = AirflowStack(tmp_path_factory.mktemp("browser-airflow"), env, backend=backend).start()
-    yield stack
-    stack.stop()
-    assert stack.leaked == []  # every process ended with its component
+def airflow(shared_airflow, sources) -> AirflowStack:
+    """The session's shared stack (tests/e2e/conftest.py): the form's default instance is the stack's own."""
+    return shared_airflow
 
 
 @pytest.fixture(scope="module")
