@@ -10,7 +10,7 @@ export AIRFLOW__CORE__PLUGINS_FOLDER := $(CURDIR)/plugins
 export AIRFLOW__CORE__LOAD_EXAMPLES := False
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: install browser services demo test test-fast test-e2e test-stack bench lint format lock emulator screenshots clean
+.PHONY: install browser services demo test test-fast test-e2e test-stack test-serial bench lint format lock emulator screenshots clean
 
 install: $(BIN)/.installed
 
@@ -37,14 +37,17 @@ services:
 	  echo "Installing Debian's postgresql and redis-server for the full-stack tests"; \
 	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql redis-server >/dev/null; }
 
-# Test tiers (README, Tests): each a marker expression and how it runs. fast: unit, DAG, emulator-over-HTTP, FastAPI
-# route and bench tests, no Airflow processes; e2e: the DAG through dag.test() on the emulator (each xdist worker has
-# its own Airflow home and emulator, tests/conftest.py), a module's tests on one worker (--dist loadscope) so module
-# fixtures run once; stack: real Airflow stacks, throwaway PostgreSQL/Redis, and tests marked serial (timing or
-# process kills that must not share the machine), one at a time.
-FAST_TESTS := -m "not e2e and not fullstack and not services" -n 2 --dist load
+# Test tiers (README, Tests): each a marker expression and how it runs.
+# - fast: unit, DAG, emulator-over-HTTP, FastAPI-route and bench tests; no Airflow processes; on both cores.
+# - e2e: the DAG through dag.test() on the emulator; on both cores, each xdist worker with its own Airflow home and
+#   emulator (tests/conftest.py), a module's tests on one worker (--dist loadscope) so module fixtures start once.
+# - stack: real Airflow stacks (Celery, PostgreSQL, Redis, Chromium); two at a time, the tests on the shared stack on
+#   one worker and each module's on one (--dist loadgroup, tests/e2e/conftest.py).
+# - serial: tests that kill an Airflow component and time the takeover: alone on the machine.
+FAST_TESTS := -m "not e2e and not fullstack and not services and not serial" -n 2 --dist load
 E2E_TESTS := -m "e2e and not fullstack and not services and not serial" -n 2 --dist loadscope
-STACK_TESTS := -m "fullstack or services or serial"
+STACK_TESTS := -m "(fullstack or services) and not serial" -n 2 --dist loadgroup
+SERIAL_TESTS := -m "serial"
 DURATIONS := test-artifacts/durations
 
 # Every process a test starts carries the run's tag; anything still running with it afterwards fails the target.
@@ -52,7 +55,8 @@ DURATIONS := test-artifacts/durations
 define run_tiers
 	@tag="make-test-$$$$"; status=0; rm -rf $(DURATIONS); \
 	for tier in $(1); do \
-	  case $$tier in fast) args='$(FAST_TESTS)';; e2e) args='$(E2E_TESTS)';; stack) args='$(STACK_TESTS)';; esac; \
+	  case $$tier in fast) args='$(FAST_TESTS)';; e2e) args='$(E2E_TESTS)';; stack) args='$(STACK_TESTS)';; \
+	    serial) args='$(SERIAL_TESTS)';; esac; \
 	  echo "=== make test: tier $$tier ($$args)"; \
 	  eval VOD_SR_PROCESS_TAG="$$tag" VOD_SR_DURATIONS_FILE=$(DURATIONS)/$$tier.tsv \
 	    $(BIN)/python -m pytest $$args $(PYTEST_ARGS) || status=1; \
@@ -63,7 +67,7 @@ define run_tiers
 endef
 
 test: install browser services  ## every tier (about 20 minutes on 2 cores); PYTEST_ARGS=... passes options on
-	$(call run_tiers,fast e2e stack)
+	$(call run_tiers,fast e2e stack serial)
 
 test-fast: install  ## unit and DAG tests, no Airflow processes (about 3 minutes)
 	$(call run_tiers,fast)
@@ -71,8 +75,11 @@ test-fast: install  ## unit and DAG tests, no Airflow processes (about 3 minutes
 test-e2e: install  ## the DAG through dag.test() on the emulator
 	$(call run_tiers,e2e)
 
-test-stack: install browser services  ## real Airflow stacks (Celery, PostgreSQL, Redis, Chromium) and serial tests
+test-stack: install browser services  ## real Airflow stacks (Celery, PostgreSQL, Redis, Chromium)
 	$(call run_tiers,stack)
+
+test-serial: install browser services  ## tests that kill an Airflow component, one at a time
+	$(call run_tiers,serial)
 
 screenshots: install browser services  ## docs/trigger-form.png and docs/run-tab.png, taken by the browser tests
 	$(BIN)/python -m pytest -q tests/e2e/test_trigger_form_browser.py -k "form_opens or the_tab_follows_the_run"

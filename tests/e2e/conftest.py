@@ -45,6 +45,25 @@ def stack_env(**overrides: str) -> dict[str, str]:
     return env
 
 
+# A full-stack test starts a stack (up to a minute on a loaded 2-core machine) and follows runs through it: twice the
+# suite's 300 s limit (pyproject.toml) before it is called hung.
+FULLSTACK_TIMEOUT = 600
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """For `--dist loadgroup` (the stack tier, Makefile): the tests on the shared stack run on one xdist worker, so
+    there is one shared stack; any other module's tests stay together, so its module fixtures start once. Full-stack
+    tests get FULLSTACK_TIMEOUT unless they set their own."""
+    for item in items:
+        if item.path.parent != Path(__file__).parent:
+            continue
+        if item.get_closest_marker("xdist_group") is None:
+            group = "shared_airflow" if "shared_airflow" in getattr(item, "fixturenames", ()) else item.path.stem
+            item.add_marker(pytest.mark.xdist_group(group))
+        if item.get_closest_marker("fullstack") and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(FULLSTACK_TIMEOUT))
+
+
 @pytest.fixture(scope="session")
 def airflow_db():
     """Migrate the session's fresh Airflow metadata DB (SQLite)."""
