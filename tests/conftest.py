@@ -22,6 +22,26 @@ os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
 os.environ.setdefault("VOD_SR_PROCESS_TAG", f"pytest-{os.getpid()}")
 
 
+def _one_botocore_loader_per_process() -> None:
+    """Every botocore session in a test process shares one model loader, so each service model is parsed once per
+    process, not once per client.
+
+    botocore caches the JSON models it parses per loader, and each new boto3 session (the Amazon provider's hook makes
+    one per client) has a loader of its own. In production a task is a process of its own and pays the parse once;
+    `dag.test()` runs every task of every run in the test process, where re-parsing ec2's model for each task took
+    more than half of an e2e tier worker's CPU (py-spy: 54% under `JSONFileLoader.load_file`). Sharing the loader is
+    what one session would do anyway: the same files, parsed by botocore itself, cached by its own `instance_cache`.
+    """
+    import functools
+
+    import botocore.session
+
+    botocore.session.create_loader = functools.cache(botocore.session.create_loader)
+
+
+_one_botocore_loader_per_process()
+
+
 @pytest.fixture(scope="session")
 def emulator(tmp_path_factory):
     """The local AWS emulator (`python -m include.local_aws`) in a child process, shared by the session."""

@@ -90,12 +90,10 @@ class Backend:
         cls, postgres: PostgresServer, redis: RedisServer, template: str | None = None, **options: Any
     ) -> Backend:
         """A Celery deployment on a new database of `postgres` (a copy of `template`, a database `migrated_template`
-        made, when given) and an emptied `redis` (nothing queued by an earlier stack reaches this one's workers)."""
-        import redis as redis_client
-
-        redis_client.Redis(port=redis.port).flushall()
+        made, when given) and a Redis database of its own (`RedisServer.new_database`): nothing another stack queues,
+        earlier or at the same time, reaches this one's workers."""
         database = postgres.create_database(template=template)
-        return cls.celery(postgres.url(database), redis.url, migrated=template is not None, **options)
+        return cls.celery(postgres.url(database), redis.new_database(), migrated=template is not None, **options)
 
     @staticmethod
     def migrated_template(postgres: PostgresServer, home: Path) -> str:

@@ -200,15 +200,29 @@ class PostgresServer:
 class RedisServer:
     """`redis-server` on a free loopback port, nothing persisted, its directory removed on stop."""
 
+    DATABASES = 256  # one per Airflow stack of a test session (`new_database`)
+
     def __init__(self) -> None:
         self.port = free_port()
         self.directory = Path(tempfile.mkdtemp(prefix="vod-sr-redis-"))
         self.log_path = self.directory / "redis.log"
         self.process: subprocess.Popen[bytes] | None = None
+        self._databases = 0
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
+
+    def new_database(self) -> str:
+        """The URL of an empty Redis database no other stack of this server uses. Stacks alive at once must not share
+        one: their Celery workers would take each other's tasks from the shared `default` queue."""
+        import redis as redis_client
+
+        self._databases += 1
+        if self._databases >= self.DATABASES:
+            raise RuntimeError(f"more than {self.DATABASES - 1} Airflow stacks on one Redis server")
+        redis_client.Redis(port=self.port, db=self._databases).flushdb()
+        return f"redis://127.0.0.1:{self.port}/{self._databases}"
 
     def start(self, timeout: float = 30) -> RedisServer:
         binary = shutil.which("redis-server")
@@ -228,6 +242,8 @@ class RedisServer:
                     "no",
                     "--dir",
                     str(self.directory),
+                    "--databases",
+                    str(self.DATABASES),
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -90,6 +90,34 @@ def test_postgres_and_redis_serve_on_loopback_and_leave_no_process_or_data_behin
     assert not any(directory.exists() for directory in directories)
 
 
+@pytest.mark.services
+def test_stacks_on_one_server_get_a_broker_and_a_database_of_their_own_the_database_a_copy_of_the_template():
+    """Two stacks alive at once on one Redis server must not share its `default` queue (their Celery workers took
+    each other's tasks), and a stack's database copied from the template has the template's tables."""
+    import psycopg2
+    import redis
+
+    with PostgresServer() as postgres, RedisServer() as broker:
+        first, second = broker.new_database(), broker.new_database()
+        redis.Redis.from_url(first).rpush("default", "a task of the first stack")
+
+        assert first != second
+        assert redis.Redis.from_url(second).llen("default") == 0
+        assert redis.Redis.from_url(first).llen("default") == 1
+
+        template = postgres.create_database()
+        with psycopg2.connect(host="127.0.0.1", port=postgres.port, user="postgres", dbname=template) as connection:
+            with connection.cursor() as cursor:
+                cursor.execute("CREATE TABLE migrated (revision text); INSERT INTO migrated VALUES ('head')")
+        connection.close()  # CREATE DATABASE ... TEMPLATE needs the template without connections
+        copy = postgres.create_database(template=template)
+        with psycopg2.connect(host="127.0.0.1", port=postgres.port, user="postgres", dbname=copy) as connection:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT revision FROM migrated")
+                assert cursor.fetchall() == [("head",)]
+        connection.close()
+
+
 def test_the_tag_reaches_grandchildren_through_the_environment():
     tag = f"inherit-{uuid.uuid4()}"
     process, (grandchild,) = start_family(
