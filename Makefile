@@ -38,14 +38,17 @@ services:
 	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql redis-server >/dev/null; }
 
 # Test tiers (README, Tests): each a marker expression and how it runs.
-# - fast: unit, DAG, emulator-over-HTTP, FastAPI-route and bench tests; no Airflow processes; on both cores.
-# - e2e: the DAG through dag.test() on the emulator; on both cores, each xdist worker with its own Airflow home and
-#   emulator (tests/conftest.py), a module's tests on one worker (--dist loadscope) so module fixtures start once.
+# - fast: unit, DAG, emulator-over-HTTP, FastAPI-route and bench tests; no Airflow processes.
+# - e2e: the DAG through dag.test() on the emulator; each xdist worker with its own Airflow home and emulator
+#   (tests/conftest.py), a module's tests on one worker (--dist loadscope) so module fixtures start once.
+#   Both run three xdist workers on the two cores: part of their tests wait (the emulator's paced model runs,
+#   real-time clips, polls), and a third worker keeps the cores busy meanwhile (measured: see the README, Tests).
 # - stack: real Airflow stacks (Celery, PostgreSQL, Redis, Chromium); two at a time, the tests on the shared stack on
 #   one worker and each module's on one (--dist loadgroup, tests/e2e/conftest.py).
-# - serial: tests that kill an Airflow component and time the takeover: alone on the machine.
-FAST_TESTS := -m "not e2e and not fullstack and not services and not serial" -n 2 --dist load
-E2E_TESTS := -m "e2e and not fullstack and not services and not serial" -n 2 --dist loadscope
+# - serial: tests that kill an Airflow component and time the takeover, and the deadline alert, which does not fire
+#   on a loaded machine (tests/e2e/test_notifications_fullstack.py): alone on the machine.
+FAST_TESTS := -m "not e2e and not fullstack and not services and not serial" -n 3 --dist load
+E2E_TESTS := -m "e2e and not fullstack and not services and not serial" -n 3 --dist loadscope
 STACK_TESTS := -m "(fullstack or services) and not serial" -n 2 --dist loadgroup
 SERIAL_TESTS := -m "serial"
 DURATIONS := test-artifacts/durations
@@ -78,7 +81,7 @@ test-e2e: install  ## the DAG through dag.test() on the emulator
 test-stack: install browser services  ## real Airflow stacks (Celery, PostgreSQL, Redis, Chromium)
 	$(call run_tiers,stack)
 
-test-serial: install browser services  ## tests that kill an Airflow component, one at a time
+test-serial: install browser services  ## tests that need the machine to themselves, one at a time
 	$(call run_tiers,serial)
 
 screenshots: install browser services  ## docs/trigger-form.png and docs/run-tab.png, taken by the browser tests

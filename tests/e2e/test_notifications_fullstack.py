@@ -35,6 +35,9 @@ def wait_for_events(topic, events: set[str], timeout: float, airflow: AirflowSta
     return {event: messages[0] for event, messages in found.items()}
 
 
+# Alone on the machine: with another stack beside it (and under load at all), Airflow's deadline alert never fired
+# within 300 s, on this code and on 5b65a09 alike; its stack log had no line about the deadline. Alone it passes.
+@pytest.mark.serial
 def test_success_is_published_by_the_dag_processor_and_a_stuck_nightly_run_by_its_deadline(
     world, airflow_backend, tmp_path, monkeypatch, figures
 ):
