@@ -43,8 +43,8 @@ services:
 #   (tests/conftest.py), a module's tests on one worker (--dist loadscope) so module fixtures start once.
 #   Both run three xdist workers on the two cores: part of their tests wait (the emulator's paced model runs,
 #   real-time clips, polls), and a third worker keeps the cores busy meanwhile (measured: see the README, Tests).
-# - stack: real Airflow stacks (Celery, PostgreSQL, Redis, Chromium); two at a time, the tests on the shared stack on
-#   one worker and each module's on one (--dist loadgroup, tests/e2e/conftest.py).
+# - stack: real Airflow stacks (Celery, PostgreSQL, Redis, Chromium); two at a time (--dist loadgroup; the groups
+#   tests/e2e/conftest.py marks do not take effect yet, so each worker starts its own shared stack).
 # - serial: tests that kill an Airflow component and time the takeover, and the deadline alert, which does not fire
 #   on a loaded machine (tests/e2e/test_notifications_fullstack.py): alone on the machine.
 FAST_TESTS := -m "not e2e and not fullstack and not services and not serial" -n 3 --dist load
