@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cryptography.fernet import Fernet
+
 from include.local_aws.services import PostgresServer, RedisServer, free_port, stop_process_group, tagged_processes
 from include.local_aws.world import REPO_ROOT
 
@@ -122,6 +124,7 @@ class Component:
     name: str  # its hostname: "scheduler", "triggerer-2", "worker-1", ...
     kind: str  # the `airflow` sub-command: "scheduler", "triggerer", "celery worker", ...
     process: subprocess.Popen[bytes]
+    killed: bool = False  # by the test (kill_component), not of itself
 
     @property
     def alive(self) -> bool:
@@ -162,6 +165,11 @@ class AirflowStack:
             # secret fails with "Invalid auth token: Signature verification failed".
             "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(32),
             "AIRFLOW__API__SECRET_KEY": secrets.token_urlsafe(32),
+            # One Fernet key for every component, as docker-compose.yaml sets it. Without it each process takes the
+            # key from airflow.cfg, which the components starting together race to write: a scheduler that read a
+            # key encrypted a deadline's callback trigger, the triggerers (which read none) could not decrypt it and
+            # both exited ("Trigger runner process has died"), so the deadline alert never came.
+            "AIRFLOW__CORE__FERNET_KEY": Fernet.generate_key().decode(),
             "AIRFLOW__API__PORT": str(self.port),
             "AIRFLOW__API__WORKERS": "1",
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://localhost:{self.port}/execution/",
@@ -309,6 +317,7 @@ class AirflowStack:
     def kill_component(self, name: str) -> None:
         """SIGKILL a component and everything it started (its process group): a host lost, with no goodbye."""
         component = self.component(name)
+        component.killed = True
         os.killpg(component.process.pid, signal.SIGKILL)
         stop_process_group(component.process, timeout=10, first_signal=signal.SIGKILL)
 
@@ -413,9 +422,15 @@ class AirflowStack:
             f"{time.monotonic() - started:.0f} s ({self.api_timeout:.0f} s timeout each); last error: {last}"
         )
 
+    def died(self) -> list[str]:
+        """Components that exited of themselves (not stopped, not killed by the test): a stack that lost one no
+        longer does what a test waits for, so a wait fails at once rather than at its timeout."""
+        return [f"{c.name} (exit {c.process.returncode})" for c in self.components if not c.alive and not c.killed]
+
     def wait_until(self, condition: Callable[[], bool], timeout: float, message: str) -> None:
         deadline = time.monotonic() + timeout
         while not condition():
+            assert not (died := self.died()), f"{message}: {', '.join(died)} exited\n{self.tail()}"
             assert time.monotonic() < deadline, f"{message}\n{self.tail()}"
             time.sleep(1)
 

@@ -50,6 +50,7 @@ def stack_env(**overrides: str) -> dict[str, str]:
 FULLSTACK_TIMEOUT = 600
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's worker hook turns the groups into node ids (tests/test_test_tiers.py)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """For `--dist loadgroup` (the stack tier, Makefile): the tests on the shared stack run on one xdist worker, so
     there is one shared stack; any other module's tests stay together, so its module fixtures start once. Full-stack

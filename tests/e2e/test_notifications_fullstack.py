@@ -35,15 +35,8 @@ def wait_for_events(topic, events: set[str], timeout: float, airflow: AirflowSta
     return {event: messages[0] for event, messages in found.items()}
 
 
-# Alone on the machine (with another stack beside it, it failed sooner). It fails today on 5b65a09 as on this code, in
-# a serial run and alone in the serial tier: the success message arrives, the deadline alert never does (300 s), and
-# the stack log has no line about the deadline. It passed in the last landing's CI. Kept running and reporting, not
-# skipped, until the deadline handling is understood (issue 19's closing note).
-@pytest.mark.serial
-@pytest.mark.xfail(
-    reason="Airflow's deadline alert for the nightly run does not arrive (fails on 5b65a09 too, 2026-12-07)",
-    strict=False,
-)
+# It failed on a loaded machine, and then alone too, for a reason of the test stack's own: its components had no
+# shared Fernet key (AirflowStack sets one now), so the triggerers could not decrypt the deadline's callback and died.
 def test_success_is_published_by_the_dag_processor_and_a_stuck_nightly_run_by_its_deadline(
     world, airflow_backend, tmp_path, monkeypatch, figures
 ):
