@@ -9,7 +9,7 @@ import subprocess
 import sys
 import textwrap
 
-CONFTEST = '''
+CONFTEST = """
 import pytest
 
 @pytest.hookimpl(tryfirst=True)
@@ -23,9 +23,9 @@ def pytest_collection_modifyitems(items):
 @pytest.fixture(scope="session")
 def shared_stack():
     return None
-'''
+"""
 
-MODULE = '''
+MODULE = """
 import os
 
 def test_on_the_shared_stack(shared_stack, record):
@@ -36,13 +36,13 @@ def test_alone_one(record):
 
 def test_alone_two(record):
     record("alone")
-'''
+"""
 
 
 def test_a_group_added_at_collection_runs_on_one_worker(tmp_path):
     (tmp_path / "conftest.py").write_text(
         CONFTEST
-        + textwrap.dedent(f'''
+        + textwrap.dedent(f"""
         @pytest.fixture
         def record(request):
             import os
@@ -50,13 +50,25 @@ def test_a_group_added_at_collection_runs_on_one_worker(tmp_path):
                 with open({str(tmp_path / "workers.txt")!r}, "a") as out:
                     out.write(f"{{kind}} {{os.environ['PYTEST_XDIST_WORKER']}} {{request.node.nodeid}}\\n")
             return write
-        ''')
+        """)
     )
     for name in ("a", "b", "c", "d"):
         (tmp_path / f"test_{name}.py").write_text(MODULE)
 
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-n", "2", "--dist", "loadgroup", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-n",
+            "2",
+            "--dist",
+            "loadgroup",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            str(tmp_path),
+        ],
         cwd=tmp_path,
         capture_output=True,
         text=True,
