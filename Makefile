@@ -43,10 +43,9 @@ services:
 #   (tests/conftest.py), a module's tests on one worker (--dist loadscope) so module fixtures start once.
 #   Both run three xdist workers on the two cores: part of their tests wait (the emulator's paced model runs,
 #   real-time clips, polls), and a third worker keeps the cores busy meanwhile (measured: see the README, Tests).
-# - stack: real Airflow stacks (Celery, PostgreSQL, Redis, Chromium); two at a time (--dist loadgroup; the groups
-#   tests/e2e/conftest.py marks do not take effect yet, so each worker starts its own shared stack).
-# - serial: tests that kill an Airflow component and time the takeover, and the deadline alert, which does not fire
-#   on a loaded machine (tests/e2e/test_notifications_fullstack.py): alone on the machine.
+# - stack: real Airflow stacks (Celery, PostgreSQL, Redis, Chromium); two at a time (--dist loadgroup: the tests on
+#   the shared stack are one group, so one worker starts it; each other module is a group of its own).
+# - serial: tests that kill an Airflow component and time the takeover: alone on the machine.
 FAST_TESTS := -m "not e2e and not fullstack and not services and not serial" -n 3 --dist load
 E2E_TESTS := -m "e2e and not fullstack and not services and not serial" -n 3 --dist loadscope
 STACK_TESTS := -m "(fullstack or services) and not serial" -n 2 --dist loadgroup
