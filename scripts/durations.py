@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 SLOWEST = 30
-TIER_ORDER = ("fast", "e2e", "stack", "serial")  # as `make test` runs them
+TIER_ORDER = ("fast", "e2e", "stack")  # as `make test` runs them
 
 
 def read_tier(path: Path) -> tuple[str, float, list[tuple[float, str, str]]]:

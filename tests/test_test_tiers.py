@@ -83,3 +83,16 @@ def test_a_group_added_at_collection_runs_on_one_worker(tmp_path):
     assert all(nodeid.endswith("@shared_stack") for _, nodeid in shared), shared
     # The rest is still spread: grouping is not "everything on one worker".
     assert len({worker for kind, worker, _ in lines}) == 2, lines
+
+
+def test_the_stack_groups_are_dealt_longest_first_to_the_least_loaded_worker():
+    from tests.e2e.conftest import STACK_GROUP_SECONDS, deal
+
+    groups = [*sorted(STACK_GROUP_SECONDS), "test_new_module"]
+    lanes = deal(groups, workers=2)
+
+    assert set(lanes) == set(groups) and set(lanes.values()) == {0, 1}
+    seconds = [sum(STACK_GROUP_SECONDS.get(g, 60) for g, lane in lanes.items() if lane == n) for n in (0, 1)]
+    assert abs(seconds[0] - seconds[1]) <= 60, (lanes, seconds)  # no worker waits long on the other
+    assert lanes["shared_airflow"] != lanes["test_fullstack"]  # the two longest never share a worker
+    assert set(deal(groups, workers=1).values()) == {0}

@@ -50,19 +50,55 @@ def stack_env(**overrides: str) -> dict[str, str]:
 FULLSTACK_TIMEOUT = 600
 
 
+# Seconds each stack-tier group takes on the project's 2-core machine (test-artifacts/durations.txt, 2026-12-07): the
+# groups are dealt to the tier's xdist workers by them (`deal`). Left to itself, xdist hands a worker its next group
+# while the current one still runs, so the worker beside the shared stack's 15 tests took every one-test module in
+# turn and ended minutes after the other (modelled from the measured times: 800 s against 640 s). A group missing
+# here counts DEFAULT_GROUP_SECONDS; update the figures when a group's time changes a lot.
+STACK_GROUP_SECONDS = {
+    "shared_airflow": 420,
+    "test_fullstack": 210,
+    "test_event_mode": 175,
+    "test_nightly_backfill": 150,
+    "test_worker_loss": 145,
+    "test_notifications_fullstack": 100,
+    "test_vod_sr_pages_auth": 30,
+}
+DEFAULT_GROUP_SECONDS = 60
+
+
+def deal(groups: list[str], workers: int) -> dict[str, int]:
+    """Each group's lane (0 .. workers - 1): the longest group first, each to the lane with the least time so far."""
+    lanes = [0.0] * max(1, workers)
+    dealt: dict[str, int] = {}
+    for group in sorted(groups, key=lambda g: (-STACK_GROUP_SECONDS.get(g, DEFAULT_GROUP_SECONDS), g)):
+        lane = lanes.index(min(lanes))
+        lanes[lane] += STACK_GROUP_SECONDS.get(group, DEFAULT_GROUP_SECONDS)
+        dealt[group] = lane
+    return dealt
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist's worker hook turns the groups into node ids (tests/test_test_tiers.py)
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """For `--dist loadgroup` (the stack tier, Makefile): the tests on the shared stack run on one xdist worker, so
-    there is one shared stack; any other module's tests stay together, so its module fixtures start once. Full-stack
-    tests get FULLSTACK_TIMEOUT unless they set their own."""
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """For `--dist loadgroup` (the stack tier, Makefile): the tests on the shared stack are one group, so one xdist
+    worker runs them on one shared stack; any other module is a group, so its module fixtures start once; and the
+    groups are dealt into one lane per worker (`deal`), so the workers end together. Full-stack tests get
+    FULLSTACK_TIMEOUT unless they set their own."""
+    groups: dict[pytest.Item, str] = {}
     for item in items:
         if item.path.parent != Path(__file__).parent:
             continue
         if item.get_closest_marker("xdist_group") is None:
-            group = "shared_airflow" if "shared_airflow" in getattr(item, "fixturenames", ()) else item.path.stem
-            item.add_marker(pytest.mark.xdist_group(group))
+            shared = "shared_airflow" in getattr(item, "fixturenames", ())
+            groups[item] = "shared_airflow" if shared else item.path.stem
         if item.get_closest_marker("fullstack") and item.get_closest_marker("timeout") is None:
             item.add_marker(pytest.mark.timeout(FULLSTACK_TIMEOUT))
+    # This runs before `-m` deselects: deal the groups the stack tier selects (Makefile, STACK_TESTS).
+    stack_groups = {group for item, group in groups.items() if item.get_closest_marker("fullstack")}
+    workers = getattr(config, "workerinput", {}).get("workercount", 1)
+    lanes = deal(sorted(stack_groups), workers) if getattr(config.option, "loadgroup", False) else {}
+    for item, group in groups.items():
+        item.add_marker(pytest.mark.xdist_group(f"lane-{lanes[group]}" if group in lanes else group))
 
 
 @pytest.fixture(scope="session")

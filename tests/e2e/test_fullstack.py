@@ -114,7 +114,6 @@ def triggerer_holding(airflow: AirflowStack, run_id: str) -> str | None:
     return next(job["hostname"] for job in jobs if job["id"] == triggerer_id)
 
 
-@pytest.mark.serial
 def test_a_triggerer_lost_while_a_chunk_is_deferred_hands_its_trigger_to_the_other(
     own_airflow, world, tmp_path, figures
 ):

@@ -158,7 +158,6 @@ def chunk_commands(world, run_token: str) -> dict[int, list[dict[str, Any]]]:
 
 
 @pytest.mark.fullstack
-@pytest.mark.serial
 def test_a_worker_killed_between_two_sends_is_retried_and_every_chunk_is_sent_once(
     airflow, proxy, world, tmp_path, figures
 ):
