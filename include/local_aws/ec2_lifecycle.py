@@ -27,6 +27,16 @@ from typing import Any
 
 from include.local_aws.faults import CAPACITY_ERROR, DENIABLE_ACTIONS, SPOT_ERRORS, FaultPlan
 
+# Requests naming a just-launched instance by id that EC2's eventual consistency can answer with
+# InvalidInstanceID.NotFound (faults.py, `launch_visibility_seconds`).
+LAUNCH_INCONSISTENT_ACTIONS = (
+    "DescribeInstances",
+    "DescribeInstanceStatus",
+    "CreateTags",
+    "StartInstances",
+    "StopInstances",
+    "TerminateInstances",
+)
 STATE_CODES = {"pending": 0, "running": 16, "shutting-down": 32, "terminated": 48, "stopping": 64, "stopped": 80}
 
 
@@ -162,6 +172,7 @@ class Ec2Lifecycle:
         self._last_ping: dict[str, float] = {}  # wall-clock time of the agent's last heartbeat
         self._unregistered: set[str] = set()  # launched, and their SSM agent has not come Online yet
         self._never_running: set[str] = set()  # launched, and not running yet
+        self._visible_after: dict[str, float] = {}  # launched: unknown to requests by id until then (monotonic)
         self.running_intervals: dict[str, list[list[float | None]]] = {}  # wall-clock [running, stop requested]
 
     def _set_state(self, instance: Any, name: str) -> None:
@@ -284,11 +295,23 @@ class Ec2Lifecycle:
             if launch.spot:
                 instance.lifecycle = "spot"
             with self._lock:
+                hidden = self._faults.for_instance(instance_id).launch_visibility_seconds
+                if hidden > 0:
+                    self._visible_after[instance_id] = time.monotonic() + hidden
                 self._unregistered.add(instance_id)
                 self._never_running.add(instance_id)
                 self._running_since.pop(instance_id, None)
                 self._set_state(instance, "pending")
             self._later(instance_id, self._faults.for_instance(instance_id).pending_seconds, "running")
+
+    def check_visible(self, action: str, named_ids: list[str]) -> None:
+        """InvalidInstanceID.NotFound for a request that names (by id, not by a filter) an instance launched less
+        than its `launch_visibility_seconds` ago: EC2's eventual consistency after RunInstances (faults.py)."""
+        now = time.monotonic()
+        with self._lock:
+            hidden = [i for i in named_ids if self._visible_after.get(i, 0.0) > now]
+        if hidden and action in LAUNCH_INCONSISTENT_ACTIONS:
+            raise Ec2Error("InvalidInstanceID.NotFound", f"The instance ID '{hidden[0]}' does not exist")
 
     def check_request(self, action: str, instance_ids: list[str]) -> None:
         """Raise the error AWS would give before moto serves an EC2 request naming these instances: the permission

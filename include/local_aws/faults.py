@@ -110,6 +110,13 @@ class InstanceFaults:
     # (niced) makes the output, then the stand-in waits out the rest. A GPU's pace, which does not slow down when the
     # emulator's host runs short of CPU (benchmarks on a small machine); None: as long as the real ffmpeg takes.
     model_run_seconds: float | None = None
+    # For this long after RunInstances launched it, requests naming the instance by id answer
+    # InvalidInstanceID.NotFound: the EC2 API is eventually consistent, and "if you successfully run the RunInstances
+    # command, and then immediately run another command using the instance ID that was provided in the response of
+    # RunInstances, it may return an InvalidInstanceID.NotFound error. This does not mean the instance does not
+    # exist" (Amazon EC2 Developer Guide, "Eventual consistency in the Amazon EC2 API"). Set it in the defaults: the
+    # ids of instances still to be launched are not known. 0: visible at once.
+    launch_visibility_seconds: float = 0.0
 
     @classmethod
     def from_json(cls, data: dict[str, Any], base: InstanceFaults | None = None) -> InstanceFaults:

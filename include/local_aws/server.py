@@ -249,14 +249,17 @@ class Extension:
         self, action: str, body: bytes, environ: dict[str, Any], start_response: StartResponse
     ) -> list[bytes] | None:
         """The error AWS answers an EC2 request naming an instance with, when moto would serve it: the permission
-        faults, and CreateTags on an unknown instance. None to let moto serve it."""
+        faults, a just-launched instance not visible yet, and CreateTags on an unknown instance. None to let moto serve
+        it."""
         form = parse_qs(body.decode("utf-8", errors="replace")) if body else parse_qs(environ.get("QUERY_STRING", ""))
         instance_ids = [values[0] for key, values in form.items() if re.fullmatch(r"(InstanceId|ResourceId)\.\d+", key)]
+        named = list(instance_ids)
         for key, values in form.items():  # DescribeTags / DescribeInstances filters on the instance id
             if re.fullmatch(r"Filter\.\d+\.Name", key) and values[0] in ("resource-id", "instance-id"):
                 prefix = key[: -len("Name")] + "Value."
                 instance_ids += [v[0] for k, v in form.items() if k.startswith(prefix)]
         try:
+            self.lifecycle.check_visible(action, named)
             self.lifecycle.check_request(action, instance_ids)
         except Ec2Error as error:
             status = "403 Forbidden" if error.code in DENIED_ERRORS else "400 Bad Request"

@@ -58,6 +58,9 @@ CAPACITY_ERROR_CODES = frozenset(
 # call that did launch return the same instances instead of launching more).
 TRANSIENT_ATTEMPTS = 4
 TERMINATE_BATCH = 1000  # TerminateInstances' limit of ids per call
+# How launch_fleet waits for EC2 to know what it launched: (seconds between DescribeInstances, attempts). The first
+# call is at once; AWS advises retrying for up to a few minutes.
+VISIBLE_WAIT = (2, 90)
 
 
 class FleetError(RuntimeError):
@@ -256,8 +259,29 @@ def launch_fleet(
             "; ".join(refused),
             len(launched),
         )
+    _wait_until_visible(ec2, launched)
     _name_instances(ec2, launched, tags.get(NAME_TAG, "vod-sr"))
     return launched
+
+
+def _wait_until_visible(ec2: Any, instance_ids: Sequence[str]) -> None:
+    """Wait (botocore's InstanceExists waiter) until DescribeInstances knows every launched id: the EC2 API is
+    eventually consistent, and right after RunInstances a request naming a new id may answer
+    InvalidInstanceID.NotFound though the instance exists (EC2 Developer Guide, "Eventual consistency in the Amazon EC2
+    API"). Without the wait the name tags failed and the lane's acquire took the instance for gone. Raises FleetError
+    (after terminating them) if they are still unknown after VISIBLE_WAIT."""
+    from botocore.exceptions import WaiterError
+
+    delay, attempts = VISIBLE_WAIT
+    try:
+        ec2.get_waiter("instance_exists").wait(
+            InstanceIds=list(instance_ids), WaiterConfig={"Delay": delay, "MaxAttempts": attempts}
+        )
+    except WaiterError as error:
+        raise FleetError(
+            f"EC2 still did not know the instance(s) it had launched after {delay * attempts} s ({error})"
+            + _terminated_after_failure(ec2, instance_ids)
+        ) from error
 
 
 def _refused(

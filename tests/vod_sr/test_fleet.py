@@ -35,7 +35,14 @@ DAG_ID = "vod_sr_batch"
 def fleet_env(emulator_env):
     """The session's emulator; capacity limits lifted again afterwards."""
     yield emulator_env
-    emulator_env.set_faults({"capacity": {}, "spot_capacity": {}, "spot_error": "InsufficientInstanceCapacity"})
+    emulator_env.set_faults(
+        {
+            "capacity": {},
+            "spot_capacity": {},
+            "spot_error": "InsufficientInstanceCapacity",
+            "defaults": {"launch_visibility_seconds": 0.0},
+        }
+    )
 
 
 @pytest.fixture
@@ -312,6 +319,42 @@ class TestLaunch:
         assert len(launched) == 2 and len(slept) == 1
         assert [c["ClientToken"] for c in throttled.run_instances_calls] == ["vod-sr-t-1-0", "vod-sr-t-1-0"]
         assert len(instances_of(ec2, run)) == 2
+
+
+class TestEventualConsistency:
+    """Right after RunInstances, EC2 may answer InvalidInstanceID.NotFound for the new ids (EC2 Developer Guide,
+    "Eventual consistency in the Amazon EC2 API"); the emulator does so for `launch_visibility_seconds`."""
+
+    def test_the_emulator_does_not_know_a_new_id_for_a_while_by_id_but_a_filter_finds_nothing_amiss(
+        self, ec2, fleet_env, template
+    ):
+        fleet_env.set_faults({"defaults": {"launch_visibility_seconds": 1.5}})
+        (instance,) = ec2.run_instances(LaunchTemplate={"LaunchTemplateName": template}, MinCount=1, MaxCount=1)[
+            "Instances"
+        ]
+        instance_id = instance["InstanceId"]
+
+        with pytest.raises(ClientError, match="InvalidInstanceID.NotFound"):
+            ec2.describe_instances(InstanceIds=[instance_id])
+        with pytest.raises(ClientError, match="InvalidInstanceID.NotFound"):
+            ec2.create_tags(Resources=[instance_id], Tags=[{"Key": "Name", "Value": "x"}])
+        ec2.describe_instances(Filters=[{"Name": "instance-id", "Values": [instance_id]}])  # no error by filter
+        time.sleep(1.6)
+        assert ec2.describe_instances(InstanceIds=[instance_id])["Reservations"]
+        ec2.terminate_instances(InstanceIds=[instance_id])
+
+    def test_a_launch_waits_until_ec2_knows_its_instances_then_names_them(self, ec2, fleet_env, template, run):
+        fleet_env.set_faults({"defaults": {"launch_visibility_seconds": 1.5}})
+
+        launched = launch_fleet(ec2, FleetRequest(template, 2), run, client_token="vod-sr-visible-1")
+
+        # Named "<base> <n>" (not only the launch tag's base name): the CreateTags came once EC2 knew the ids.
+        found = instances_of(ec2, run)
+        assert sorted(tags_of(found[i])["Name"] for i in launched) == [
+            f"vod-sr {run[RUN_TOKEN_TAG]} {n}" for n in (0, 1)
+        ]
+        assert {found[i]["State"]["Name"] for i in launched} <= {"pending", "running"}
+        terminate_fleet(ec2, launched)
 
 
 class TestTerminate:
