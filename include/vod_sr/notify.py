@@ -30,6 +30,7 @@ import json
 import logging
 import re
 import urllib.parse
+import uuid
 from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
@@ -389,24 +390,39 @@ def read_report(uri: str, aws_conn_id: str | None) -> tuple[dict[str, Any] | Non
 def claim_alert(report: str, aws_conn_id: str | None) -> tuple[bool, str]:
     """Whether this process may send a run's deadline alert: it creates `<report>.deadline-alert` only if it does not
     exist (S3's conditional write). Airflow 3.3.2 may run one deadline callback in two triggerers at once (seen with
-    two: both fired within half a second); the second finds the marker and sends nothing. If the marker cannot be
+    two: both fired within half a second); the second finds the marker and sends nothing. The marker names its
+    writer: when botocore retries our own write after its answer was lost (a read timeout on a busy triggerer), the
+    retry meets our marker (412) and the claim is still ours; taking it for another triggerer's lost the alert (seen
+    in the full-stack test under load: both triggerers said "already sent", nothing was sent). If the marker cannot be
     written for another reason, the alert goes out anyway: a duplicate is better than silence."""
     from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
     from botocore.exceptions import ClientError
 
     bucket, _, key = f"{report.removesuffix('.json')}.deadline-alert".removeprefix("s3://").partition("/")
+    writer = f"claimed by {uuid.uuid4()}\n".encode()
     try:
         s3 = AwsBaseHook(aws_conn_id=aws_conn_id, client_type="s3", config=_config()).get_conn()
-        s3.put_object(Bucket=bucket, Key=key, Body=b"sent\n", IfNoneMatch="*")
+        s3.put_object(Bucket=bucket, Key=key, Body=writer, IfNoneMatch="*")
     except ClientError as error:
         code = error.response.get("Error", {}).get("Code", "")
         if code in ("PreconditionFailed", "ConditionalRequestConflict", "412"):
+            if _marker(s3, bucket, key) == writer:
+                return True, ""  # our own write, retried
             return False, "already sent by another triggerer"
         log.warning("Could not mark the deadline alert as sent (%s): sending it anyway", code or error)
     except Exception as error:
         why = f"{type(error).__name__}: {error}"
         log.warning("Could not mark the deadline alert as sent (%s): sending it anyway", why)
     return True, ""
+
+
+def _marker(s3: Any, bucket: str, key: str) -> bytes:
+    """The deadline-alert marker's body; b"" when it cannot be read (then the claim is taken for another's)."""
+    try:
+        return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+    except Exception as error:
+        log.warning("Could not read the deadline-alert marker s3://%s/%s: %s", bucket, key, error)
+        return b""
 
 
 def _sns_notifier(topic_arn: str, aws_conn_id: str | None, subject: str, text: str, attributes: dict[str, str]) -> Any:

@@ -8,6 +8,7 @@ import json
 import logging
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
+from typing import Any
 
 import boto3
 import pytest
@@ -611,6 +612,42 @@ class TestDeadlineAlert:
 
     def test_of_two_triggerers_running_the_same_alert_only_one_publishes(self, aws, monkeypatch):
         # Seen with two triggerers on Airflow 3.3.2: one deadline callback ran in both within half a second.
+        sent = []
+
+        async def apublish(*args):
+            sent.append(args)
+
+        monkeypatch.setattr(notify, "apublish", apublish)
+
+        first, second = self.alert(TOPIC, deadline_context()), self.alert(TOPIC, deadline_context())
+
+        assert (first, second) == ("sent", "not sent: already sent by another triggerer")
+        assert len(sent) == 1
+
+    def test_a_claim_whose_answer_was_lost_and_retried_is_still_ours(self, aws, monkeypatch):
+        # Seen in the full-stack test under load: the marker was written, both triggerers then said "already sent",
+        # and nothing was sent. botocore retries a PutObject whose answer it did not get (a read timeout on a
+        # triggerer whose event loop was blocked), and the retry meets the marker the first attempt wrote: 412.
+        from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
+
+        class AnswerLostOnce:
+            """Double: moto's S3 client, whose first PutObject is written but answered as botocore's retry of it
+            would be (the same request sent again)."""
+
+            def __init__(self, real: Any) -> None:
+                self.real, self.lost = real, False
+
+            def put_object(self, **kwargs: Any) -> Any:
+                if not self.lost:
+                    self.lost = True
+                    self.real.put_object(**kwargs)  # written; its answer never reaches the caller
+                return self.real.put_object(**kwargs)
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(self.real, name)
+
+        real_get_conn = AwsBaseHook.get_conn
+        monkeypatch.setattr(AwsBaseHook, "get_conn", lambda hook: AnswerLostOnce(real_get_conn(hook)))
         sent = []
 
         async def apublish(*args):
