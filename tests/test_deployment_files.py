@@ -201,6 +201,26 @@ class TestPolicyFiles:
         for name in KMS_ADDITIONS:
             assert all(a.startswith("kms:") for a in IamPolicy.load(name).granted_actions()), name
 
+    def test_a_volume_key_is_usable_as_the_ebs_docs_ask_but_only_through_ec2(self):
+        # "You must grant users permission to call the following actions in order to use EBS encryption:
+        # kms:CreateGrant, kms:Decrypt, kms:DescribeKey, kms:GenerateDataKeyWithoutPlainText, kms:ReEncrypt" (Amazon
+        # EBS User Guide, "Requirements for Amazon EBS encryption", Permissions for users). With CreateGrant alone a
+        # launch or start with a customer managed key fails (Client.InternalError).
+        policy = IamPolicy.load("airflow-principal-policy.kms.json", SAMPLE)
+        key = f"arn:aws:kms:eu-west-1:123456789012:key/{SAMPLE['VOLUME_KMS_KEY_ID']}"
+        through_ec2 = {"kms:ViaService": "ec2.eu-west-1.amazonaws.com", "kms:GrantIsForAWSResource": "true"}
+        for action in (
+            "kms:CreateGrant",
+            "kms:Decrypt",
+            "kms:DescribeKey",
+            "kms:GenerateDataKeyWithoutPlaintext",
+            "kms:ReEncryptFrom",
+            "kms:ReEncryptTo",
+        ):
+            assert policy.allows(action, key, through_ec2), action
+            assert not policy.allows(action, key, {"kms:ViaService": "s3.eu-west-1.amazonaws.com"}), action
+        assert not policy.allows("kms:CreateGrant", key, {"kms:ViaService": "ec2.eu-west-1.amazonaws.com"})
+
     def test_the_fleet_variant_grants_the_same_actions_as_the_per_instance_policy(self):
         assert (
             IamPolicy.load(FLEET_VARIANT).granted_actions()
