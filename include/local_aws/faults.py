@@ -94,6 +94,10 @@ class InstanceFaults:
     # `invocation_read_error`, one of INVOCATION_READ_ERRORS.
     invocation_read_errors: int = 0
     invocation_read_error: str = "InternalServerError"
+    # The next N SendCommands to this instance (counted from when this is set) are accepted, so the command exists
+    # and runs, but the connection is closed before the answer: what a read timeout or a dropped connection leaves a
+    # caller with, not knowing whether SSM took the command (SendCommand has no idempotency token).
+    send_answers_lost: int = 0
     # After the agent goes offline (the instance stops), DescribeInstanceInformation keeps answering PingStatus
     # Online with the last LastPingDateTime for this long, as AWS does for minutes; a quick stop/start shows the
     # stale Online while the new boot's agent has not checked in yet. Short by default to keep tests quick.
@@ -151,6 +155,7 @@ class FaultPlan:
     _launched: Counter[tuple[bool, str]] = field(default_factory=Counter)  # (spot, type) -> launched since set
     _read_errors_served: Counter[str] = field(default_factory=Counter)
     _failed_starts_served: Counter[str] = field(default_factory=Counter)
+    _answers_lost_served: Counter[str] = field(default_factory=Counter)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def for_instance(self, instance_id: str) -> InstanceFaults:
@@ -164,6 +169,15 @@ class FaultPlan:
                 return None
             self._read_errors_served[instance_id] += 1
         return faults.invocation_read_error
+
+    def send_answer_lost(self, instance_id: str) -> bool:
+        """Whether the answer to this SendCommand to `instance_id` must be lost (the command is still accepted)."""
+        faults = self.for_instance(instance_id)
+        with self._lock:
+            if self._answers_lost_served[instance_id] >= faults.send_answers_lost:
+                return False
+            self._answers_lost_served[instance_id] += 1
+        return True
 
     def failed_start(self, instance_id: str) -> tuple[str, str] | None:
         """The StateReason (code, message) this start of `instance_id` must fail with, or None to let it run."""
@@ -198,6 +212,8 @@ class FaultPlan:
                     self._read_errors_served.clear()
                 if "failed_starts" in data["defaults"]:
                     self._failed_starts_served.clear()
+                if "send_answers_lost" in data["defaults"]:
+                    self._answers_lost_served.clear()
         for instance_id, settings in data.get("instances", {}).items():
             self.instances[instance_id] = InstanceFaults.from_json(settings, self.for_instance(instance_id))
             with self._lock:
@@ -205,6 +221,8 @@ class FaultPlan:
                     self._read_errors_served.pop(instance_id, None)
                 if "failed_starts" in settings:
                     self._failed_starts_served.pop(instance_id, None)
+                if "send_answers_lost" in settings:
+                    self._answers_lost_served.pop(instance_id, None)
         if "throttle_fraction" in data:
             fraction = float(data["throttle_fraction"])
             if not 0.0 <= fraction <= 1.0:

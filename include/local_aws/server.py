@@ -152,6 +152,11 @@ class Extension:
             instance_id = json.loads(body or b"{}").get("InstanceId", "")
             if (error := self.faults.invocation_read_error(instance_id)) is not None:
                 return self._injected_error(error, environ, start_response)
+        if service == "ssm" and action == "SendCommand":
+            targets = json.loads(body or b"{}").get("InstanceIds") or [""]
+            if self.faults.send_answer_lost(targets[0]):
+                self._ssm(action, body, lambda *args: None)  # accepted: the command exists and runs
+                return self._injected_error("connection_drop", environ, start_response)  # ... its answer is lost
         if service == "ssm" and action in SSM_ACTIONS:
             return self._ssm(action, body, start_response)
         if service == "ec2" and (refused := self._ec2_refusal(action, body, environ, start_response)) is not None:

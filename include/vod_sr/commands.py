@@ -46,6 +46,13 @@ POLL_MAX_ATTEMPTS = 3
 POLL_CONFIG = Config(
     retries={"mode": "adaptive", "total_max_attempts": POLL_MAX_ATTEMPTS}, connect_timeout=10, read_timeout=30
 )
+# SendCommand has no idempotency token, and botocore resends a request whose answer it did not get (a read timeout,
+# a dropped connection, a 5xx): SSM may have accepted the first, and the chunk then runs twice. A chunk's SendCommand
+# goes through a client that never resends (SEND_CONFIG), and `send_chunk_once` decides: after an answer that never
+# came, it looks the command up by its script header before sending anything again.
+SEND_CONFIG = Config(retries={"mode": "standard", "total_max_attempts": 1}, connect_timeout=10, read_timeout=60)
+SEND_ATTEMPTS = 5
+SEND_BACKOFF_CAP = 30  # seconds between two sends of one chunk, at most
 # Error codes that mean "try again later" (botocore's throttling and transient codes, plus 5xx codes by name).
 TRANSIENT_ERROR_CODES = frozenset(
     {
@@ -192,6 +199,53 @@ def send_command(
         **output,
     )
     return response["Command"]["CommandId"]
+
+
+def answer_unknown(error: BaseException) -> bool:
+    """Whether SSM may have accepted a request that raised `error`: it was sent and no answer said otherwise (a read
+    timeout, a connection closed under it, a 5xx). A throttle or a connection never made (ConnectionError) was not."""
+    if isinstance(error, ClientError):
+        return error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) >= 500
+    return isinstance(error, HTTPClientError)
+
+
+def send_chunk_once(
+    send_ssm: Any,
+    ssm: Any,
+    instance_id: str,
+    script_body: str,
+    *,
+    run_token: str,
+    chunk: int,
+    sleep: Any = time.sleep,
+    **send: Any,
+) -> str:
+    """`send_command` for chunk `chunk`'s script (its first line is `script.script_header`), so that SSM runs it
+    once: `send_ssm` must not resend by itself (SEND_CONFIG). After an error that leaves it unknown whether SSM
+    took the command (`answer_unknown`), SSM's own record (`sent_chunk_commands`, through `ssm`) is read first and a
+    command found there is the one returned; only a chunk SSM has no command for is sent again. Throttling and
+    connections never made are retried with backoff, up to SEND_ATTEMPTS sends. Returns the command id."""
+    since = datetime.now(UTC)
+    for attempt in range(1, SEND_ATTEMPTS + 1):
+        try:
+            return send_command(send_ssm, instance_id, script_body, **send)
+        except Exception as error:
+            if not is_transient_error(error) or attempt == SEND_ATTEMPTS:
+                raise
+            if answer_unknown(error):
+                found = sent_chunk_commands(ssm, instance_id, run_token, since).get(chunk)
+                if found:
+                    command_id = found[-1]["CommandId"]
+                    log.warning(
+                        "SendCommand of chunk %s got no answer (%s), but SSM had taken it: command %s",
+                        chunk,
+                        describe_error(error),
+                        command_id,
+                    )
+                    return command_id
+            log.warning("SendCommand of chunk %s failed (%s); sending it again", chunk, describe_error(error))
+            sleep(min(2.0**attempt, SEND_BACKOFF_CAP))
+    raise AssertionError("unreachable")
 
 
 def sent_chunk_commands(ssm: Any, instance_id: str, run_token: str, since: datetime) -> dict[int, list[dict[str, Any]]]:

@@ -142,6 +142,15 @@ class RunChunksOperator(BaseOperator):
         return aws_client("ssm", self.aws_conn_id)
 
     @cached_property
+    def send_ssm(self) -> Any:
+        """SSM for the chunks' SendCommand: botocore never resends it (commands.send_chunk_once)."""
+        from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
+
+        from include.vod_sr.commands import SEND_CONFIG
+
+        return AwsBaseHook(aws_conn_id=self.aws_conn_id, client_type="ssm", config=SEND_CONFIG).get_conn()
+
+    @cached_property
     def s3(self) -> Any:
         from include.vod_sr.aws import aws_client
 
@@ -477,7 +486,7 @@ class RunChunksOperator(BaseOperator):
     def _send(self, chunk_data: Mapping[str, Any]) -> dict[str, Any]:
         from include.vod_sr.budget import chunk_limits
         from include.vod_sr.catalog import SrModel
-        from include.vod_sr.commands import send_command
+        from include.vod_sr.commands import send_chunk_once
         from include.vod_sr.instance import command_comment
         from include.vod_sr.plan import Chunk
         from include.vod_sr.script import chunk_keys, chunk_list, render_sr_script
@@ -506,10 +515,13 @@ class RunChunksOperator(BaseOperator):
             streams_per_gpu=max(1, int(self.streams_per_gpu)),
         )
         now = time.time()
-        command_id = send_command(
+        command_id = send_chunk_once(
+            self.send_ssm,
             self.ssm,
             chunk.instance_id,
             script,
+            run_token=token,
+            chunk=chunk.index,
             comment=command_comment(token, f"chunk {chunk.index} ({len(chunk.files)} files)"),
             execution_timeout=limits.backstop,
             delivery_timeout=self.delivery_timeout,

@@ -13,22 +13,24 @@ from typing import Any
 
 import pytest
 
-from include.local_aws.world import SAMPLE_KEY
+from include.local_aws.world import SAMPLE_KEY, boto_client
 from include.vod_sr.commands import POLL_MAX_ATTEMPTS
 from include.vod_sr.operators import TRANSIENT_ERRORS_XCOM_KEY
 
 pytestmark = pytest.mark.e2e
 
 
-def arm_when_a_chunk_runs(world, faults: dict[str, Any], timeout: float = 180) -> threading.Thread:
-    """Set `faults` on the world's instance as soon as a chunk command runs there (not before: the CLI install's
-    reads would meet them first)."""
+def arm_when_a_chunk_runs(
+    world, faults: dict[str, Any], timeout: float = 180, what: str = " chunk "
+) -> threading.Thread:
+    """Set `faults` on the world's instance as soon as a command whose comment holds `what` (a chunk, by default)
+    runs there (not before: the CLI install's reads would meet them first)."""
 
     def arm() -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             runs = world.emulator.timeline().get(world.instance_id, {}).get("commands", [])
-            if any(" chunk " in run["comment"] for run in runs):
+            if any(what in run["comment"] for run in runs):
                 world.emulator.set_faults({"instances": {world.instance_id: faults}})
                 return
             time.sleep(0.1)
@@ -95,3 +97,25 @@ def test_an_error_no_retry_fixes_fails_run_chunks_at_once_and_the_instance_still
     assert "AccessDeniedException (HTTP 400)" in logs.out + logs.err
     assert "waiting longer would not fix this" in logs.out + logs.err
     assert world.instance_state() == "stopped"
+
+
+def test_a_chunk_send_whose_answer_is_lost_runs_the_chunk_once(world, caplog, capfd):
+    # Armed once the CLI install runs, so the first chunk's SendCommand is the one whose answer is lost: SSM took
+    # it, the task never heard (faults.py, `send_answers_lost`). botocore alone would have sent it again.
+    world.upload(SAMPLE_KEY)
+    armed = arm_when_a_chunk_runs(world, {"send_answers_lost": 1}, what="")
+
+    try:
+        run = world.run(sources=[SAMPLE_KEY])
+    finally:
+        armed.join(timeout=1)
+        world.emulator.set_faults({"instances": {world.instance_id: {"send_answers_lost": 0}}})
+
+    assert run.state == "success", run.task_states
+    ssm = boto_client("ssm", world.emulator.endpoint_url)
+    chunks = [c for c in ssm.list_commands(InstanceId=world.instance_id)["Commands"] if " chunk " in c["Comment"]]
+    assert len(chunks) == 1, [c["Comment"] for c in chunks]
+    captured = capfd.readouterr()
+    log = caplog.text + captured.out + captured.err
+    assert "got no answer (ConnectionClosedError" in log  # the answer was lost: the fault met the chunk's send
+    assert f"but SSM had taken it: command {chunks[0]['CommandId']}" in log

@@ -19,7 +19,9 @@ from botocore.exceptions import (
 
 from include.local_aws.world import boto_client
 from include.vod_sr.commands import (
+    BOTO_CONFIG,
     POLL_MAX_ATTEMPTS,
+    SEND_CONFIG,
     CommandFailed,
     Outcome,
     describe_invocation,
@@ -29,9 +31,11 @@ from include.vod_sr.commands import (
     is_transient_error,
     read_output_tail,
     run_and_wait,
+    send_chunk_once,
     send_command,
 )
 from include.vod_sr.instance import command_comment
+from include.vod_sr.script import script_header
 from include.vod_sr.triggers import SsmCommandsTrigger
 
 COMMAND_ID = "11111111-2222-3333-4444-555555555555"
@@ -543,6 +547,70 @@ class TestDescribeInvocation:
 
 class TestAgainstTheEmulator:
     """Real HTTP to the emulator, whose agent really runs the script."""
+
+    @staticmethod
+    def chunk_commands(ssm, instance_id: str, header: str) -> list[dict]:
+        listed = ssm.list_commands(InstanceId=instance_id)["Commands"]
+        return [c for c in listed if header in "\n".join(c["Parameters"]["commands"])]
+
+    def test_a_send_whose_answer_is_lost_is_one_command_not_two(self, running_instance, emulator_env):
+        # The emulator accepts the SendCommand and drops the connection before answering (`send_answers_lost`), as
+        # a read timeout or a dropped connection leaves a caller: SSM has the command, the caller does not know it.
+        emulator_env.set_faults({"instances": {running_instance: {"send_answers_lost": 1}}})
+        ssm = boto_client("ssm", emulator_env.endpoint_url)
+        header = script_header("0123456789abcdef", 7)
+        slept: list[float] = []
+
+        command_id = send_chunk_once(
+            boto_client("ssm", emulator_env.endpoint_url, SEND_CONFIG),
+            ssm,
+            running_instance,
+            f"{header}\necho once",
+            run_token="0123456789abcdef",
+            chunk=7,
+            sleep=slept.append,
+            comment="t",
+            execution_timeout=60,
+            delivery_timeout=30,
+        )
+
+        assert [c["CommandId"] for c in self.chunk_commands(ssm, running_instance, header)] == [command_id]
+        assert slept == []  # found at once, nothing sent again
+
+    def test_botocore_alone_resends_a_send_whose_answer_is_lost(self, running_instance, emulator_env):
+        # Why send_chunk_once exists: with the usual retrying client the same loss runs the chunk twice.
+        emulator_env.set_faults({"instances": {running_instance: {"send_answers_lost": 1}}})
+        ssm = boto_client("ssm", emulator_env.endpoint_url, BOTO_CONFIG)
+        header = script_header("fedcba9876543210", 3)
+
+        send_command(
+            ssm, running_instance, f"{header}\necho twice", comment="t", execution_timeout=60, delivery_timeout=30
+        )
+
+        assert len(self.chunk_commands(ssm, running_instance, header)) == 2
+
+    def test_a_send_that_never_reached_ssm_is_sent_again(self, running_instance, emulator_env):
+        emulator_env.set_faults({"throttle_fraction": 1.0})  # every SSM call throttled: nothing taken
+        ssm = boto_client("ssm", emulator_env.endpoint_url, SEND_CONFIG)
+        header = script_header("00112233445566ff", 1)
+
+        def lift_the_throttle(seconds: float) -> None:
+            emulator_env.set_faults({"throttle_fraction": 0.0})
+
+        command_id = send_chunk_once(
+            ssm,
+            ssm,
+            running_instance,
+            f"{header}\necho resent",
+            run_token="00112233445566ff",
+            chunk=1,
+            sleep=lift_the_throttle,
+            comment="t",
+            execution_timeout=60,
+            delivery_timeout=30,
+        )
+
+        assert [c["CommandId"] for c in self.chunk_commands(ssm, running_instance, header)] == [command_id]
 
     def test_trigger_waits_for_a_command_ssm_does_not_list_yet(self, running_instance, emulator_env):
         # SSM's eventual consistency: the invocation is unknown for 2 s after SendCommand.
