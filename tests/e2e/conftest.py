@@ -50,18 +50,19 @@ def stack_env(**overrides: str) -> dict[str, str]:
 FULLSTACK_TIMEOUT = 600
 
 
-# Seconds each stack-tier group takes on the project's 2-core machine (test-artifacts/durations.txt, 2026-12-07): the
-# groups are dealt to the tier's xdist workers by them (`deal`). Left to itself, xdist hands a worker its next group
-# while the current one still runs, so the worker beside the shared stack's 15 tests took every one-test module in
-# turn and ended minutes after the other (modelled from the measured times: 800 s against 640 s). A group missing
-# here counts DEFAULT_GROUP_SECONDS; update the figures when a group's time changes a lot.
+# Seconds each stack-tier group takes on the project's 2-core machine, two stacks at a time (a fresh clone's CI run,
+# 2026-12-07, test-artifacts/durations.txt; test_fullstack after its chunks' model runs were paced): the groups are
+# dealt to the tier's xdist workers by them (`deal`). Left to itself, xdist hands a worker its next group while the
+# current one still runs, so one worker could take every one-test module in turn while the other ran the shared
+# stack's 15 tests. A group missing here counts DEFAULT_GROUP_SECONDS; update the figures when a group's time
+# changes a lot.
 STACK_GROUP_SECONDS = {
-    "shared_airflow": 420,
-    "test_fullstack": 210,
-    "test_event_mode": 175,
-    "test_nightly_backfill": 150,
-    "test_worker_loss": 145,
-    "test_notifications_fullstack": 100,
+    "shared_airflow": 530,
+    "test_event_mode": 210,
+    "test_fullstack": 200,
+    "test_nightly_backfill": 180,
+    "test_worker_loss": 175,
+    "test_notifications_fullstack": 110,
     "test_vod_sr_pages_auth": 30,
 }
 DEFAULT_GROUP_SECONDS = 60

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from include.local_aws.airflow_stack import AirflowStack
-from include.local_aws.world import SAMPLE_KEY, boto_client, create_world, make_sample_clip
+from include.local_aws.world import SAMPLE_KEY, boto_client, create_world
 from tests.e2e.conftest import stack_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.fullstack]
@@ -49,8 +49,10 @@ def test_triggered_through_the_rest_api_the_triggerer_runs_the_wait(airflow, wor
 
 
 def test_marking_a_run_failed_still_stops_the_instance_and_cancels_its_command(airflow, world, tmp_path):
-    # A 90 s clip keeps the SR command busy for half a minute: long enough to give up on it while it runs.
-    world.upload("long.mp4", make_sample_clip(tmp_path / "long.mp4", seconds=90))
+    # A model run paced to 90 s (as a GPU's would be) keeps the SR command busy: long enough to give up on it while
+    # it runs, without upscaling a long clip on the CPU the other stack-tier tests share.
+    world.emulator.set_faults({"instances": {world.instance_id: {"model_run_seconds": 90}}})
+    world.upload("long.mp4")
     run_id = airflow.trigger({"sources": ["long.mp4"], "model": "cpu", "instance_ids": [world.instance_id]})
     airflow.wait_until(
         lambda: airflow.task_states(run_id).get("lane.run_chunks") == "deferred", 240, "the wait never deferred"
@@ -118,7 +120,10 @@ def test_a_triggerer_lost_while_a_chunk_is_deferred_hands_its_trigger_to_the_oth
     own_airflow, world, tmp_path, figures
 ):
     airflow = own_airflow
-    world.upload("long.mp4", make_sample_clip(tmp_path / "long.mp4", seconds=60))
+    # The chunk must still run after the takeover: its model run is paced to 45 s (as a GPU's would be) rather than a
+    # 60 s 640x480 clip upscaled on the CPU, which loaded the machine the other stack-tier tests share.
+    world.emulator.set_faults({"instances": {world.instance_id: {"model_run_seconds": 45}}})
+    world.upload("long.mp4")
     run_id = airflow.trigger({"sources": ["long.mp4"], "model": "cpu"})
     airflow.wait_until(lambda: triggerer_holding(airflow, run_id) is not None, 240, "the wait never deferred")
     holder = triggerer_holding(airflow, run_id)
