@@ -68,10 +68,10 @@ define run_tiers
 	exit $$status
 endef
 
-test: install browser services  ## every tier (30 minutes on 2 cores, measured); PYTEST_ARGS=... passes options on
+test: install browser services  ## every tier (26 minutes on 2 cores, measured); PYTEST_ARGS=... passes options on
 	$(call run_tiers,fast e2e stack)
 
-test-fast: install  ## unit and DAG tests, no Airflow processes (2 min 15 s on 2 cores, measured)
+test-fast: install  ## unit and DAG tests, no Airflow processes (under 3 min on 2 cores, measured)
 	$(call run_tiers,fast)
 
 test-e2e: install  ## the DAG through dag.test() on the emulator
