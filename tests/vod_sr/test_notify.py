@@ -521,6 +521,17 @@ class TestRunNotifier:
         assert "Could not publish the run's failure" in caplog.text
 
 
+def published_alerts(monkeypatch) -> list[tuple]:
+    """What the deadline alert publishes, kept instead of sent to SNS."""
+    sent: list[tuple] = []
+
+    async def apublish(*args):
+        sent.append(args)
+
+    monkeypatch.setattr(notify, "apublish", apublish)
+    return sent
+
+
 def deadline_context(state: str = "running", run_type: str = "scheduled", conf: dict | None = None) -> dict:
     return {
         "dag_run": {
@@ -567,12 +578,7 @@ class TestDeadlineAlert:
         assert f"Its report will be at {uri} when it ends." in text
 
     def test_a_run_still_going_is_published(self, monkeypatch):
-        sent = []
-
-        async def apublish(*args):
-            sent.append(args)
-
-        monkeypatch.setattr(notify, "apublish", apublish)
+        sent = published_alerts(monkeypatch)
 
         assert self.alert(TOPIC, deadline_context(conf={"output_bucket": "other-out"})) == "sent"
         ((topic, conn, _, text, attributes),) = sent
@@ -612,12 +618,7 @@ class TestDeadlineAlert:
 
     def test_of_two_triggerers_running_the_same_alert_only_one_publishes(self, aws, monkeypatch):
         # Seen with two triggerers on Airflow 3.3.2: one deadline callback ran in both within half a second.
-        sent = []
-
-        async def apublish(*args):
-            sent.append(args)
-
-        monkeypatch.setattr(notify, "apublish", apublish)
+        sent = published_alerts(monkeypatch)
 
         first, second = self.alert(TOPIC, deadline_context()), self.alert(TOPIC, deadline_context())
 
@@ -648,12 +649,7 @@ class TestDeadlineAlert:
 
         real_get_conn = AwsBaseHook.get_conn
         monkeypatch.setattr(AwsBaseHook, "get_conn", lambda hook: AnswerLostOnce(real_get_conn(hook)))
-        sent = []
-
-        async def apublish(*args):
-            sent.append(args)
-
-        monkeypatch.setattr(notify, "apublish", apublish)
+        sent = published_alerts(monkeypatch)
 
         first, second = self.alert(TOPIC, deadline_context()), self.alert(TOPIC, deadline_context())
 
@@ -661,12 +657,7 @@ class TestDeadlineAlert:
         assert len(sent) == 1
 
     def test_an_alert_that_cannot_be_marked_sent_is_sent_anyway(self, aws, monkeypatch, caplog):
-        sent = []
-
-        async def apublish(*args):
-            sent.append(args)
-
-        monkeypatch.setattr(notify, "apublish", apublish)
+        sent = published_alerts(monkeypatch)
         context = deadline_context(conf={"output_bucket": "no-such-bucket"})
 
         assert self.alert(TOPIC, context) == "sent" and len(sent) == 1
