@@ -11,7 +11,7 @@ import enum
 import logging
 import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -217,7 +217,7 @@ def send_chunk_once(
     *,
     run_token: str,
     chunk: int,
-    sleep: Any = time.sleep,
+    sleep: Callable[[float], None] = time.sleep,
     **send: Any,
 ) -> str:
     """`send_command` for chunk `chunk`'s script (its first line is `script.script_header`), so that SSM runs it

@@ -144,11 +144,10 @@ class RunChunksOperator(BaseOperator):
     @cached_property
     def send_ssm(self) -> Any:
         """SSM for the chunks' SendCommand: botocore never resends it (commands.send_chunk_once)."""
-        from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
-
+        from include.vod_sr.aws import aws_client
         from include.vod_sr.commands import SEND_CONFIG
 
-        return AwsBaseHook(aws_conn_id=self.aws_conn_id, client_type="ssm", config=SEND_CONFIG).get_conn()
+        return aws_client("ssm", self.aws_conn_id, SEND_CONFIG)
 
     @cached_property
     def s3(self) -> Any:
