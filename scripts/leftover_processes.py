@@ -30,7 +30,11 @@ def main(tag: str) -> int:
     print(f"{len(left)} process(es) of the test run ({tag}) were left running:", file=sys.stderr)
     for process in left:
         try:
-            print(f"  {process.pid} {' '.join(process.cmdline())[:200]}", file=sys.stderr)
+            started = time.strftime("%H:%M:%S", time.localtime(process.create_time()))
+            print(
+                f"  {process.pid} (since {started}, in {process.cwd()}) {' '.join(process.cmdline())[:200]}",
+                file=sys.stderr,
+            )
             process.kill()
         except psutil.Error:
             continue

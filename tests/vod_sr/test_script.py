@@ -119,6 +119,10 @@ def sr_script(model: str = "cpu", limits: ChunkLimits | None = None) -> str:
     return render_sr_script(BUILTIN_MODELS[model], RUN_TOKEN, 0, FILES_URI, RESULTS_URI, limits)
 
 
+# $1: a lock file (created when missing) or a directory, locked as util-linux flock(1) locks them; $2: seconds.
+HOLD_LOCK = 'if [ -d "$1" ]; then exec 9<"$1"; else exec 9>>"$1"; fi && flock 9 && exec sleep "$2"'
+
+
 class StubInstance:
     """A PATH with stub aws/ffmpeg, an argv log, a stub S3 and a TMPDIR, like the emulator's instance sandbox."""
 
@@ -190,7 +194,9 @@ class StubInstance:
     def hold_lock(self, seconds: float, slot: int = 0, lock: Path | None = None) -> subprocess.Popen[bytes]:
         """Another chunk on the instance: holds a slot's lock (or `lock`) for `seconds`."""
         path = lock or self.slot_lock(slot)
-        holder = subprocess.Popen(["flock", str(path), "sleep", str(seconds)])
+        # One process that takes the lock and then becomes the sleep holding it (`flock FILE sleep N` would fork the
+        # sleep: killing flock would leave the sleep running past the test).
+        holder = subprocess.Popen(["bash", "-c", HOLD_LOCK, "hold-lock", str(path), str(seconds)])
         deadline = time.monotonic() + 10
         while subprocess.run(["flock", "-n", str(path), "true"]).returncode == 0:
             assert time.monotonic() < deadline, "the lock was never taken"
