@@ -5,6 +5,8 @@ Only the vendor's GPU filters are replaced, by the `cpu` model (libx264 lanczos 
 
 from __future__ import annotations
 
+import itertools
+
 import os
 import subprocess
 import sys
@@ -50,31 +52,42 @@ def stack_env(**overrides: str) -> dict[str, str]:
 FULLSTACK_TIMEOUT = 600
 
 
-# Seconds each stack-tier group takes on the project's 2-core machine, two stacks at a time (a fresh clone's CI run,
-# 2026-12-07, test-artifacts/durations.txt; test_fullstack after its chunks' model runs were paced): the groups are
-# dealt to the tier's xdist workers by them (`deal`). Left to itself, xdist hands a worker its next group while the
-# current one still runs, so one worker could take every one-test module in turn while the other ran the shared
-# stack's 15 tests. A group missing here counts DEFAULT_GROUP_SECONDS; update the figures when a group's time
-# changes a lot.
+# Seconds each stack-tier group takes on the project's 2-core machine, two stacks at a time (a fresh clone's CI run at
+# 316abc9, 2026-12-07, test-artifacts/durations/stack.tsv, summed per group): the groups are dealt to the tier's
+# xdist workers by them (`deal`). Left to itself, xdist hands a worker its next group while the current one still
+# runs, so one worker could take every one-test module in turn while the other ran the shared stack's 15 tests. A
+# group missing here counts DEFAULT_GROUP_SECONDS; update the figures when a group's time changes a lot.
 STACK_GROUP_SECONDS = {
-    "shared_airflow": 530,
-    "test_event_mode": 210,
-    "test_fullstack": 200,
-    "test_nightly_backfill": 180,
-    "test_worker_loss": 175,
-    "test_notifications_fullstack": 110,
-    "test_vod_sr_pages_auth": 30,
+    "shared_airflow": 452,
+    "test_fullstack": 258,
+    "test_event_mode": 195,
+    "test_nightly_backfill": 177,
+    "test_worker_loss": 173,
+    "test_notifications_fullstack": 111,
+    "test_vod_sr_pages_auth": 21,
 }
 DEFAULT_GROUP_SECONDS = 60
+EXHAUSTIVE_DEALS = 100_000  # up to this many ways to deal, try them all (2 workers: up to 16 groups)
 
 
 def deal(groups: list[str], workers: int) -> dict[str, int]:
-    """Each group's lane (0 .. workers - 1): the longest group first, each to the lane with the least time so far."""
-    lanes = [0.0] * max(1, workers)
+    """Each group's lane (0 .. workers - 1), so that the longest lane is as short as it can be: every way of dealing
+    is tried when there are few; else the longest group first, each to the lane with the least time so far."""
+    workers = max(1, workers)
+    ordered = sorted(groups, key=lambda g: (-STACK_GROUP_SECONDS.get(g, DEFAULT_GROUP_SECONDS), g))
+    seconds = [STACK_GROUP_SECONDS.get(g, DEFAULT_GROUP_SECONDS) for g in ordered]
+
+    def longest_lane(lanes_of: tuple[int, ...]) -> float:
+        return max(sum(s for s, lane in zip(seconds, lanes_of, strict=True) if lane == n) for n in range(workers))
+
+    if workers ** len(ordered) <= EXHAUSTIVE_DEALS:
+        best = min(itertools.product(range(workers), repeat=len(ordered)), key=longest_lane)
+        return dict(zip(ordered, best, strict=True))
+    lanes = [0.0] * workers
     dealt: dict[str, int] = {}
-    for group in sorted(groups, key=lambda g: (-STACK_GROUP_SECONDS.get(g, DEFAULT_GROUP_SECONDS), g)):
+    for group, group_seconds in zip(ordered, seconds, strict=True):
         lane = lanes.index(min(lanes))
-        lanes[lane] += STACK_GROUP_SECONDS.get(group, DEFAULT_GROUP_SECONDS)
+        lanes[lane] += group_seconds
         dealt[group] = lane
     return dealt
 
