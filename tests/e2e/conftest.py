@@ -6,7 +6,6 @@ Only the vendor's GPU filters are replaced, by the `cpu` model (libx264 lanczos 
 from __future__ import annotations
 
 import itertools
-
 import os
 import subprocess
 import sys
