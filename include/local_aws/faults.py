@@ -121,6 +121,15 @@ class InstanceFaults:
     # exist" (Amazon EC2 Developer Guide, "Eventual consistency in the Amazon EC2 API"). Set it in the defaults: the
     # ids of instances still to be launched are not known. 0: visible at once.
     launch_visibility_seconds: float = 0.0
+    # The SSM agent's own limits (aws/amazon-ssm-agent, agent/appconfig/constants.go: DefaultCommandWorkersLimit = 5,
+    # DefaultCommandWorkerBufferLimit = 5; `Mds.CommandWorkersLimit` / `Mds.CommandWorkerBufferLimit` in
+    # amazon-ssm-agent.json raise them): this many commands execute at once, this many more wait in the agent's job
+    # queue (already reported InProgress), and a command beyond both stays Pending in SSM while the agent's message
+    # loop retries it every `agent_buffer_full_retry_seconds` (mdsinteractor.go: "Will wake up every 10 seconds till
+    # the buffer is free"); cancels reach the agent through the same loop, so they wait behind it too.
+    command_workers_limit: int = 5
+    command_worker_buffer_limit: int = 5
+    agent_buffer_full_retry_seconds: float = 10.0
 
     @classmethod
     def from_json(cls, data: dict[str, Any], base: InstanceFaults | None = None) -> InstanceFaults:
@@ -141,6 +150,11 @@ class InstanceFaults:
             if unknown_actions:
                 raise ValueError(f"denied_actions {sorted(unknown_actions)} are not among {list(DENIABLE_ACTIONS)}")
             data = {**data, "denied_actions": tuple(data["denied_actions"])}
+        for limit in ("command_workers_limit", "command_worker_buffer_limit"):
+            if limit in data and (not isinstance(data[limit], int) or data[limit] < 1):
+                raise ValueError(
+                    f"{limit} must be a whole number of at least 1 (the agent's minimum), not {data[limit]!r}"
+                )
         return replace(base or cls(), **data)
 
 

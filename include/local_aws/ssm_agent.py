@@ -3,7 +3,8 @@
 moto marks every command "Success" at once without running it. Here `AWS-RunShellScript` commands run with
 `/bin/sh` (as the real agent does) in a per-instance sandbox directory, in the background, with the real exit
 code, stdout and stderr, `executionTimeout` enforced, cancellation, and delivery only while the instance's agent
-is Online. The `aws` CLI inside the scripts reaches the emulator through the environment the agent sets, the way
+is Online. The agent's limits are the real agent's: 5 commands execute at once, 5 more wait in its job queue, the
+rest stay Pending in SSM and cancels wait behind them (`_handle_messages`; per-instance faults can raise them). The `aws` CLI inside the scripts reaches the emulator through the environment the agent sets, the way
 an instance profile gives the real CLI its credentials: nothing is put into the script. First in each command's PATH
 come the instance's stand-in `nvidia-smi` (listing the GPUs of its instance type) and `ffmpeg` (the real one, timed
 per GPU for the timeline): see gpus.py.
@@ -80,6 +81,7 @@ class Invocation:
     process: subprocess.Popen[bytes] | None = None
     workdir: Path | None = None
     outcome_override: tuple[str, str] | None = None
+    executing: bool = False  # delivered and run by one of the agent's workers (not waiting in its job queue)
     output_bucket: str = ""  # SendCommand's OutputS3BucketName / OutputS3KeyPrefix
     output_prefix: str = ""
     output_urls: dict[str, str] = field(default_factory=dict)  # stream -> URL of its copy in S3, once stored
@@ -163,6 +165,12 @@ class SsmAgent:
         self._commands: dict[str, Command] = {}
         self._stop = threading.Event()
         self._synthetic: SyntheticSrRunner | None = None
+        # Per instance, the messages SSM has for its agent, in order: ("send", invocation) until the agent takes it,
+        # ("cancel", invocation) for a command already delivered. The agent handles them one at a time (see
+        # `_handle_messages`); an instance's entry in `_agent_retry_at` says its agent holds a send it had no room
+        # for and tries it again then.
+        self._agent_messages: dict[str, list[tuple[str, Invocation]]] = {}
+        self._agent_retry_at: dict[str, float] = {}
         self._dispatcher = threading.Thread(target=self._dispatch_loop, name="ssm-agent", daemon=True)
         self._dispatcher.start()
 
@@ -221,6 +229,8 @@ class SsmAgent:
             )
         with self._lock:
             self._commands[command.command_id] = command
+            for invocation in command.invocations.values():
+                self._agent_messages.setdefault(invocation.instance_id, []).append(("send", invocation))
         return {"Command": command.as_command()}
 
     def _visible(self, command_id: str) -> list[Invocation]:
@@ -280,8 +290,12 @@ class SsmAgent:
             targets = body.get("InstanceIds") or list(command.invocations)
             for instance_id in targets:
                 invocation = command.invocations.get(instance_id)
-                if invocation is not None:
+                if invocation is None:
+                    continue
+                if invocation.status == "Pending":  # not delivered yet: SSM itself drops it
                     self._end(invocation, "Cancelled", "Cancelled")
+                elif invocation.status in LIVE:  # the agent has it: the cancel is a message to the agent
+                    self._agent_messages.setdefault(instance_id, []).append(("cancel", invocation))
         return {}
 
     def describe_instance_information(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -367,12 +381,76 @@ class SsmAgent:
             now = time.monotonic()
             with self._lock:
                 pending = [i for c in self._commands.values() for i in c.invocations.values() if i.status == "Pending"]
-            for invocation in pending:
-                if now > invocation.delivery_deadline:
-                    with self._lock:
+                for invocation in pending:
+                    if now > invocation.delivery_deadline:
                         self._end(invocation, "TimedOut", "DeliveryTimedOut")
-                elif self._lifecycle.agent_online(invocation.instance_id):
-                    self._start(invocation)
+                instances = [instance_id for instance_id, messages in self._agent_messages.items() if messages]
+            for instance_id in instances:
+                if self._lifecycle.agent_online(instance_id):
+                    self._handle_messages(instance_id, now)
+                else:
+                    self._agent_retry_at.pop(instance_id, None)  # a new boot's agent starts with an empty job queue
+            with self._lock:
+                waiting = [
+                    i
+                    for c in self._commands.values()
+                    for i in c.invocations.values()
+                    if i.status == "InProgress" and not i.executing
+                ]
+            for instance_id in {i.instance_id for i in waiting}:
+                self._execute_queued(instance_id, sorted(waiting, key=lambda i: i.requested))
+
+    def _handle_messages(self, instance_id: str, now: float) -> None:
+        """The agent takes its messages in order (aws/amazon-ssm-agent, mdsinteractor.go `processMessage`, one at a
+        time): a cancel ends its command; a send goes into the job queue if the agent's workers and buffer have room
+        (task/pool.go `AcquireBufferToken`), else the agent keeps it, and every message behind it, and tries again
+        every `agent_buffer_full_retry_seconds`. A held send is still Pending in SSM (never acknowledged)."""
+        faults = self._faults.for_instance(instance_id)
+        room = faults.command_workers_limit + faults.command_worker_buffer_limit
+        with self._lock:
+            messages = self._agent_messages.get(instance_id, [])
+            while messages:
+                kind, invocation = messages[0]
+                if kind == "cancel":
+                    messages.pop(0)
+                    self._end(invocation, "Cancelled", "Cancelled")
+                    continue
+                if invocation.status != "Pending":  # cancelled or timed out before delivery
+                    messages.pop(0)
+                    continue
+                retry_at = self._agent_retry_at.get(instance_id)
+                if retry_at is not None and now < retry_at:
+                    return  # the agent sleeps between tries
+                taken = sum(
+                    1
+                    for c in self._commands.values()
+                    if (i := c.invocations.get(instance_id)) is not None and i.status in LIVE and i.status != "Pending"
+                )
+                if taken >= room:
+                    self._agent_retry_at[instance_id] = now + faults.agent_buffer_full_retry_seconds
+                    return
+                self._agent_retry_at.pop(instance_id, None)
+                messages.pop(0)
+                invocation.status = invocation.status_details = "InProgress"  # reported on submission to the pool
+
+    def _execute_queued(self, instance_id: str, waiting: list[Invocation]) -> None:
+        """Start the agent's queued commands, oldest first, while fewer than `command_workers_limit` execute."""
+        limit = self._faults.for_instance(instance_id).command_workers_limit
+        for invocation in waiting:
+            if invocation.instance_id != instance_id:
+                continue
+            with self._lock:
+                executing = sum(
+                    1
+                    for c in self._commands.values()
+                    if (i := c.invocations.get(instance_id)) is not None and i.executing and i.status in LIVE
+                )
+                if executing >= limit:
+                    return
+                if invocation.status != "InProgress" or invocation.executing:
+                    continue
+                invocation.executing = True
+            self._start(invocation)
 
     def _sandbox(self, instance_id: str) -> Path:
         home = self._root / "instances" / instance_id
@@ -404,10 +482,9 @@ class SsmAgent:
         if synthetic is not None:
             script = chunk_script(invocation.commands)
         with self._lock:
-            if invocation.status != "Pending":
+            if invocation.status != "InProgress":  # cancelled while its sandbox was made ready
                 return
             invocation.workdir = workdir
-            invocation.status = invocation.status_details = "InProgress"
             invocation.started = datetime.now(UTC)
             if synthetic is not None and script is not None:  # a chunk, played in process (synthetic_sr.py)
                 for stream in STREAMS:

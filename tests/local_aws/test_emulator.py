@@ -255,6 +255,88 @@ class TestFaults:
         assert len(emulator_env.calls()) > 10  # the throttled attempts were retried, and the log saw them
 
 
+def statuses(ssm, command_ids: list[str], instance_id: str) -> list[str]:
+    return [ssm.get_command_invocation(CommandId=c, InstanceId=instance_id)["Status"] for c in command_ids]
+
+
+def most_at_once(spans: list[tuple[float, float]]) -> int:
+    """The most (start, end) spans open at one moment."""
+    edges = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])
+    open_now = most = 0
+    for _, step in edges:
+        open_now += step
+        most = max(most, open_now)
+    return most
+
+
+TIMED_SLEEP = "echo $(date +%s.%N); sleep {seconds}; echo $(date +%s.%N)"
+
+
+class TestAgentLimits:
+    """The real agent runs at most 5 commands at once and queues 5 more (aws/amazon-ssm-agent,
+    agent/appconfig/constants.go, task/pool.go); beyond that SSM keeps the command Pending while the agent retries it
+    every 10 s (mdsinteractor.go). The emulator's defaults are the agent's; a test shortens the retry."""
+
+    def test_twelve_commands_run_five_at_a_time_and_the_last_two_wait_in_ssm(
+        self, clients, running_instance, emulator_env
+    ):
+        _, ssm, _ = clients
+        emulator_env.set_faults({"instances": {running_instance: {"agent_buffer_full_retry_seconds": 1}}})
+        command_ids = [send(ssm, running_instance, TIMED_SLEEP.format(seconds=2)) for _ in range(12)]
+        time.sleep(1)
+
+        assert statuses(ssm, command_ids, running_instance) == ["InProgress"] * 10 + ["Pending"] * 2
+
+        invocations = [wait_for_invocation(ssm, c, running_instance, timeout=60) for c in command_ids]
+        assert [i["Status"] for i in invocations] == ["Success"] * 12
+        spans = [tuple(map(float, i["StandardOutputContent"].split())) for i in invocations]
+        assert most_at_once(spans) == 5
+        assert min(start for start, _ in spans[10:]) >= max(end for _, end in spans[:5]) - 0.1  # waited for room
+
+    def test_a_raised_workers_limit_runs_more_at_once(self, clients, running_instance, emulator_env):
+        _, ssm, _ = clients
+        emulator_env.set_faults({"instances": {running_instance: {"command_workers_limit": 8}}})
+        command_ids = [send(ssm, running_instance, TIMED_SLEEP.format(seconds=2)) for _ in range(8)]
+
+        invocations = [wait_for_invocation(ssm, c, running_instance, timeout=60) for c in command_ids]
+
+        assert most_at_once([tuple(map(float, i["StandardOutputContent"].split())) for i in invocations]) == 8
+
+    def test_a_queued_command_cancelled_never_runs_and_a_pending_one_is_dropped_by_ssm(
+        self, clients, running_instance, emulator_env
+    ):
+        _, ssm, _ = clients
+        limits = {"command_workers_limit": 1, "command_worker_buffer_limit": 1}
+        emulator_env.set_faults({"instances": {running_instance: limits}})
+        running, queued = (send(ssm, running_instance, "sleep 3; echo ran") for _ in range(2))
+        time.sleep(1)
+        assert statuses(ssm, [running, queued], running_instance) == ["InProgress", "InProgress"]
+
+        ssm.cancel_command(CommandId=queued, InstanceIds=[running_instance])
+
+        cancelled = wait_for_invocation(ssm, queued, running_instance, timeout=2)
+        assert (cancelled["Status"], cancelled["ExecutionStartDateTime"]) == ("Cancelled", "")  # never started
+        assert wait_for_invocation(ssm, running, running_instance)["Status"] == "Success"
+
+    def test_a_cancel_waits_behind_a_send_the_agent_has_no_room_for(self, clients, running_instance, emulator_env):
+        _, ssm, _ = clients
+        limits = {"command_workers_limit": 1, "command_worker_buffer_limit": 1, "agent_buffer_full_retry_seconds": 1}
+        emulator_env.set_faults({"instances": {running_instance: limits}})
+        first, queued, held = (send(ssm, running_instance, "sleep 2; echo ran") for _ in range(3))
+        time.sleep(0.8)
+        assert statuses(ssm, [first, queued, held], running_instance) == ["InProgress", "InProgress", "Pending"]
+
+        ssm.cancel_command(CommandId=first, InstanceIds=[running_instance])
+
+        # The agent still holds `held` (no room), so the cancel queues behind it: `first` runs to its end.
+        ended = wait_for_invocation(ssm, first, running_instance, timeout=10)
+        assert (ended["Status"], ended["StandardOutputContent"]) == ("Success", "ran\n")
+
+    def test_limits_below_one_are_refused(self, emulator_env):
+        with pytest.raises(urllib.error.HTTPError, match="400"):
+            emulator_env.set_faults({"instances": {"i-1": {"command_workers_limit": 0}}})
+
+
 def ping(ssm, instance_id: str) -> dict:
     (item,) = ssm.describe_instance_information(Filters=[{"Key": "InstanceIds", "Values": [instance_id]}])[
         "InstanceInformationList"
