@@ -4,8 +4,11 @@ moto marks every command "Success" at once without running it. Here `AWS-RunShel
 `/bin/sh` (as the real agent does) in a per-instance sandbox directory, in the background, with the real exit
 code, stdout and stderr, `executionTimeout` enforced, cancellation, and delivery only while the instance's agent
 is Online. The agent's limits are the real agent's: 5 commands execute at once, 5 more wait in its job queue, the
-rest stay Pending in SSM and cancels wait behind them (`_handle_messages`; per-instance faults can raise them). The `aws` CLI inside the scripts reaches the emulator through the environment the agent sets, the way
-an instance profile gives the real CLI its credentials: nothing is put into the script. First in each command's PATH
+rest stay Pending in SSM and cancels wait behind them (`_handle_messages`; per-instance faults can raise them). An
+instance that goes down takes its commands with it without a word: they stay InProgress (`instance_stopping`).
+
+The `aws` CLI inside the scripts reaches the emulator through the environment the agent sets, the way an instance
+profile gives the real CLI its credentials: nothing is put into the script. First in each command's PATH
 come the instance's stand-in `nvidia-smi` (listing the GPUs of its instance type) and `ffmpeg` (the real one, timed
 per GPU for the timeline): see gpus.py.
 
@@ -82,6 +85,8 @@ class Invocation:
     workdir: Path | None = None
     outcome_override: tuple[str, str] | None = None
     executing: bool = False  # delivered and run by one of the agent's workers (not waiting in its job queue)
+    interrupted: bool = False  # its instance went down while the agent had it (see `SsmAgent.instance_stopping`)
+    runs: int = 0  # times an agent started it: a new boot's agent runs an interrupted command again
     output_bucket: str = ""  # SendCommand's OutputS3BucketName / OutputS3KeyPrefix
     output_prefix: str = ""
     output_urls: dict[str, str] = field(default_factory=dict)  # stream -> URL of its copy in S3, once stored
@@ -356,12 +361,47 @@ class SsmAgent:
     # --- the agent -----------------------------------------------------------------------------------------
 
     def instance_stopping(self, instance_id: str) -> None:
-        """The instance is going down: its running commands die with it."""
+        """The instance is going down (stopped, terminated, interrupted): what runs there dies with it, and no agent
+        reports any more, so SSM keeps the commands the agent had InProgress: "If the agent isn't running or available
+        on the node, the command status remains at In Progress until the agent is available again, or until the
+        execution timeout limit is reached" (Systems Manager User Guide, "Understanding command statuses"). A new
+        boot's agent runs them again from the start (aws/amazon-ssm-agent, processor.go
+        `processInProgressDocuments`: documents in progress are submitted again); on an instance that never comes
+        back they end when they expire (`_expire_interrupted`). Commands not delivered yet stay Pending."""
         with self._lock:
             for command in self._commands.values():
                 invocation = command.invocations.get(instance_id)
-                if invocation is not None and invocation.status == "InProgress":
-                    self._end(invocation, "Failed", "Terminated")
+                if invocation is None or invocation.status != "InProgress":
+                    continue
+                invocation.interrupted, invocation.executing = True, False
+                process, invocation.process = invocation.process, None
+                if process is not None and process.poll() is None:
+                    try:
+                        os.killpg(process.pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+            self._agent_retry_at.pop(instance_id, None)
+
+    def _resume_interrupted(self, instance_id: str) -> None:
+        """A new boot's agent is Online: the commands it had when its instance went down run again, before any new
+        message (the agent's InitialProcessing comes before its message polling)."""
+        with self._lock:
+            for command in self._commands.values():
+                invocation = command.invocations.get(instance_id)
+                if invocation is not None and invocation.interrupted and invocation.status == "InProgress":
+                    invocation.interrupted = False
+
+    def _expire_interrupted(self, now: float) -> None:
+        """Commands whose instance went down end as SSM ends a command no agent reports on: once delivery timeout and
+        execution timeout have both passed, as delivery timed out."""
+        with self._lock:
+            for command in self._commands.values():
+                for invocation in command.invocations.values():
+                    expires = invocation.delivery_deadline + invocation.execution_timeout
+                    if invocation.interrupted and invocation.status == "InProgress" and now > expires:
+                        invocation.interrupted = False
+                        invocation.status, invocation.status_details = "TimedOut", "DeliveryTimedOut"
+                        invocation.ended = datetime.now(UTC)
 
     def _end(self, invocation: Invocation, status: str, details: str) -> None:
         if invocation.status not in ("Pending", "InProgress", "Delayed"):
@@ -384,18 +424,23 @@ class SsmAgent:
                 for invocation in pending:
                     if now > invocation.delivery_deadline:
                         self._end(invocation, "TimedOut", "DeliveryTimedOut")
+                interrupted = {
+                    i.instance_id for c in self._commands.values() for i in c.invocations.values() if i.interrupted
+                }
                 instances = [instance_id for instance_id, messages in self._agent_messages.items() if messages]
+            self._expire_interrupted(now)
+            for instance_id in interrupted:
+                if self._lifecycle.agent_online(instance_id):
+                    self._resume_interrupted(instance_id)
             for instance_id in instances:
                 if self._lifecycle.agent_online(instance_id):
                     self._handle_messages(instance_id, now)
-                else:
-                    self._agent_retry_at.pop(instance_id, None)  # a new boot's agent starts with an empty job queue
             with self._lock:
                 waiting = [
                     i
                     for c in self._commands.values()
                     for i in c.invocations.values()
-                    if i.status == "InProgress" and not i.executing
+                    if i.status == "InProgress" and not i.executing and not i.interrupted
                 ]
             for instance_id in {i.instance_id for i in waiting}:
                 self._execute_queued(instance_id, sorted(waiting, key=lambda i: i.requested))
@@ -482,10 +527,12 @@ class SsmAgent:
         if synthetic is not None:
             script = chunk_script(invocation.commands)
         with self._lock:
-            if invocation.status != "InProgress":  # cancelled while its sandbox was made ready
+            if invocation.status != "InProgress" or invocation.interrupted:  # cancelled, or down, meanwhile
                 return
             invocation.workdir = workdir
-            invocation.started = datetime.now(UTC)
+            invocation.runs += 1
+            if invocation.started is None:
+                invocation.started = datetime.now(UTC)
             if synthetic is not None and script is not None:  # a chunk, played in process (synthetic_sr.py)
                 for stream in STREAMS:
                     (workdir / stream).write_bytes(b"")
@@ -501,11 +548,10 @@ class SsmAgent:
                     stderr=err,
                     start_new_session=True,  # one process group, killed whole on timeout or cancel
                 )
-        threading.Thread(target=self._run, args=(invocation,), daemon=True).start()
+            process = invocation.process
+        threading.Thread(target=self._run, args=(invocation, process), daemon=True).start()
 
-    def _run(self, invocation: Invocation) -> None:
-        process = invocation.process
-        assert process is not None
+    def _run(self, invocation: Invocation, process: subprocess.Popen[bytes]) -> None:
         try:
             code = process.wait(timeout=invocation.execution_timeout)
         except subprocess.TimeoutExpired:
@@ -513,8 +559,12 @@ class SsmAgent:
                 invocation.outcome_override = ("TimedOut", "ExecutionTimedOut")
             os.killpg(process.pid, signal.SIGKILL)
             code = process.wait()
+        if invocation.process is not process:
+            return  # died with its instance: nothing reports its end (`instance_stopping`)
         self._store_output(invocation)  # before the status changes: whoever sees the end finds the copy
         with self._lock:
+            if invocation.process is not process:
+                return
             invocation.response_code = code
             if invocation.outcome_override is not None:
                 invocation.status, invocation.status_details = invocation.outcome_override
@@ -527,9 +577,11 @@ class SsmAgent:
     def _finish_in_process(self, invocation: Invocation, code: int) -> None:
         """A command played in process has ended with exit `code`, as `_run` ends a process: its output is stored
         first; its status is set unless the command ended already (cancelled, timed out, its instance stopped)."""
+        if invocation.interrupted:
+            return  # its instance went down under it: nothing reports its end
         self._store_output(invocation)
         with self._lock:
-            if invocation.status != "InProgress":
+            if invocation.status != "InProgress" or invocation.interrupted:
                 return
             invocation.response_code = code
             invocation.status = invocation.status_details = "Success" if code == 0 else "Failed"

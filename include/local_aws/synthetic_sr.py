@@ -208,6 +208,7 @@ class _Chunk:
     lines: list[str] = field(default_factory=list)
     failed: int = 0
     done: bool = False
+    run: int = 0  # the invocation's `runs` when this play of it began
 
     @property
     def instance_id(self) -> str:
@@ -215,7 +216,9 @@ class _Chunk:
 
     @property
     def live(self) -> bool:
-        return self.invocation.status == "InProgress"
+        """Still this run of its command: not ended, its instance not gone down, not run again by a new boot."""
+        invocation = self.invocation
+        return invocation.status == "InProgress" and not invocation.interrupted and invocation.runs == self.run
 
 
 class SyntheticSrRunner:
@@ -256,7 +259,7 @@ class SyntheticSrRunner:
         """Play `invocation`, already InProgress, whose script is `script`; `gpus`: its instance type's count."""
         slots = script.slots or max(1, gpus) * script.streams_per_gpu
         now = time.monotonic()
-        chunk = _Chunk(invocation, script, sandbox, slots, now, now + invocation.execution_timeout)
+        chunk = _Chunk(invocation, script, sandbox, slots, now, now + invocation.execution_timeout, run=invocation.runs)
         self._at(now, lambda: self._begin(chunk))
         self._at(chunk.deadline, lambda: self._check_deadline(chunk))
 
@@ -468,7 +471,7 @@ class SyntheticSrRunner:
             return
         chunk.done = True
         self._release_slot(chunk)
-        self._finish(chunk.invocation, code)
+        self._report_end(chunk, code)
 
     def _abandon(self, chunk: _Chunk) -> None:
         """The command ended under the chunk (cancel, timeout, instance stopped): free its slot, keep its output."""
@@ -477,4 +480,9 @@ class SyntheticSrRunner:
         chunk.done = True
         self._model_run_ended(chunk)
         self._release_slot(chunk)
-        self._finish(chunk.invocation, -9)
+        self._report_end(chunk, -9)
+
+    def _report_end(self, chunk: _Chunk, code: int) -> None:
+        """Tell the agent the chunk's command ended, unless a new boot's agent runs it again meanwhile."""
+        if chunk.invocation.runs == chunk.run:
+            self._finish(chunk.invocation, code)

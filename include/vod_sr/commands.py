@@ -89,6 +89,9 @@ class Outcome(enum.Enum):
 PENDING_STATES = ("Pending", "InProgress", "Delayed")
 # Cancelling always ends in Cancelled: the command will not succeed, so stop waiting.
 FAILED_STATES = ("Cancelled", "Cancelling", "TimedOut", "Failed")
+# The `invocation_status` the wait gives a command whose instance went down under it (SsmCommandsTrigger): SSM itself
+# keeps such a command InProgress for hours.
+INSTANCE_LOST = "InstanceLost"
 # SSM's clock (RequestedDateTime) against S3's (a chunk list's LastModified, written just before its SendCommand).
 CLOCK_MARGIN = timedelta(minutes=10)
 

@@ -19,6 +19,10 @@ from include.vod_sr.cost import Rates
 TRANSIENT_ERRORS_XCOM_KEY = "transient_aws_errors"
 # Commands out per GPU slot: see RunChunksOperator.
 IN_FLIGHT_PER_SLOT = 3
+# Commands the SSM agent executes at once (aws/amazon-ssm-agent, agent/appconfig/constants.go,
+# DefaultCommandWorkersLimit = 5; `Mds.CommandWorkersLimit` in the AMI's amazon-ssm-agent.json raises it). More go
+# to the agent's queue, then stay Pending in SSM, and a cancel waits behind them.
+AGENT_COMMAND_WORKERS = 5
 # Seconds of 1-second polls of the CLI install before the poll interval: the usual no-op ends within one or two.
 QUICK_POLLS = 10
 # Seconds after a deferral before its trigger first polls (the default of `defer_settle`): a resume within a second or
@@ -77,7 +81,9 @@ class RunChunksOperator(BaseOperator):
         no more, lets the running chunks finish and stores the chunks it did not send (`stored_plan.store_left`), whose
         files the report lists as left for the next run. None, or no budget in the params: no check.
     :param in_flight: commands out at once on the instance; None: three per slot (`gpus * streams_per_gpu`), so no
-        slot idles between two chunks.
+        slot idles between two chunks, but never more than `agent_command_workers`.
+    :param agent_command_workers: commands the instance's SSM agent executes at once (`AGENT_COMMAND_WORKERS`,
+        VOD_SR_AGENT_COMMAND_WORKERS): an instance with more slots than this leaves the rest idle (logged).
     :param poll_interval: seconds between status polls in the triggerer.
     :param defer_settle: seconds after each deferral before the trigger's first poll (`DEFER_SETTLE_SECONDS`).
     :param delivery_timeout: seconds SSM may take to list an invocation after SendCommand.
@@ -97,6 +103,7 @@ class RunChunksOperator(BaseOperator):
         install_cli: CliInstall | None = None,
         rates: Rates | None = None,
         in_flight: int | None = None,
+        agent_command_workers: int = AGENT_COMMAND_WORKERS,
         poll_interval: float = 15,
         defer_settle: float = DEFER_SETTLE_SECONDS,
         delivery_timeout: int = 300,
@@ -113,6 +120,7 @@ class RunChunksOperator(BaseOperator):
         self.rates = rates
         self._budget_stop: dict[str, Any] | None = None  # set when the budget stopped the sends (see `_check_budget`)
         self._in_flight = in_flight
+        self.agent_command_workers = agent_command_workers
         self.release_timeout = release_timeout
         self.poll_interval = poll_interval
         self.defer_settle = defer_settle
@@ -132,8 +140,12 @@ class RunChunksOperator(BaseOperator):
 
     @property
     def in_flight(self) -> int:
-        """Commands out at once: three per slot, one whose model runs there and two fetching, waiting or uploading."""
-        return self._in_flight if self._in_flight is not None else IN_FLIGHT_PER_SLOT * self.slots
+        """Commands out at once: three per slot (one whose model runs there, two fetching, waiting or uploading), as
+        many as the instance's agent executes at most: a command past that waits in the agent, unseen, with its
+        execution timeout not yet ticking but its place in the lane taken, and cancels queue behind it."""
+        if self._in_flight is not None:
+            return self._in_flight
+        return max(1, min(IN_FLIGHT_PER_SLOT * self.slots, int(self.agent_command_workers)))
 
     @cached_property
     def ssm(self) -> Any:
@@ -180,6 +192,15 @@ class RunChunksOperator(BaseOperator):
             # Chunks are left to send: install the CLI and count the GPUs first. A retry that finds every chunk sent
             # only re-attaches (its instance may even be released already).
             self.gpus = self._install_cli(context, self.install_cli)
+        if self.slots > self.in_flight:
+            self.log.warning(
+                "%s has %s GPU slots but its SSM agent runs %s commands at once: %s slot(s) stay idle. Raise "
+                "Mds.CommandWorkersLimit in the AMI's amazon-ssm-agent.json and VOD_SR_AGENT_COMMAND_WORKERS with it.",
+                self.lane["instance_id"],
+                self.slots,
+                self.in_flight,
+                self.slots - self.in_flight,
+            )
         return self._advance(context, reattached)
 
     def _stored_budget_stop(self) -> dict[str, Any] | None:
@@ -335,8 +356,14 @@ class RunChunksOperator(BaseOperator):
         """A chunk's command has ended with `status` (its SSM Status). A chunk that died because its instance went
         down under it is sent again, once, for the files it had not finished; a resent chunk's results are merged
         into its chunk's results, where verify reads them."""
+        from include.vod_sr.commands import INSTANCE_LOST, cancel_commands
+
         if entry.get("resent"):
             self._merge_resent_results(entry)
+        elif entry["outcome"] == "failed" and status == INSTANCE_LOST:
+            # A new boot's agent would run the lost command again from its start: cancel it, then resend what is left.
+            cancel_commands(self.ssm, [entry])
+            self._resend_unfinished(entry)
         elif entry["outcome"] == "failed" and status == "Failed" and self._instance_went_down(entry):
             self._resend_unfinished(entry)
 
@@ -535,6 +562,7 @@ class RunChunksOperator(BaseOperator):
             "instance_id": chunk.instance_id,
             "deadline": now + limits.backstop + self.delivery_timeout,
             "delivery_deadline": now + self.delivery_timeout,
+            "sent_at": now,
             "outcome": None,
             "transient_errors": 0,
             "files": len(chunk.files),  # the files this command processes (a resend: its chunk's unfinished ones)

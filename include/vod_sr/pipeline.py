@@ -336,6 +336,7 @@ def _wire(settings: Settings, selection: Selection) -> None:
             install_cli=CliInstall(skip_install=settings.skip_cli_install, timeout=settings.install_cli_timeout),
             rates=settings.rates,  # the run's `budget` param is in their currency
             streams_per_gpu=settings.streams_per_gpu,
+            agent_command_workers=settings.agent_command_workers,
             poll_interval=settings.poll_interval,
             defer_settle=settings.defer_settle,
             delivery_timeout=settings.command_delivery_timeout,

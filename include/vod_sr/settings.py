@@ -163,6 +163,9 @@ class Settings:
     max_active_runs: int = 1
     # SR streams per GPU: each GPU slot runs one chunk at a time (script.py). 1 is the safe choice for vendor SR.
     streams_per_gpu: int = 1
+    # Commands the instances' SSM agent executes at once: 5 unless the AMI's amazon-ssm-agent.json raises
+    # Mds.CommandWorkersLimit. run_chunks keeps no more than this in flight per instance.
+    agent_command_workers: int = 5
     # Seconds an output's duration may differ from its source's before verify fails the file.
     duration_tolerance: float = 0.5
     # The Airflow pool of every vod-sr task: a pool of its own caps how many of them call EC2 and SSM at once
@@ -224,6 +227,7 @@ class Settings:
             agent_quick_wait=_env_int("VOD_SR_AGENT_QUICK_WAIT_SECONDS", defaults.agent_quick_wait, minimum=0),
             max_active_runs=_env_int("VOD_SR_MAX_ACTIVE_RUNS", defaults.max_active_runs),
             streams_per_gpu=_env_int("VOD_SR_STREAMS_PER_GPU", defaults.streams_per_gpu),
+            agent_command_workers=_env_int("VOD_SR_AGENT_COMMAND_WORKERS", defaults.agent_command_workers),
             duration_tolerance=_env_float("VOD_SR_DURATION_TOLERANCE", defaults.duration_tolerance),
             pool=os.environ.get("VOD_SR_POOL", "").strip() or defaults.pool,
             nightly_prefixes=_env_list("VOD_SR_NIGHTLY_PREFIXES"),

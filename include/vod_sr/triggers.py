@@ -14,6 +14,7 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 from botocore.exceptions import ClientError
 
 from include.vod_sr.commands import (
+    INSTANCE_LOST,
     POLL_CONFIG,
     Outcome,
     describe_error,
@@ -28,6 +29,13 @@ PROGRESS_READ_TIMEOUT = 20.0
 # vod-sr) waits as before, without progress lines.
 PROGRESS_FIELDS = ("position", "lane_chunks", "files", "results_bucket", "results_key")
 _NO_RESULTS_YET = frozenset({"NoSuchKey", "404"})  # before the chunk's first file ends
+# EC2 states of an instance whose commands died with it. SSM does not say so: no agent reports any more, and the
+# invocations stay InProgress for hours (delivery timeout + executionTimeout), so the wait asks EC2 at each poll.
+DOWN_STATES = frozenset({"stopping", "stopped", "shutting-down", "terminated"})
+# A LaunchTime this long after a command was sent means the instance was started again since (its command died with
+# the old boot). The margin keeps a few seconds of clock skew between this host and EC2 from reading as a restart; a
+# restart is also seen as a stopping or stopped state at the polls in between.
+RELAUNCH_MARGIN_SECONDS = 60
 
 
 @dataclass
@@ -87,6 +95,12 @@ class SsmCommandsTrigger(BaseTrigger):
     error code, at debug level for a missing object and warning otherwise, and never fails or ends the wait. A command
     dict without the progress fields (a trigger serialized by an older vod-sr) is waited on without progress lines.
 
+    Each poll also asks EC2 about the instances of the commands still live (one DescribeInstances for all): a command
+    whose instance is stopping, stopped, shutting down or terminated, or was started again after the command was sent
+    (`sent_at`), ends at once with outcome "failed" and `invocation_status` INSTANCE_LOST, since SSM would keep it
+    InProgress for hours. A DescribeInstances that fails is logged and the wait goes on (SSM's status and the
+    deadlines still end every command).
+
     A poll that fails with a transient error (throttling, a 5xx, a dropped connection or a timeout, after the
     client's own retries) leaves its command pending: it is logged, counted per command in the event's
     `transient_errors`, and polled again until the command's deadline. Failing the wait would fail the task, and its
@@ -95,7 +109,8 @@ class SsmCommandsTrigger(BaseTrigger):
 
     :param commands: dicts with `command_id`, `instance_id`, `deadline` (epoch seconds after which the wait gives
         up: outcome "timeout") and `delivery_deadline` (by which SSM must list the invocation: "undelivered");
-        optionally, for progress lines, `position` (the chunk's 1-based place in its lane), `lane_chunks`, `files`
+        optionally `sent_at` (epoch seconds of the SendCommand: a later LaunchTime is a restart) and, for progress
+        lines, `position` (the chunk's 1-based place in its lane), `lane_chunks`, `files`
         (files the command processes), `results_bucket`, `results_key` and `resent` (a chunk sent again).
     :param poll_interval: seconds between polls.
     :param resume_state: returned untouched in the event, for the deferring task to continue where it left off
@@ -155,6 +170,50 @@ class SsmCommandsTrigger(BaseTrigger):
         return AwsBaseHook(
             aws_conn_id=self.aws_conn_id, region_name=self.region_name, client_type="s3", config=POLL_CONFIG
         )
+
+    def ec2_hook(self) -> Any:
+        """The hook of the EC2 client that checks the commands' instances are still up."""
+        from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
+
+        return AwsBaseHook(
+            aws_conn_id=self.aws_conn_id, region_name=self.region_name, client_type="ec2", config=POLL_CONFIG
+        )
+
+    async def _lost_instances(self, ec2: Any, commands: list[dict[str, Any]]) -> dict[str, str]:
+        """Which instances of `commands` went down under them: instance id -> what EC2 says. Never raises."""
+        instance_ids = sorted({command["instance_id"] for command in commands})
+        if not instance_ids:
+            return {}
+        try:
+            response = await ec2.describe_instances(InstanceIds=instance_ids)
+        except Exception as error:
+            if _error_code(error) == "InvalidInstanceID.NotFound" and len(instance_ids) == 1:
+                return {instance_ids[0]: "no longer known to EC2"}  # terminated long ago
+            self.log.warning(
+                "Cannot check the instances %s in EC2 (%s); going on with SSM's statuses",
+                ", ".join(instance_ids),
+                describe_error(error),
+            )
+            return {}
+        lost: dict[str, str] = {}
+        sent_at = {
+            c["instance_id"]: min(x.get("sent_at") or 0 for x in commands if x["instance_id"] == c["instance_id"])
+            for c in commands
+        }
+        for reservation in response.get("Reservations", []):
+            for instance in reservation.get("Instances", []):
+                instance_id, state = instance["InstanceId"], instance["State"]["Name"]
+                launched = instance.get("LaunchTime")
+                if state in DOWN_STATES:
+                    reason = instance.get("StateReason", {}).get("Message")
+                    lost[instance_id] = f"{state}" + (f" ({reason})" if reason else "")
+                elif (
+                    sent_at[instance_id]
+                    and launched is not None
+                    and (launched.timestamp() > sent_at[instance_id] + RELAUNCH_MARGIN_SECONDS)
+                ):
+                    lost[instance_id] = f"started again at {launched.isoformat()}"
+        return lost
 
     async def _s3_client(self, stack: AsyncExitStack) -> Any:
         """An async S3 client for progress, closed with `stack`; None (and a warning) if it cannot be made."""
@@ -230,14 +289,27 @@ class SsmCommandsTrigger(BaseTrigger):
         progress = {command["command_id"]: ChunkProgress.of(command) for command in self.commands}
         async with AsyncExitStack() as stack:
             client = await stack.enter_async_context(await self.hook().get_async_conn())
+            ec2 = await stack.enter_async_context(await self.ec2_hook().get_async_conn())
             s3 = await self._s3_client(stack) if any(progress.values()) else None
             if (settle := self.not_before - time.time()) > 0:
                 await asyncio.sleep(settle)
             ended: list[dict[str, Any]] = []  # every command seen ended, each polled no more
             while True:
                 seen_ended = {command["command_id"] for command in ended}
-                for command in (c for c in self.commands if c["command_id"] not in seen_ended):
+                live = [c for c in self.commands if c["command_id"] not in seen_ended]
+                lost = await self._lost_instances(ec2, live)
+                for command in live:
                     ended_before = len(ended)
+                    if command["instance_id"] in lost:
+                        self.log.warning(
+                            "SSM command %s: its instance %s is %s; the command died with it",
+                            command["command_id"],
+                            command["instance_id"],
+                            lost[command["instance_id"]],
+                        )
+                        ended.append({**command, "outcome": "failed", "invocation_status": INSTANCE_LOST})
+                        await self._progress(s3, command, progress[command["command_id"]], "failed")
+                        continue
                     try:
                         status = await self._status(client, command)
                     except Exception as error:

@@ -190,7 +190,8 @@ class TestStopRaces:
         assert world.instance_state() == "stopped"
         assert stored_report(world)["instances_left_running"] == {}
         invocation = ssm.get_command_invocation(CommandId=patching, InstanceId=world.instance_id)
-        assert (invocation["Status"], invocation["StatusDetails"]) == ("Failed", "Terminated")  # ended by the stop
+        # The stop killed it; nothing reports that, so SSM keeps it InProgress until it expires.
+        assert invocation["Status"] == "InProgress"
         assert f"Not vod-sr's, so it does not keep the instance up (the stop ends it): command {patching}" in (
             task_log(caplog, capfd)
         )

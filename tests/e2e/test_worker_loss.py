@@ -263,13 +263,15 @@ def test_chunks_that_died_with_their_instance_are_sent_again_once_for_their_unfi
 
     ended = {chunk: [how_it_ended(c) for c in sent] for chunk, sent in commands.items()}
     resent_0, resent_1 = RESEND_INDEX_BASE, RESEND_INDEX_BASE + 1
-    assert ended[0] == [("Failed", "Terminated")]  # chunk 0 died with the instance ...
+    # Chunk 0 died with the instance (SSM kept it InProgress; the wait saw the instance stopped in EC2), was cancelled
+    # so that the new boot's agent would not run it again, ...
+    assert ended[0] == [("Cancelled", "Cancelled")]
     assert ended[resent_0] == [("Success", "Success")]  # ... and was sent again once
     # Chunk 1 was sent with chunk 0 and either took the instance's lock first (and was done before the stop) or was
     # waiting for it: then it died too and was sent again once.
     assert (ended[1], ended.get(resent_1)) in (
         ([("Success", "Success")], None),
-        ([("Failed", "Terminated")], [("Success", "Success")]),
+        ([("Cancelled", "Cancelled")], [("Success", "Success")]),
     ), ended
     assert set(ended) <= {0, 1, resent_0, resent_1}
     resent_output = get_invocation(ssm, commands[resent_0][0]["CommandId"], world.instance_id)

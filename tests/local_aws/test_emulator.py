@@ -158,15 +158,42 @@ class TestEc2Lifecycle:
         with pytest.raises(ClientError, match="IncorrectInstanceState"):
             ec2.start_instances(InstanceIds=[running_instance])
 
-    def test_stopping_kills_running_commands(self, clients, running_instance):
+    def test_a_stop_kills_the_command_without_a_word_and_the_next_boot_runs_it_again(self, clients, running_instance):
+        # AWS: "If the agent isn't running or available on the node, the command status remains at In Progress until
+        # the agent is available again" (Understanding command statuses); the agent then submits the documents it
+        # had in progress again (aws/amazon-ssm-agent, processor.go processInProgressDocuments).
         ec2, ssm, _ = clients
-        command_id = send(ssm, running_instance, "sleep 30")
+        command_id = send(ssm, running_instance, 'echo run >> "$HOME/runs"; sleep 3; cat "$HOME/runs"')
         time.sleep(1)
 
         ec2.stop_instances(InstanceIds=[running_instance])
-        invocation = wait_for_invocation(ssm, command_id, running_instance, timeout=10)
+        ec2.get_waiter("instance_stopped").wait(InstanceIds=[running_instance], WaiterConfig={"Delay": 1})
+        time.sleep(4)  # longer than the script had left: it did not go on running
+        assert ssm.get_command_invocation(CommandId=command_id, InstanceId=running_instance)["Status"] == "InProgress"
 
-        assert (invocation["Status"], invocation["StatusDetails"]) == ("Failed", "Terminated")
+        ec2.start_instances(InstanceIds=[running_instance])
+        invocation = wait_for_invocation(ssm, command_id, running_instance, timeout=30)
+
+        assert (invocation["Status"], invocation["StandardOutputContent"]) == ("Success", "run\nrun\n")
+
+    def test_a_command_whose_instance_never_comes_back_expires_as_delivery_timed_out(
+        self, clients, running_instance, emulator_env
+    ):
+        ec2, ssm, _ = clients
+        # Short timeouts so it expires within the test: SSM's smallest TimeoutSeconds is 30, which botocore checks
+        # before sending, so this one request goes without botocore's checks (the emulator takes any timeout).
+        unchecked = boto_client("ssm", emulator_env.endpoint_url, config=Config(parameter_validation=False))
+        command_id = send(
+            unchecked, running_instance, "sleep 30", TimeoutSeconds=3, parameters={"executionTimeout": ["2"]}
+        )
+        time.sleep(1)
+
+        ec2.terminate_instances(InstanceIds=[running_instance])
+        time.sleep(1)
+        assert ssm.get_command_invocation(CommandId=command_id, InstanceId=running_instance)["Status"] == "InProgress"
+        invocation = wait_for_invocation(ssm, command_id, running_instance, timeout=15)
+
+        assert (invocation["Status"], invocation["StatusDetails"]) == ("TimedOut", "DeliveryTimedOut")
 
 
 class TestFaults:

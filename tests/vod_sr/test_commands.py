@@ -4,6 +4,7 @@ import asyncio
 import io
 import threading
 import time
+from datetime import UTC, datetime
 
 import pytest
 from airflow.sdk.exceptions import TaskDeferred
@@ -112,12 +113,31 @@ class StubAsyncSsm:
         self.cancelled.append(CommandId)
 
 
+class StubAsyncEc2:
+    """Stub aiobotocore EC2 client: every instance asked about is running, launched long ago."""
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        return False
+
+    async def describe_instances(self, InstanceIds):
+        launched = datetime(2026, 1, 1, tzinfo=UTC)
+        instances = [{"InstanceId": i, "State": {"Name": "running"}, "LaunchTime": launched} for i in InstanceIds]
+        return {"Reservations": [{"Instances": instances}]}
+
+
 def stub_trigger(monkeypatch, client: StubAsyncSsm, **bounds) -> SsmCommandsTrigger:
     class StubHook:
-        async def get_async_conn(self):
-            return client
+        def __init__(self, conn) -> None:
+            self.conn = conn
 
-    monkeypatch.setattr(SsmCommandsTrigger, "hook", lambda self: StubHook())
+        async def get_async_conn(self):
+            return self.conn
+
+    monkeypatch.setattr(SsmCommandsTrigger, "hook", lambda self: StubHook(client))
+    monkeypatch.setattr(SsmCommandsTrigger, "ec2_hook", lambda self: StubHook(StubAsyncEc2()))
     now = time.time()
     commands = [
         {
@@ -631,6 +651,54 @@ class TestAgainstTheEmulator:
 
         assert [c["outcome"] for c in event["commands"]] == ["success"]
         assert get_invocation(ssm, command_id, running_instance)["StandardOutputContent"] == "done\n"
+
+    def test_trigger_ends_a_command_whose_instance_went_down_though_ssm_still_says_in_progress(
+        self, running_instance, emulator_env
+    ):
+        ssm, ec2 = boto_client("ssm", emulator_env.endpoint_url), boto_client("ec2", emulator_env.endpoint_url)
+        now = time.time()
+        command_id = send_command(
+            ssm, running_instance, "sleep 60", comment="t", execution_timeout=120, delivery_timeout=30
+        )
+        command = {
+            "command_id": command_id,
+            "instance_id": running_instance,
+            "deadline": now + 150,
+            "delivery_deadline": now + 30,
+            "sent_at": now,
+        }
+        while (get_invocation(ssm, command_id, running_instance) or {}).get("Status") != "InProgress":
+            assert time.time() < now + 20, "the command never ran"
+            time.sleep(0.2)
+        ec2.stop_instances(InstanceIds=[running_instance])
+
+        started = time.monotonic()
+        (event,) = collect_events(SsmCommandsTrigger(commands=[command], poll_interval=0.5))
+
+        assert [(c["outcome"], c["invocation_status"]) for c in event["commands"]] == [("failed", "InstanceLost")]
+        assert time.monotonic() - started < 10
+        assert get_invocation(ssm, command_id, running_instance)["Status"] == "InProgress"  # SSM cannot tell
+
+    def test_trigger_that_cannot_ask_ec2_goes_on_with_ssms_statuses(self, running_instance, emulator_env, capsys):
+        denied = {"denied_actions": ["DescribeInstances"], "denied_error": "UnauthorizedOperation"}
+        emulator_env.set_faults({"instances": {running_instance: denied}})
+        ssm = boto_client("ssm", emulator_env.endpoint_url)
+        now = time.time()
+        command_id = send_command(
+            ssm, running_instance, "sleep 1", comment="t", execution_timeout=60, delivery_timeout=30
+        )
+        command = {
+            "command_id": command_id,
+            "instance_id": running_instance,
+            "deadline": now + 60,
+            "delivery_deadline": now + 30,
+            "sent_at": now,
+        }
+
+        (event,) = collect_events(SsmCommandsTrigger(commands=[command], poll_interval=0.5))
+
+        assert [c["outcome"] for c in event["commands"]] == ["success"]
+        assert f"Cannot check the instances {running_instance} in EC2 (UnauthorizedOperation" in capsys.readouterr().out
 
     def test_provider_trigger_reports_success_before_the_command_ran(self, running_instance, emulator_env):
         """Why vod-sr has its own trigger: provider 9.39.0's lists invocations once and succeeds on an empty list."""

@@ -418,8 +418,33 @@ class TestRunChunksProgressFields:
 
         operator.resume({"ti": RecordingTi()}, event)
 
-        # A new operator object on each resume: the count comes back from the trigger's state, three commands per GPU.
-        assert (operator.gpus, operator.slots, operator.in_flight) == (4, 4, 12)
+        # A new operator object on each resume: the count comes back from the trigger's state; three commands per
+        # GPU would be 12, but the instance's SSM agent executes 5 at once, so no more are sent.
+        assert (operator.gpus, operator.slots, operator.in_flight) == (4, 4, 5)
+
+    @pytest.mark.parametrize(
+        ("gpus", "agent_command_workers", "in_flight"),
+        [(1, 5, 3), (4, 5, 5), (4, 12, 12), (8, 5, 5), (8, 30, 24)],
+        ids=["1-gpu", "4-gpus", "4-gpus-raised-agent", "8-gpus", "8-gpus-raised-agent"],
+    )
+    def test_no_more_commands_are_out_than_the_agent_executes_at_once(self, gpus, agent_command_workers, in_flight):
+        operator = RunChunksOperator(
+            task_id="run_chunks", lane=lane([1]), gpus=gpus, agent_command_workers=agent_command_workers
+        )
+
+        assert operator.in_flight == in_flight
+
+    def test_slots_the_agent_leaves_idle_are_named_in_the_log(self, monkeypatch, capsys):
+        operator = RunChunksOperator(task_id="run_chunks", lane=lane([1]), gpus=8)
+        monkeypatch.setattr(operator, "_reattach", lambda: [])
+        monkeypatch.setattr(operator, "_stored_budget_stop", lambda: None)
+        monkeypatch.setattr(operator, "_advance", lambda context, sent: {})
+
+        operator.execute({})
+
+        assert (
+            "has 8 GPU slots but its SSM agent runs 5 commands at once: 3 slot(s) stay idle" in capsys.readouterr().out
+        )
 
     def test_each_live_command_tells_the_trigger_its_place_files_and_results_object(self):
         operator = RunChunksOperator(task_id="run_chunks", lane=lane([10, 4, 2]))
