@@ -174,6 +174,7 @@ class Ec2Lifecycle:
         self._never_running: set[str] = set()  # launched, and not running yet
         self._visible_after: dict[str, float] = {}  # launched: unknown to requests by id until then (monotonic)
         self.running_intervals: dict[str, list[list[float | None]]] = {}  # wall-clock [running, stop requested]
+        self.spot_notices: dict[str, dict[str, str]] = {}  # instance -> its `spot/instance-action` document
 
     def _set_state(self, instance: Any, name: str) -> None:
         instance._state.name = name
@@ -201,10 +202,56 @@ class Ec2Lifecycle:
                         self._never_running.discard(instance_id)
                         self._running_since[instance_id] = time.monotonic()
                         self.running_intervals.setdefault(instance_id, []).append([time.time(), None])
+                        self._plan_spot_interruption(instance)
 
         timer = threading.Timer(seconds, apply)
         timer.daemon = True
         timer.start()
+
+    def _plan_spot_interruption(self, instance: Any) -> None:
+        """A Spot instance with `spot_interruption_seconds` set gets its notice then, and is terminated
+        `spot_notice_seconds` later (faults.py). Once per instance: a terminated instance does not run again. Called
+        with the lock held (when the instance comes to `running`)."""
+        faults = self._faults.for_instance(instance.id)
+        if getattr(instance, "lifecycle", None) != "spot" or faults.spot_interruption_seconds is None:
+            return
+        if instance.id in self.spot_notices:
+            return
+
+        def notice() -> None:
+            from datetime import UTC, datetime, timedelta
+
+            current = find_instance(instance.id)
+            if current is None or current.state != "running":
+                return
+            when = datetime.now(UTC) + timedelta(seconds=faults.spot_notice_seconds)
+            with self._lock:
+                self.spot_notices[instance.id] = {"action": "terminate", "time": when.strftime("%Y-%m-%dT%H:%M:%SZ")}
+            timer = threading.Timer(faults.spot_notice_seconds, interrupt)
+            timer.daemon = True
+            timer.start()
+
+        def interrupt() -> None:
+            current = find_instance(instance.id)
+            if current is None or current.state in ("shutting-down", "terminated"):
+                return
+            previous = current.state
+            current.ec2_backend.terminate_instances([instance.id])
+            self.terminated(
+                [instance.id],
+                {instance.id: previous},
+                reason=("Server.SpotInstanceTermination", "Server.SpotInstanceTermination: Spot instance termination"),
+            )
+
+        self.spot_notices.setdefault(instance.id, {})  # planned: not planned again (the caller holds the lock)
+        timer = threading.Timer(faults.spot_interruption_seconds, notice)
+        timer.daemon = True
+        timer.start()
+
+    def spot_instance_action(self, instance_id: str) -> dict[str, str] | None:
+        """The instance's `spot/instance-action` metadata: the interruption notice, or None (IMDS answers 404)."""
+        with self._lock:
+            return self.spot_notices.get(instance_id) or None
 
     def check_start(self, instance_ids: list[str]) -> None:
         """Raise the error AWS would give before moto starts these instances."""
@@ -360,9 +407,11 @@ class Ec2Lifecycle:
             self._going_down(instance, running=previous.get(instance_id) == "running", state="stopping")
             self._later(instance_id, self._faults.for_instance(instance_id).stopping_seconds, "stopped")
 
-    def terminated(self, instance_ids: list[str], previous: dict[str, str]) -> None:
-        """moto has set them terminated; show shutting-down for a while (then terminated) and end the agent's work
-        on them, as a stop does."""
+    def terminated(
+        self, instance_ids: list[str], previous: dict[str, str], reason: tuple[str, str] | None = None
+    ) -> None:
+        """moto has set them terminated; show shutting-down for a while (then terminated, with `reason` as its
+        StateReason when given) and end the agent's work on them, as a stop does."""
         for instance_id in instance_ids:
             instance = find_instance(instance_id)
             if instance is None or previous.get(instance_id) in ("shutting-down", "terminated"):
@@ -370,7 +419,7 @@ class Ec2Lifecycle:
             self._going_down(instance, running=previous.get(instance_id) == "running", state="shutting-down")
             faults = self._faults.for_instance(instance_id)
             seconds = faults.stopping_seconds if faults.shutting_down_seconds is None else faults.shutting_down_seconds
-            self._later(instance_id, seconds, "terminated")
+            self._later(instance_id, seconds, "terminated", reason)
 
     def _going_down(self, instance: Any, *, running: bool, state: str) -> None:
         """Stopping or shutting down: the agent's last heartbeat, the running interval closed, its commands ended."""

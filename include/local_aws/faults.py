@@ -127,6 +127,13 @@ class InstanceFaults:
     # queue (already reported InProgress), and a command beyond both stays Pending in SSM while the agent's message
     # loop retries it every `agent_buffer_full_retry_seconds` (mdsinteractor.go: "Will wake up every 10 seconds till
     # the buffer is free"); cancels reach the agent through the same loop, so they wait behind it too.
+    # A Spot instance (launched with InstanceMarketOptions spot) is interrupted this many seconds after it first runs
+    # (None: never): its instance metadata serves the interruption notice at `spot/instance-action`
+    # ({"action": "terminate", "time": ...}, 404 before), and `spot_notice_seconds` later it goes shutting-down ->
+    # terminated with StateReason Server.SpotInstanceTermination, as EC2 does ("Spot Instance interruption notices":
+    # a two-minute warning). Set it in the defaults for instances still to be launched.
+    spot_interruption_seconds: float | None = None
+    spot_notice_seconds: float = 120.0
     command_workers_limit: int = 5
     command_worker_buffer_limit: int = 5
     agent_buffer_full_retry_seconds: float = 10.0

@@ -71,6 +71,7 @@ SSM_ACTIONS = {
     "CancelCommand": "cancel_command",
     "DescribeInstanceInformation": "describe_instance_information",
 }
+IMDS_PREFIX = "/_local_aws/imds/"  # + <instance id>/latest/...: each emulated instance's metadata (`_imds`)
 CREDENTIAL_SCOPE = re.compile(r"Credential=[^/]+/\d+/([^/]+)/([^/]+)/")
 
 StartResponse = Callable[..., Any]
@@ -316,6 +317,20 @@ class Extension:
         self.lifecycle.launched(list(dict.fromkeys(found)), launch)
         return response
 
+    def _imds(self, method: str, path: str, start_response: StartResponse) -> list[bytes]:
+        """The instance metadata an emulated instance can read (its agent's AWS_EC2_METADATA_SERVICE_ENDPOINT):
+        IMDSv2's token and `spot/instance-action`, 404 until the instance has an interruption notice."""
+        instance_id, _, rest = path.partition("/")
+        if rest == "latest/api/token" and method == "PUT":
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return [b"emulated-imds-token"]
+        if rest == "latest/meta-data/spot/instance-action" and method == "GET":
+            action = self.lifecycle.spot_instance_action(instance_id)
+            if action is not None:
+                return self._json(start_response, "200 OK", action)
+        start_response("404 Not Found", [("Content-Type", "text/plain")])
+        return [b"Not Found"]
+
     def record_call(self, call: dict[str, Any]) -> None:
         """Add a call made without HTTP to the call log: the synthetic SR stand-in's S3 calls (synthetic_sr.py)."""
         with self._calls_lock:
@@ -323,6 +338,8 @@ class Extension:
 
     def _control(self, environ: dict[str, Any], start_response: StartResponse, path: str) -> list[bytes]:
         method = environ["REQUEST_METHOD"]
+        if path.startswith(IMDS_PREFIX):
+            return self._imds(method, path.removeprefix(IMDS_PREFIX), start_response)
         if path == "/_local_aws/health":
             return self._json(start_response, "200 OK", {"status": "ok"})
         if path == "/_local_aws/calls" and method == "GET":

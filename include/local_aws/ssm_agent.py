@@ -369,10 +369,13 @@ class SsmAgent:
         `processInProgressDocuments`: documents in progress are submitted again); on an instance that never comes
         back they end when they expire (`_expire_interrupted`). Commands not delivered yet stay Pending."""
         with self._lock:
+            # The messages SSM already has for the agent reach it before the machine is down: it gets them within a
+            # moment, an OS shutdown takes seconds. So a cancel sent just before a stop still ends its command.
+            self._handle_messages(instance_id, time.monotonic())
             for command in self._commands.values():
                 invocation = command.invocations.get(instance_id)
-                if invocation is None or invocation.status != "InProgress":
-                    continue
+                if invocation is None or invocation.status != "InProgress" or invocation.outcome_override is not None:
+                    continue  # (a command being cancelled or timed out ends as such: its runner records it)
                 invocation.interrupted, invocation.executing = True, False
                 process, invocation.process = invocation.process, None
                 if process is not None and process.poll() is None:
@@ -522,6 +525,10 @@ class SsmAgent:
             "HOME": str(sandbox / "home"),
             "TMPDIR": str(sandbox / "tmp"),
             "AWS_DEFAULT_REGION": instance.region_name if instance is not None else "us-east-1",
+            # The instance's metadata service (169.254.169.254 on EC2), where the AWS CLI and the scripts find it.
+            "AWS_EC2_METADATA_SERVICE_ENDPOINT": (
+                f"{self._agent_env.get('AWS_ENDPOINT_URL', '')}/_local_aws/imds/{invocation.instance_id}/"
+            ),
         }
         synthetic, script = self._synthetic, None
         if synthetic is not None:

@@ -176,6 +176,17 @@ class TestEc2Lifecycle:
 
         assert (invocation["Status"], invocation["StandardOutputContent"]) == ("Success", "run\nrun\n")
 
+    def test_a_cancel_sent_just_before_a_stop_still_ends_the_command(self, clients, running_instance):
+        # The agent gets a cancel within a moment; an OS shutdown takes seconds.
+        ec2, ssm, _ = clients
+        command_id = send(ssm, running_instance, "sleep 30")
+        time.sleep(1)
+
+        ssm.cancel_command(CommandId=command_id, InstanceIds=[running_instance])
+        ec2.stop_instances(InstanceIds=[running_instance])
+
+        assert wait_for_invocation(ssm, command_id, running_instance, timeout=10)["Status"] == "Cancelled"
+
     def test_a_command_whose_instance_never_comes_back_expires_as_delivery_timed_out(
         self, clients, running_instance, emulator_env
     ):

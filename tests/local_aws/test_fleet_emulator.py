@@ -3,6 +3,7 @@ TerminateInstances that takes time, over real HTTP with boto3."""
 
 from __future__ import annotations
 
+import json
 import time
 import urllib.error
 import uuid
@@ -349,3 +350,48 @@ class TestTerminate:
         assert [i["PreviousState"]["Name"] for i in answer] == ["pending"] * 3
         assert states(ec2, fleet) == ["terminated"] * 3
         assert all(fleet_env.timeline().get(i, {}).get("running", []) == [] for i in fleet)
+
+
+class TestSpotInterruptions:
+    """EC2 warns a Spot instance two minutes before it takes it back ("Spot Instance interruption notices", Amazon EC2
+    User Guide): `spot/instance-action` in its instance metadata, then shutting-down -> terminated with StateReason
+    Server.SpotInstanceTermination. Shortened here by the fault's own settings."""
+
+    IMDS_READ = (
+        'token=$(curl -sf -X PUT "${AWS_EC2_METADATA_SERVICE_ENDPOINT}latest/api/token" '
+        '-H "X-aws-ec2-metadata-token-ttl-seconds: 60") && '
+        'curl -s -w " %{http_code}" -H "X-aws-ec2-metadata-token: $token" '
+        '"${AWS_EC2_METADATA_SERVICE_ENDPOINT}latest/meta-data/spot/instance-action"'
+    )
+
+    def test_the_notice_is_in_the_instance_metadata_then_the_instance_is_terminated(
+        self, ec2, ssm, template, fleet_env
+    ):
+        fleet_env.set_faults({"defaults": {"spot_interruption_seconds": 4, "spot_notice_seconds": 3}})
+        (instance_id,) = launch(ec2, template, InstanceMarketOptions=SPOT)
+        wait_online(ssm, [instance_id])
+
+        before = wait_for_invocation(ssm, send(ssm, instance_id, self.IMDS_READ), instance_id)
+        assert before["StandardOutputContent"].endswith(" 404"), before
+        deadline = time.monotonic() + 20
+        while True:  # the notice, read from the instance as a script on it would
+            read = wait_for_invocation(ssm, send(ssm, instance_id, self.IMDS_READ), instance_id)
+            if read["StandardOutputContent"].endswith(" 200"):
+                break
+            assert time.monotonic() < deadline, read
+            time.sleep(0.5)
+        notice = json.loads(read["StandardOutputContent"].rsplit(" ", 1)[0])
+        assert notice["action"] == "terminate" and notice["time"].endswith("Z")
+        assert states(ec2, [instance_id]) == ["running"]  # the notice comes first
+
+        wait_states(ec2, [instance_id], "terminated", timeout=20)
+        reason = described(ec2, [instance_id])[instance_id]["StateReason"]
+        assert reason["Code"] == "Server.SpotInstanceTermination"
+
+    def test_an_on_demand_instance_is_never_interrupted(self, ec2, ssm, template, fleet_env):
+        fleet_env.set_faults({"defaults": {"spot_interruption_seconds": 1, "spot_notice_seconds": 1}})
+        (instance_id,) = launch(ec2, template)
+        wait_online(ssm, [instance_id])
+        time.sleep(3)
+
+        assert states(ec2, [instance_id]) == ["running"]
