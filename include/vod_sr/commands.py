@@ -92,6 +92,8 @@ FAILED_STATES = ("Cancelled", "Cancelling", "TimedOut", "Failed")
 # The `invocation_status` the wait gives a command whose instance went down under it (SsmCommandsTrigger): SSM itself
 # keeps such a command InProgress for hours.
 INSTANCE_LOST = "InstanceLost"
+# EC2 states of an instance whose commands died with it (SSM does not say so: its invocations stay InProgress).
+INSTANCE_DOWN_STATES = frozenset({"stopping", "stopped", "shutting-down", "terminated"})
 # SSM's clock (RequestedDateTime) against S3's (a chunk list's LastModified, written just before its SendCommand).
 CLOCK_MARGIN = timedelta(minutes=10)
 

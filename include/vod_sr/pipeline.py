@@ -278,6 +278,7 @@ def _wire(settings: Settings, selection: Selection) -> None:
                 work.run_token,
                 sent,
                 ssm=aws_client("ssm", settings.aws_conn_id),
+                ec2=aws_client("ec2", settings.aws_conn_id),
                 scale=SrModel.from_xcom(work.model).scale,
                 duration_tolerance=settings.duration_tolerance,
             )

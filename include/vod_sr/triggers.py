@@ -14,6 +14,7 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 from botocore.exceptions import ClientError
 
 from include.vod_sr.commands import (
+    INSTANCE_DOWN_STATES,
     INSTANCE_LOST,
     POLL_CONFIG,
     Outcome,
@@ -29,9 +30,6 @@ PROGRESS_READ_TIMEOUT = 20.0
 # vod-sr) waits as before, without progress lines.
 PROGRESS_FIELDS = ("position", "lane_chunks", "files", "results_bucket", "results_key")
 _NO_RESULTS_YET = frozenset({"NoSuchKey", "404"})  # before the chunk's first file ends
-# EC2 states of an instance whose commands died with it. SSM does not say so: no agent reports any more, and the
-# invocations stay InProgress for hours (delivery timeout + executionTimeout), so the wait asks EC2 at each poll.
-DOWN_STATES = frozenset({"stopping", "stopped", "shutting-down", "terminated"})
 # A LaunchTime this long after a command was sent means the instance was started again since (its command died with
 # the old boot). The margin keeps a few seconds of clock skew between this host and EC2 from reading as a restart; a
 # restart is also seen as a stopping or stopped state at the polls in between.
@@ -204,7 +202,7 @@ class SsmCommandsTrigger(BaseTrigger):
             for instance in reservation.get("Instances", []):
                 instance_id, state = instance["InstanceId"], instance["State"]["Name"]
                 launched = instance.get("LaunchTime")
-                if state in DOWN_STATES:
+                if state in INSTANCE_DOWN_STATES:
                     reason = instance.get("StateReason", {}).get("Message")
                     lost[instance_id] = f"{state}" + (f" ({reason})" if reason else "")
                 elif (

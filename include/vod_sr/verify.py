@@ -203,6 +203,28 @@ def unfinished_reason(invocation: Mapping[str, Any] | None) -> str:
             return f"no result from the instance although its chunk's command ended {status} ({details})"
 
 
+def instances_down(ec2: Any, instance_ids: Iterable[str]) -> dict[str, str]:
+    """Which of `instance_ids` EC2 shows down (commands.INSTANCE_DOWN_STATES): id -> state and StateReason. One
+    DescribeInstances; an error leaves the answer empty (the reasons then say what SSM says)."""
+    from include.vod_sr.commands import INSTANCE_DOWN_STATES
+
+    wanted = sorted(set(instance_ids))
+    if not wanted:
+        return {}
+    try:
+        reservations = ec2.describe_instances(InstanceIds=wanted)["Reservations"]
+    except (ClientError, BotoCoreError) as error:
+        log.warning("Could not read the states of instances %s: %s", wanted, error)
+        return {}
+    down = {}
+    for instance in (i for r in reservations for i in r["Instances"]):
+        state = instance["State"]["Name"]
+        if state in INSTANCE_DOWN_STATES:
+            reason = (instance.get("StateReason") or {}).get("Message")
+            down[instance["InstanceId"]] = state + (f": {reason}" if reason else "")
+    return down
+
+
 def verify_file(
     job: FileJob,
     reported: Mapping[str, Any] | None,
@@ -294,12 +316,15 @@ def verify_chunks(
     chunks: list[Chunk],
     *,
     ssm: Any = None,
+    ec2: Any = None,
     scale: float = 2.0,
     duration_tolerance: float = 0.5,
 ) -> list[dict[str, Any]]:
     """Every file of `chunks`, made by a model of `scale` (see `verify_file`). S3 calls: one GetObject per chunk's
     results, listings for the rest. SSM calls (with `ssm`), only for chunks whose results lack some of their files:
-    one ListCommands per instance and one GetCommandInvocation per such chunk."""
+    one ListCommands per instance and one GetCommandInvocation per such chunk. EC2 (with `ec2`), only where such a
+    command is still live: one DescribeInstances, so a file whose instance went down under it (SSM keeps its command
+    InProgress) says so."""
     run_objects = {
         obj.key: item
         for obj, item in existing_objects(
@@ -324,6 +349,12 @@ def verify_chunks(
             invocations = _incomplete_chunks_from_ssm(ssm, run_token, incomplete, sent_at)
         except (ClientError, BotoCoreError) as error:  # the S3 results alone still verify every finished file
             log.warning("Could not read the SSM commands of chunks %s: %s", [c.index for c in incomplete], error)
+    live = {"Pending", "InProgress", "Delayed"}
+    down = (
+        instances_down(ec2, (c.instance_id for c in chunks if (invocations.get(c.index) or {}).get("Status") in live))
+        if ec2 is not None
+        else {}
+    )
     records = []
     for chunk in chunks:
         reported = results[chunk.index]
@@ -333,6 +364,9 @@ def verify_chunks(
             printed = parse_result_lines((invocation or {}).get("StandardOutputContent") or "")
             reported = {**printed, **reported}
             unfinished = unfinished_reason(invocation)
+            if (invocation or {}).get("Status") in live and chunk.instance_id in down:
+                why = down[chunk.instance_id]
+                unfinished = f"not finished: its instance {chunk.instance_id} went down under its chunk ({why})"
         for job in chunk.files:
             records.append(
                 verify_file(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import uuid
 from typing import Any
 
@@ -54,7 +55,13 @@ def template(world) -> dict[str, str]:
             "spot_capacity": {},
             "spot_error": "InsufficientInstanceCapacity",
             # "defaults" are merged into the emulator's: the settings the tests change are set back one by one
-            "defaults": {"agent_never_online": False, "denied_actions": [], "launch_visibility_seconds": 0.0},
+            "defaults": {
+                "agent_never_online": False,
+                "denied_actions": [],
+                "launch_visibility_seconds": 0.0,
+                "spot_interruption_seconds": None,
+                "model_run_seconds": None,
+            },
         }
     )
 
@@ -380,3 +387,28 @@ def test_marking_a_fleet_run_failed_still_terminates_its_instance(world, templat
     assert stack.task_states(run_id)["lane.release"] == "success"
     (instance,) = launched_by(world, run_id).values()
     assert instance["State"]["Name"] == "terminated"
+
+
+class TestSpotInterruptions:
+    def test_a_lane_whose_spot_instance_is_taken_back_ends_at_once_and_says_why(self, world, template, short_clip):
+        # Each model run lasts 60 s (a GPU's pace); EC2 takes the instance back 2 s after its notice, a few seconds
+        # into the first model run. SSM would keep the command InProgress for hours (nothing reports from a
+        # terminated instance): the lane must end within a couple of polls, not wait for the command to expire.
+        world.emulator.set_faults(
+            {"defaults": {"spot_interruption_seconds": 8, "spot_notice_seconds": 2, "model_run_seconds": 60}}
+        )
+        keys = upload(world, short_clip, 1, prefix="spot")
+        started = time.monotonic()
+
+        run = world.run(sources=keys, **fleet_conf(template, size=1, spot=True))
+
+        assert run.state == "failed", run.task_states
+        assert time.monotonic() - started < 55  # before the first model run could even have ended
+        (instance,) = launched_by(world, run.run_id).values()
+        assert instance["StateReason"]["Code"] == "Server.SpotInstanceTermination"
+        (entry,) = stored_report(world)["files"]
+        assert entry["status"] == "failed"
+        assert entry["reason"] == (
+            f"not finished: its instance {instance['InstanceId']} went down under its chunk "
+            "(terminated: Server.SpotInstanceTermination: Spot instance termination)"
+        )
