@@ -162,7 +162,7 @@ def find_instance(instance_id: str) -> Any | None:
 
 
 class Ec2Lifecycle:
-    def __init__(self, faults: FaultPlan, on_stopping: Callable[[str], None]) -> None:
+    def __init__(self, faults: FaultPlan, on_stopping: Callable[[str, bool], None]) -> None:
         self._faults = faults
         self._on_stopping = on_stopping
         self._lock = threading.Lock()
@@ -235,13 +235,18 @@ class Ec2Lifecycle:
             current = find_instance(instance.id)
             if current is None or current.state in ("shutting-down", "terminated"):
                 return
+            from moto.ec2.models.instances import StateReason
+
             previous = current.state
-            current.ec2_backend.terminate_instances([instance.id])
-            self.terminated(
-                [instance.id],
-                {instance.id: previous},
-                reason=("Server.SpotInstanceTermination", "Server.SpotInstanceTermination: Spot instance termination"),
+            code, message = (
+                "Server.SpotInstanceTermination",
+                "Server.SpotInstanceTermination: Spot instance termination",
             )
+            current.ec2_backend.terminate_instances([instance.id])
+            with self._lock:  # EC2's reason from shutting-down on (moto's terminate says a user shut it down)
+                current.state_reason = StateReason(message, code)
+                current._reason = message
+            self.terminated([instance.id], {instance.id: previous}, reason=(code, message))
 
         self.spot_notices.setdefault(instance.id, {})  # planned: not planned again (the caller holds the lock)
         timer = threading.Timer(faults.spot_interruption_seconds, notice)
@@ -425,7 +430,8 @@ class Ec2Lifecycle:
         """Stopping or shutting down: the agent's last heartbeat, the running interval closed, its commands ended."""
         instance_id = instance.id
         with self._lock:
-            if self._agent_up(instance_id, running=running):
+            agent_was_up = self._agent_up(instance_id, running=running)
+            if agent_was_up:
                 self._last_ping[instance_id] = time.time()  # its last heartbeat: the stale Online shows it
                 self._unregistered.discard(instance_id)
             self._running_since.pop(instance_id, None)
@@ -433,7 +439,7 @@ class Ec2Lifecycle:
             for interval in self.running_intervals.get(instance_id, []):
                 if interval[1] is None:
                     interval[1] = time.time()
-        self._on_stopping(instance_id)
+        self._on_stopping(instance_id, agent_was_up)
 
     def states(self, instance_ids: list[str]) -> dict[str, str]:
         return {i: inst.state for i in instance_ids if (inst := find_instance(i)) is not None}

@@ -114,7 +114,7 @@ class Extension:
         self.endpoint_url = ""
         self._root = root
         self.agent: SsmAgent | None = None
-        self.lifecycle = Ec2Lifecycle(faults, on_stopping=lambda i: self.agent and self.agent.instance_stopping(i))
+        self.lifecycle = Ec2Lifecycle(faults, on_stopping=self._instance_stopping)
 
     def start_agent(self, endpoint_url: str) -> None:
         self.endpoint_url = endpoint_url
@@ -330,6 +330,10 @@ class Extension:
                 return self._json(start_response, "200 OK", action)
         start_response("404 Not Found", [("Content-Type", "text/plain")])
         return [b"Not Found"]
+
+    def _instance_stopping(self, instance_id: str, agent_was_up: bool) -> None:
+        if self.agent is not None:
+            self.agent.instance_stopping(instance_id, agent_was_up)
 
     def record_call(self, call: dict[str, Any]) -> None:
         """Add a call made without HTTP to the call log: the synthetic SR stand-in's S3 calls (synthetic_sr.py)."""

@@ -360,7 +360,7 @@ class SsmAgent:
 
     # --- the agent -----------------------------------------------------------------------------------------
 
-    def instance_stopping(self, instance_id: str) -> None:
+    def instance_stopping(self, instance_id: str, agent_was_up: bool = True) -> None:
         """The instance is going down (stopped, terminated, interrupted): what runs there dies with it, and no agent
         reports any more, so SSM keeps the commands the agent had InProgress: "If the agent isn't running or available
         on the node, the command status remains at In Progress until the agent is available again, or until the
@@ -371,12 +371,14 @@ class SsmAgent:
         with self._lock:
             # The messages SSM already has for the agent reach it before the machine is down: it gets them within a
             # moment, an OS shutdown takes seconds. So a cancel sent just before a stop still ends its command.
-            self._handle_messages(instance_id, time.monotonic())
+            if agent_was_up:
+                self._handle_messages(instance_id, time.monotonic())
             for command in self._commands.values():
                 invocation = command.invocations.get(instance_id)
                 if invocation is None or invocation.status != "InProgress" or invocation.outcome_override is not None:
                     continue  # (a command being cancelled or timed out ends as such: its runner records it)
                 invocation.interrupted, invocation.executing = True, False
+                invocation.runs += 1  # what was playing or running of it is over (synthetic_sr.py `live`)
                 process, invocation.process = invocation.process, None
                 if process is not None and process.poll() is None:
                     try:
@@ -392,7 +394,7 @@ class SsmAgent:
             for command in self._commands.values():
                 invocation = command.invocations.get(instance_id)
                 if invocation is not None and invocation.interrupted and invocation.status == "InProgress":
-                    invocation.interrupted = False
+                    invocation.interrupted, invocation.executing = False, False
 
     def _expire_interrupted(self, now: float) -> None:
         """Commands whose instance went down end as SSM ends a command no agent reports on: once delivery timeout and
@@ -488,6 +490,8 @@ class SsmAgent:
             if invocation.instance_id != instance_id:
                 continue
             with self._lock:
+                if not self._lifecycle.agent_online(instance_id):  # went down since the dispatch loop looked
+                    return
                 executing = sum(
                     1
                     for c in self._commands.values()
@@ -495,7 +499,7 @@ class SsmAgent:
                 )
                 if executing >= limit:
                     return
-                if invocation.status != "InProgress" or invocation.executing:
+                if invocation.status != "InProgress" or invocation.executing or invocation.interrupted:
                     continue
                 invocation.executing = True
             self._start(invocation)
@@ -535,6 +539,7 @@ class SsmAgent:
             script = chunk_script(invocation.commands)
         with self._lock:
             if invocation.status != "InProgress" or invocation.interrupted:  # cancelled, or down, meanwhile
+                invocation.executing = False
                 return
             invocation.workdir = workdir
             invocation.runs += 1

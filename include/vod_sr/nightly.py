@@ -32,11 +32,16 @@ def selection_window(
 def check_nightly_settings(settings: Settings, reason: str = "vod_sr_nightly watches VOD_SR_NIGHTLY_PREFIXES") -> None:
     """Scheduled runs take the form's defaults: refuse to define the DAG (an import error in the UI naming the
     settings) rather than let Airflow reject it for "required params without default values". `reason` names the
-    DAG and the setting that turned it on (vod_sr_events passes its own)."""
+    DAG and the setting that turned it on (vod_sr_events passes its own). The GPUs are named instances or a fleet
+    (launch template and size): settings refuse both at once."""
+    has_fleet = bool(settings.fleet_size and settings.launch_template)
     missing = [
         name
         for name, value in (
-            ("VOD_SR_INSTANCE_IDS", settings.instance_ids),
+            (
+                "VOD_SR_INSTANCE_IDS (or a fleet: VOD_SR_LAUNCH_TEMPLATE and VOD_SR_FLEET_SIZE)",
+                settings.instance_ids or has_fleet,
+            ),
             ("VOD_SR_SOURCE_BUCKET", settings.source_bucket),
             ("VOD_SR_OUTPUT_BUCKET", settings.output_bucket),
         )

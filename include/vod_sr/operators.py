@@ -131,6 +131,9 @@ class RunChunksOperator(BaseOperator):
         # Chunks that succeeded and were reported: counted, not carried (see `_advance`).
         self._succeeded = 0
         self._succeeded_transient_errors = 0
+        # Set when the lane's instance went down under its chunks and cannot be started again (terminated, a Spot
+        # interruption): nothing more is sent to it (see `_advance`).
+        self._instance_gone: str | None = None
 
     @property
     def slots(self) -> int:
@@ -335,6 +338,7 @@ class RunChunksOperator(BaseOperator):
             "instance_id": chunk["instance_id"],
             "deadline": requested + execution_timeout + delivery_timeout,
             "delivery_deadline": requested + delivery_timeout,
+            "sent_at": requested,
             "outcome": None if live(kept) else invocation_outcome(kept["Status"]).value,
             "transient_errors": 0,
         }
@@ -422,6 +426,7 @@ class RunChunksOperator(BaseOperator):
             )
         except InstanceUnusable as error:
             self.log.error("Chunk %s is not sent again: %s", chunk["index"], error)
+            self._instance_gone = str(error)
             return
         self.log.warning(
             "Sending chunk %s again, once, for its %s unfinished file(s) of %s (instance %s was %s; %s were finished)",
@@ -684,6 +689,13 @@ class RunChunksOperator(BaseOperator):
         def sent_count() -> int:  # chunks go out in the lane's order: the next one is chunks[sent_count()]
             return self._succeeded + len(sent)
 
+        if self._instance_gone is not None:
+            self._push_transient_errors(context, sent)
+            raise AirflowFailException(
+                f"The lane's instance {self.lane['instance_id']} is gone ({self._instance_gone}): "
+                f"{len(chunks) - sent_count()} chunk(s) not sent. verify reports every file that was not done; the "
+                "report's re-run link takes them."
+            )
         if sent_count() < len(chunks):  # still working on the instance: keep this run's lease fresh (never raises)
             refresh_lane_lease(self.lane, context["run_id"], self.aws_conn_id)
         if self._budget_stop is None and sent_count() < len(chunks) and self._over_budget(context):
@@ -701,6 +713,7 @@ class RunChunksOperator(BaseOperator):
                     commands=[
                         {
                             **{k: e[k] for k in ("command_id", "instance_id", "deadline", "delivery_deadline")},
+                            **({"sent_at": e["sent_at"]} if e.get("sent_at") else {}),
                             **self._progress_fields(e),
                         }
                         for e in live

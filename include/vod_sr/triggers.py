@@ -177,41 +177,38 @@ class SsmCommandsTrigger(BaseTrigger):
             aws_conn_id=self.aws_conn_id, region_name=self.region_name, client_type="ec2", config=POLL_CONFIG
         )
 
-    async def _lost_instances(self, ec2: Any, commands: list[dict[str, Any]]) -> dict[str, str]:
-        """Which instances of `commands` went down under them: instance id -> what EC2 says. Never raises."""
+    async def _instances(self, ec2: Any, commands: list[dict[str, Any]]) -> dict[str, Mapping[str, Any]]:
+        """What EC2 says of the instances of `commands` (one DescribeInstances; an `instance-id` filter, so an id EC2
+        no longer knows is left out rather than failing the call): instance id -> its description. Never raises: a
+        failed read is logged and leaves the wait to SSM's statuses."""
         instance_ids = sorted({command["instance_id"] for command in commands})
         if not instance_ids:
             return {}
         try:
-            response = await ec2.describe_instances(InstanceIds=instance_ids)
+            response = await ec2.describe_instances(Filters=[{"Name": "instance-id", "Values": instance_ids}])
         except Exception as error:
-            if _error_code(error) == "InvalidInstanceID.NotFound" and len(instance_ids) == 1:
-                return {instance_ids[0]: "no longer known to EC2"}  # terminated long ago
             self.log.warning(
                 "Cannot check the instances %s in EC2 (%s); going on with SSM's statuses",
                 ", ".join(instance_ids),
                 describe_error(error),
             )
             return {}
-        lost: dict[str, str] = {}
-        sent_at = {
-            c["instance_id"]: min(x.get("sent_at") or 0 for x in commands if x["instance_id"] == c["instance_id"])
-            for c in commands
-        }
-        for reservation in response.get("Reservations", []):
-            for instance in reservation.get("Instances", []):
-                instance_id, state = instance["InstanceId"], instance["State"]["Name"]
-                launched = instance.get("LaunchTime")
-                if state in INSTANCE_DOWN_STATES:
-                    reason = instance.get("StateReason", {}).get("Message")
-                    lost[instance_id] = f"{state}" + (f" ({reason})" if reason else "")
-                elif (
-                    sent_at[instance_id]
-                    and launched is not None
-                    and (launched.timestamp() > sent_at[instance_id] + RELAUNCH_MARGIN_SECONDS)
-                ):
-                    lost[instance_id] = f"started again at {launched.isoformat()}"
-        return lost
+        return {i["InstanceId"]: i for r in response.get("Reservations", []) for i in r.get("Instances", [])}
+
+    @staticmethod
+    def _lost(command: Mapping[str, Any], instance: Mapping[str, Any] | None) -> str | None:
+        """Why `command` died with its instance (`instance`: EC2's description), or None while the instance is up
+        in the boot the command was sent to."""
+        if instance is None:
+            return None
+        state = instance["State"]["Name"]
+        if state in INSTANCE_DOWN_STATES:
+            reason = (instance.get("StateReason") or {}).get("Message")
+            return state + (f" ({reason})" if reason else "")
+        launched, sent_at = instance.get("LaunchTime"), command.get("sent_at")
+        if sent_at and launched is not None and launched.timestamp() > sent_at + RELAUNCH_MARGIN_SECONDS:
+            return f"started again at {launched.isoformat()}, after the command was sent"
+        return None
 
     async def _s3_client(self, stack: AsyncExitStack) -> Any:
         """An async S3 client for progress, closed with `stack`; None (and a warning) if it cannot be made."""
@@ -295,19 +292,9 @@ class SsmCommandsTrigger(BaseTrigger):
             while True:
                 seen_ended = {command["command_id"] for command in ended}
                 live = [c for c in self.commands if c["command_id"] not in seen_ended]
-                lost = await self._lost_instances(ec2, live)
+                instances = await self._instances(ec2, live)
                 for command in live:
                     ended_before = len(ended)
-                    if command["instance_id"] in lost:
-                        self.log.warning(
-                            "SSM command %s: its instance %s is %s; the command died with it",
-                            command["command_id"],
-                            command["instance_id"],
-                            lost[command["instance_id"]],
-                        )
-                        ended.append({**command, "outcome": "failed", "invocation_status": INSTANCE_LOST})
-                        await self._progress(s3, command, progress[command["command_id"]], "failed")
-                        continue
                     try:
                         status = await self._status(client, command)
                     except Exception as error:
@@ -338,7 +325,21 @@ class SsmCommandsTrigger(BaseTrigger):
                     else:
                         outcome = invocation_outcome(status)
                         now = time.time()
-                        if outcome is not Outcome.PENDING:
+                        lost = (
+                            None
+                            if outcome is not Outcome.PENDING
+                            else self._lost(command, instances.get(command["instance_id"]))
+                        )
+                        if lost is not None:  # SSM would say InProgress for hours: nothing reports from it
+                            self.log.warning(
+                                "SSM command %s (%s): its instance %s is %s; the command died with it",
+                                command["command_id"],
+                                status or "not listed yet",
+                                command["instance_id"],
+                                lost,
+                            )
+                            ended.append({**command, "outcome": "failed", "invocation_status": INSTANCE_LOST})
+                        elif outcome is not Outcome.PENDING:
                             ended.append({**command, "outcome": outcome.value, "invocation_status": status})
                         elif status is None and now > command["delivery_deadline"]:
                             ended.append({**command, "outcome": "undelivered", "invocation_status": None})

@@ -211,8 +211,8 @@ def instances_down(ec2: Any, instance_ids: Iterable[str]) -> dict[str, str]:
     wanted = sorted(set(instance_ids))
     if not wanted:
         return {}
-    try:
-        reservations = ec2.describe_instances(InstanceIds=wanted)["Reservations"]
+    try:  # a filter, not InstanceIds: an id EC2 no longer knows is left out instead of failing the call
+        reservations = ec2.describe_instances(Filters=[{"Name": "instance-id", "Values": wanted}])["Reservations"]
     except (ClientError, BotoCoreError) as error:
         log.warning("Could not read the states of instances %s: %s", wanted, error)
         return {}

@@ -392,12 +392,13 @@ def test_marking_a_fleet_run_failed_still_terminates_its_instance(world, templat
 class TestSpotInterruptions:
     def test_a_lane_whose_spot_instance_is_taken_back_ends_at_once_and_says_why(self, world, template, short_clip):
         # Each model run lasts 60 s (a GPU's pace); EC2 takes the instance back 2 s after its notice, a few seconds
-        # into the first model run. SSM would keep the command InProgress for hours (nothing reports from a
-        # terminated instance): the lane must end within a couple of polls, not wait for the command to expire.
+        # into the first model runs. SSM would keep the commands InProgress for hours (nothing reports from a
+        # terminated instance): the lane must end within a couple of polls, send nothing more to the dead instance,
+        # and say for each file what happened.
         world.emulator.set_faults(
             {"defaults": {"spot_interruption_seconds": 8, "spot_notice_seconds": 2, "model_run_seconds": 60}}
         )
-        keys = upload(world, short_clip, 1, prefix="spot")
+        keys = upload(world, short_clip, 5, prefix="spot")  # 5 chunks of 1 file: 3 go out at once (1 GPU)
         started = time.monotonic()
 
         run = world.run(sources=keys, **fleet_conf(template, size=1, spot=True))
@@ -406,9 +407,11 @@ class TestSpotInterruptions:
         assert time.monotonic() - started < 55  # before the first model run could even have ended
         (instance,) = launched_by(world, run.run_id).values()
         assert instance["StateReason"]["Code"] == "Server.SpotInstanceTermination"
-        (entry,) = stored_report(world)["files"]
-        assert entry["status"] == "failed"
-        assert entry["reason"] == (
+        assert world.actions().count("SendCommand") == 1 + 3  # the CLI install, then 3 chunks; none after the loss
+        reasons = {entry["source"].rsplit("/", 1)[-1]: entry["reason"] for entry in stored_report(world)["files"]}
+        lost = (
             f"not finished: its instance {instance['InstanceId']} went down under its chunk "
             "(terminated: Server.SpotInstanceTermination: Spot instance termination)"
         )
+        never_sent = "no result from the instance: SSM has no command for its chunk (it was never sent)"
+        assert reasons == {"0.mp4": lost, "1.mp4": lost, "2.mp4": lost, "3.mp4": never_sent, "4.mp4": never_sent}

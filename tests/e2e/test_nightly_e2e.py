@@ -85,3 +85,41 @@ def test_an_interval_takes_exactly_what_arrived_in_it_and_hands_the_outputs_on(w
         f"s3://{OUTPUT_BUCKET}/arrivals/at midnight_sr_cpu.mp4",
         f"s3://{OUTPUT_BUCKET}/arrivals/sub/late 'tonight' $(id)_sr_cpu.mp4",
     ]
+
+
+def test_a_fleet_deployment_runs_its_night_on_a_launched_instance(world, monkeypatch):
+    # Issue 21 point 1: a deployment with a fleet (no named instances) gets vod_sr_nightly, and its runs launch,
+    # use and terminate their instances like vod_sr_batch's.
+    import uuid
+
+    from airflow.dag_processing.dagbag import DagBag
+
+    from include.local_aws.world import create_launch_template
+    from include.vod_sr.fleet import LAUNCHED_BY_TAG
+
+    template = f"bluewhale-{uuid.uuid4().hex[:8]}"
+    create_launch_template(world.emulator.endpoint_url, template)
+    for name, value in {
+        "VOD_SR_NIGHTLY_PREFIXES": "arrivals/",
+        "VOD_SR_NIGHTLY_SETTLE_SECONDS": "0",
+        "VOD_SR_NIGHTLY_START_DATE": "2026-10-01",
+        "VOD_SR_INSTANCE_IDS": "",
+        "VOD_SR_LAUNCH_TEMPLATE": template,
+        "VOD_SR_FLEET_SIZE": "1",
+    }.items():
+        monkeypatch.setenv(name, value)
+    night = DAY + timedelta(days=5)  # an interval of its own: the module's other tests upload to the same prefix
+    key = "arrivals/fleet night.mp4"
+    world.upload(key)
+    world.emulator.set_last_modified(SOURCE_BUCKET, key, night + timedelta(hours=3))
+    dag = DagBag(dag_folder=str(REPO_ROOT / "dags")).dags["vod_sr_nightly"]
+
+    dag_run = dag.test(logical_date=night + timedelta(days=1))
+
+    assert str(dag_run.state) == "success"
+    assert [f["source"] for f in stored_report(world, dag_run)["files"]] == [f"s3://{SOURCE_BUCKET}/{key}"]
+    launched = world.ec2.describe_instances(
+        Filters=[{"Name": f"tag:{LAUNCHED_BY_TAG}", "Values": [f"vod_sr_nightly/{dag_run.run_id}"]}]
+    )["Reservations"]
+    assert [i["State"]["Name"] for r in launched for i in r["Instances"]] == ["terminated"]
+    assert world.instance_state() == "stopped"  # the deployment's named instance of `world` is not used

@@ -452,6 +452,13 @@ class TestEventsDag:
         assert {"plan", "report", "lane.acquire", "lane.run_chunks", "lane.release"} <= set(dag["tasks"])
         assert dag["sources"] == []
 
+    def test_a_fleet_deployment_runs_its_events_on_its_fleet(self):
+        fleet = {"VOD_SR_LAUNCH_TEMPLATE": "lt-0123", "VOD_SR_FLEET_SIZE": "3", "VOD_SR_INSTANCE_IDS": ""}
+        parsed = parse_events_dag(**{**DEPLOYMENT, **fleet}, VOD_SR_EVENTS_QUEUE_URL=QUEUE_URL)
+
+        assert parsed["errors"] == {}
+        assert "vod_sr_events" in parsed["dags"]
+
     def test_a_queue_without_the_deployment_settings_is_an_import_error_naming_them(self):
         parsed = parse_events_dag(VOD_SR_EVENTS_QUEUE_URL=QUEUE_URL, VOD_SR_INSTANCE_IDS=INSTANCE_ID)
 

@@ -153,7 +153,8 @@ def parse_dags(**env: str) -> dict[str, object]:
         "print(json.dumps({'dags': sorted(bag.dags), 'errors': {k: str(v) for k, v in bag.import_errors.items()},"
         "'nightly': n and {'timetable': type(n.timetable).__name__, 'summary': n.timetable.expression,"
         "'tasks': sorted(t.task_id for t in n.tasks), 'max_active_runs': n.max_active_runs,"
-        "'prefixes': n.params['prefixes'], 'catchup': n.catchup, 'start': n.start_date.isoformat()}}))"
+        "'prefixes': n.params['prefixes'], 'catchup': n.catchup, 'start': n.start_date.isoformat(),"
+        "'fleet': {k: n.params[k] for k in ('fleet_size', 'launch_template', 'instance_ids')}}}))"
     )
     result = subprocess.run(
         [sys.executable, "-c", code],
@@ -204,5 +205,17 @@ class TestNightlyDag:
         parsed = parse_dags(VOD_SR_NIGHTLY_PREFIXES="incoming/", VOD_SR_INSTANCE_IDS="", VOD_SR_OUTPUT_BUCKET="")
 
         (error,) = parsed["errors"].values()
-        assert "needs VOD_SR_INSTANCE_IDS, VOD_SR_SOURCE_BUCKET, VOD_SR_OUTPUT_BUCKET set too" in error
+        assert (
+            "needs VOD_SR_INSTANCE_IDS (or a fleet: VOD_SR_LAUNCH_TEMPLATE and VOD_SR_FLEET_SIZE), "
+            "VOD_SR_SOURCE_BUCKET, VOD_SR_OUTPUT_BUCKET set too" in error
+        )
         assert "vod_sr_batch" in parsed["dags"]  # the batch DAG is unaffected
+
+    def test_a_fleet_deployment_runs_nightly_on_its_fleet(self):
+        # Issue 21: with a fleet (and so no VOD_SR_INSTANCE_IDS, which settings refuse beside one) the DAG folder
+        # showed "vod_sr_nightly watches VOD_SR_NIGHTLY_PREFIXES but needs VOD_SR_INSTANCE_IDS set too".
+        fleet = {"VOD_SR_LAUNCH_TEMPLATE": "lt-0123", "VOD_SR_FLEET_SIZE": "3", "VOD_SR_INSTANCE_IDS": ""}
+        parsed = parse_dags(**{**DEPLOYMENT, **fleet}, VOD_SR_NIGHTLY_PREFIXES="incoming/")
+
+        assert parsed["errors"] == {}
+        assert parsed["nightly"]["fleet"] == {"fleet_size": 3, "launch_template": "lt-0123", "instance_ids": []}
