@@ -68,7 +68,7 @@ define run_tiers
 	exit $$status
 endef
 
-test: install browser services  ## every tier (26 minutes on 2 cores, measured); PYTEST_ARGS=... passes options on
+test: install browser services  ## every tier (21 minutes on 2 cores, measured); PYTEST_ARGS=... passes options on
 	$(call run_tiers,fast e2e stack)
 
 test-fast: install  ## unit and DAG tests, no Airflow processes (under 3 min on 2 cores, measured)
