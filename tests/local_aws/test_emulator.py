@@ -10,6 +10,7 @@ from botocore.config import Config
 from botocore.exceptions import ClientError, ConnectionClosedError
 
 from include.local_aws.world import boto_client
+from scripts.bench import max_overlap
 
 
 def wait_for_invocation(ssm, command_id: str, instance_id: str, timeout: float = 30) -> dict:
@@ -297,16 +298,6 @@ def statuses(ssm, command_ids: list[str], instance_id: str) -> list[str]:
     return [ssm.get_command_invocation(CommandId=c, InstanceId=instance_id)["Status"] for c in command_ids]
 
 
-def most_at_once(spans: list[tuple[float, float]]) -> int:
-    """The most (start, end) spans open at one moment."""
-    edges = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])
-    open_now = most = 0
-    for _, step in edges:
-        open_now += step
-        most = max(most, open_now)
-    return most
-
-
 TIMED_SLEEP = "echo $(date +%s.%N); sleep {seconds}; echo $(date +%s.%N)"
 
 
@@ -328,7 +319,7 @@ class TestAgentLimits:
         invocations = [wait_for_invocation(ssm, c, running_instance, timeout=60) for c in command_ids]
         assert [i["Status"] for i in invocations] == ["Success"] * 12
         spans = [tuple(map(float, i["StandardOutputContent"].split())) for i in invocations]
-        assert most_at_once(spans) == 5
+        assert max_overlap(spans) == 5
         assert min(start for start, _ in spans[10:]) >= max(end for _, end in spans[:5]) - 0.1  # waited for room
 
     def test_a_raised_workers_limit_runs_more_at_once(self, clients, running_instance, emulator_env):
@@ -338,7 +329,7 @@ class TestAgentLimits:
 
         invocations = [wait_for_invocation(ssm, c, running_instance, timeout=60) for c in command_ids]
 
-        assert most_at_once([tuple(map(float, i["StandardOutputContent"].split())) for i in invocations]) == 8
+        assert max_overlap([tuple(map(float, i["StandardOutputContent"].split())) for i in invocations]) == 8
 
     def test_a_queued_command_cancelled_never_runs_and_a_pending_one_is_dropped_by_ssm(
         self, clients, running_instance, emulator_env

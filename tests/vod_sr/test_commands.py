@@ -565,6 +565,21 @@ class TestDescribeInvocation:
         assert full_output_uri({"StandardErrorUrl": url}, "stderr") == uri
 
 
+def sent_for_the_wait(ssm, instance_id: str, script: str, execution_timeout: int = 60) -> dict:
+    """Send `script` and describe its command as run_chunks hands it to the wait (sent now, delivered within 30 s)."""
+    now = time.time()
+    command_id = send_command(
+        ssm, instance_id, script, comment="t", execution_timeout=execution_timeout, delivery_timeout=30
+    )
+    return {
+        "command_id": command_id,
+        "instance_id": instance_id,
+        "deadline": now + execution_timeout + 30,
+        "delivery_deadline": now + 30,
+        "sent_at": now,
+    }
+
+
 class TestAgainstTheEmulator:
     """Real HTTP to the emulator, whose agent really runs the script."""
 
@@ -656,19 +671,10 @@ class TestAgainstTheEmulator:
         self, running_instance, emulator_env
     ):
         ssm, ec2 = boto_client("ssm", emulator_env.endpoint_url), boto_client("ec2", emulator_env.endpoint_url)
-        now = time.time()
-        command_id = send_command(
-            ssm, running_instance, "sleep 60", comment="t", execution_timeout=120, delivery_timeout=30
-        )
-        command = {
-            "command_id": command_id,
-            "instance_id": running_instance,
-            "deadline": now + 150,
-            "delivery_deadline": now + 30,
-            "sent_at": now,
-        }
+        command = sent_for_the_wait(ssm, running_instance, "sleep 60", execution_timeout=120)
+        command_id = command["command_id"]
         while (get_invocation(ssm, command_id, running_instance) or {}).get("Status") != "InProgress":
-            assert time.time() < now + 20, "the command never ran"
+            assert time.time() < command["sent_at"] + 20, "the command never ran"
             time.sleep(0.2)
         ec2.stop_instances(InstanceIds=[running_instance])
 
@@ -682,18 +688,7 @@ class TestAgainstTheEmulator:
     def test_trigger_that_cannot_ask_ec2_goes_on_with_ssms_statuses(self, running_instance, emulator_env, capsys):
         denied = {"denied_actions": ["DescribeInstances"], "denied_error": "UnauthorizedOperation"}
         emulator_env.set_faults({"instances": {running_instance: denied}})
-        ssm = boto_client("ssm", emulator_env.endpoint_url)
-        now = time.time()
-        command_id = send_command(
-            ssm, running_instance, "sleep 1", comment="t", execution_timeout=60, delivery_timeout=30
-        )
-        command = {
-            "command_id": command_id,
-            "instance_id": running_instance,
-            "deadline": now + 60,
-            "delivery_deadline": now + 30,
-            "sent_at": now,
-        }
+        command = sent_for_the_wait(boto_client("ssm", emulator_env.endpoint_url), running_instance, "sleep 1")
 
         (event,) = collect_events(SsmCommandsTrigger(commands=[command], poll_interval=0.5))
 
